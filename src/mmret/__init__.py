@@ -1,0 +1,36 @@
+"""mmret: a multimodal retrieval engine. Index images, texts and image+text items; search them
+with text, image or image+text queries; train the heads that make retrieval better.
+
+>>> import mmret
+>>> sorted(mmret.__all__)[:3]
+['AddReport', 'Encoder', 'ImageLoadError']
+"""
+
+from mmret._version import __version__
+from mmret.encoders import Encoder, load_encoder
+from mmret.engine import AddReport, Retriever, SearchResult
+from mmret.errors import ImageLoadError, IndexFormatError, InputError, MmretError
+from mmret.index.filters import parse_filter
+from mmret.ingest.images import load_image
+from mmret.ingest.report import SkipReport
+from mmret.ingest.sources import read_items
+from mmret.items import Item, Query
+
+__all__ = [
+    "AddReport",
+    "Encoder",
+    "ImageLoadError",
+    "IndexFormatError",
+    "InputError",
+    "Item",
+    "MmretError",
+    "Query",
+    "Retriever",
+    "SearchResult",
+    "SkipReport",
+    "__version__",
+    "load_encoder",
+    "load_image",
+    "parse_filter",
+    "read_items",
+]

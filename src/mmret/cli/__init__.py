@@ -1,0 +1,1 @@
+"""The ``mmret`` command: a thin layer over the public Python API."""

@@ -1,0 +1,149 @@
+"""``mmret index | search | info | remove | demo``, plus the ``train`` and ``eval`` groups."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import typer
+
+from mmret.cli.evaluate import eval_app
+from mmret.cli.output import (
+    console,
+    errors,
+    friendly_errors,
+    print_json,
+    print_skips,
+    results_table,
+    status,
+)
+from mmret.cli.train import train_app
+from mmret.engine import Retriever
+from mmret.errors import InputError
+from mmret.index.filters import parse_filter
+from mmret.index.manifest import MANIFEST_FILE
+from mmret.ingest.report import SkipReport
+from mmret.ingest.sources import read_records
+from mmret.items import Query
+
+app = typer.Typer(
+    help="mmret: index and search images, texts and image+text items.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
+
+
+@app.command()
+@friendly_errors
+def index(
+    source: Path = typer.Argument(
+        ..., help="A folder of images, or a .jsonl/.csv/.parquet manifest."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Index folder (created, or added to)."),
+    model: str = typer.Option(
+        "starter", help="Encoder spec: starter, hf:NAME, open_clip:MODEL/TAG."
+    ),
+    backend: str = typer.Option(
+        "auto", help="auto, exact or faiss (auto: exact below 100k items)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Index a folder or manifest into OUT; an existing index gets the new items added."""
+    report = SkipReport()
+    with status("Reading source..."):
+        records = list(read_records(source, report))
+    if (out / MANIFEST_FILE).exists():
+        retriever = Retriever.open(out)
+        if model != "starter" and model != retriever.manifest.encoder:
+            raise InputError(f"{out} uses encoder {retriever.manifest.encoder!r}, not {model!r}")
+    else:
+        with status(f"Loading encoder {model}..."):
+            retriever = Retriever.create(out, model=model, backend=backend)
+    with retriever:
+        result = retriever.add(
+            (r.to_item() for r in records), report=report, show_progress=True, total=len(records)
+        )
+        summary = {
+            "added": result.added,
+            "skipped": report.skipped,
+            "reasons": report.reasons,
+            **retriever.info(),
+        }
+    if as_json:
+        print_json(summary)
+        return
+    print_skips(report)
+    console.print(
+        f"[green]indexed {result.added} items[/] into {out} ({summary['items']} in total)"
+    )
+
+
+@app.command()
+@friendly_errors
+def search(
+    index_dir: Path = typer.Argument(..., metavar="DIR", help="Index folder."),
+    text: str | None = typer.Argument(None, help="Text query."),
+    image: Path | None = typer.Option(None, "--image", "-i", help="Image query (with TEXT: both)."),
+    k: int = typer.Option(10, "--k", "-k", min=1, help="Number of results."),
+    filters: list[str] = typer.Option([], "--filter", "-f", help="key=value, key=a,b, key>=n ..."),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
+) -> None:
+    """Search an index with a text, an image, or both."""
+    if text is None and image is None:
+        raise InputError("give a text query, --image PATH, or both")
+    query = Query(text=text, image=image)
+    with Retriever.open(index_dir, readonly=True) as retriever:
+        hits = retriever.search([query], k=k, filter=parse_filter(filters) or None)[0]
+    if as_json:
+        print_json({"results": [hit.to_dict() for hit in hits]})
+        return
+    label = " + ".join(part for part in (f"image {image}" if image else "", text or "") if part)
+    console.print(results_table(f"{label}", hits))
+
+
+@app.command()
+@friendly_errors
+def info(
+    index_dir: Path = typer.Argument(..., metavar="DIR", help="Index folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Describe an index: item count, encoder, backend, format version."""
+    with Retriever.open(index_dir, readonly=True) as retriever:
+        details = retriever.info()
+    if as_json:
+        print_json(details)
+        return
+    for key, value in details.items():
+        console.print(f"[bold]{key:>15}[/]  {value}")
+
+
+@app.command()
+@friendly_errors
+def remove(
+    index_dir: Path = typer.Argument(..., metavar="DIR", help="Index folder."),
+    ids: list[str] = typer.Argument(..., help="Ids of the items to remove."),
+) -> None:
+    """Remove items by id."""
+    with Retriever.open(index_dir) as retriever:
+        removed = retriever.remove(ids)
+    console.print(f"removed {removed} of {len(ids)} ids")
+
+
+@app.command()
+@friendly_errors
+def demo(
+    workdir: Path | None = typer.Option(
+        None, help="Where to keep the photos and index (default: a temp dir)."
+    ),
+    k: int = typer.Option(3, "--k", "-k", min=1, help="Results per query."),
+) -> None:
+    """Index public-domain photos from scikit-image and search them with text and images."""
+    from mmret.demo import run_demo
+
+    with tempfile.TemporaryDirectory(prefix="mmret-demo-") as scratch:
+        run = run_demo(workdir or Path(scratch), k=k, show_progress=True)
+        for label, hits in run.queries:
+            console.print(results_table(label, hits))
+    errors.print("[dim]demo index: " + (str(run.folder) if workdir else "(temporary)") + "[/]")

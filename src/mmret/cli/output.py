@@ -1,0 +1,67 @@
+"""Shared CLI plumbing: turning mmret errors into one red line, tables, and JSON output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mmret.engine import SearchResult
+from mmret.errors import MmretError
+from mmret.ingest.report import SkipReport
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def friendly_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Report an :class:`MmretError` as ``error: ...`` and exit 1, without a traceback."""
+
+    @wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except MmretError as error:
+            errors.print(f"[bold red]error:[/] {error}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def print_skips(report: SkipReport) -> None:
+    if report.skipped:
+        errors.print(f"[yellow]{report.summary()}[/]", highlight=False)
+
+
+def results_table(title: str, hits: list[SearchResult]) -> Table:
+    table = Table(title=title, title_justify="left", show_lines=False)
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("score", justify="right")
+    table.add_column("id", style="bold")
+    table.add_column("text / image")
+    for rank, hit in enumerate(hits, start=1):
+        shown = hit.text.replace("\n", " / ") if hit.text else ""
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        table.add_row(str(rank), f"{hit.score:.3f}", hit.id, shown or (hit.image or ""))
+    return table
+
+
+@contextmanager
+def status(message: str) -> Iterator[None]:
+    with errors.status(message):
+        yield

@@ -1,0 +1,29 @@
+"""Encoders turn images and texts into vectors in one space; pick one by spec string.
+
+=================================  ====================================================
+spec                               encoder
+=================================  ====================================================
+``starter``                        offline default: EfficientNet-Lite0 + MiniLM, aligned
+``starter:DIR``                    the same towers with an alignment trained into DIR
+``hf:NAME_OR_DIR``                 a Hugging Face CLIP or SigLIP model
+``open_clip:MODEL/PRETRAINED``     an open_clip model (``open_clip:MODEL`` for random init,
+                                   ``open_clip:MODEL/path/to/checkpoint.pt`` for a file)
+``hash:DIM``                       weightless and deterministic, for tests (not aligned)
+=================================  ====================================================
+"""
+
+from __future__ import annotations
+
+from mmret.encoders import hashing, hf_clip, open_clip_backend, starter
+from mmret.encoders.base import Encoder
+from mmret.encoders.registry import ENCODERS
+
+__all__ = ["ENCODERS", "Encoder", "load_encoder"]
+
+_LOADED = (hashing, hf_clip, open_clip_backend, starter)  # imported for their registrations
+
+
+def load_encoder(spec: str) -> Encoder:
+    """Build the encoder a spec names (see the module docstring)."""
+    scheme, _, rest = spec.partition(":")
+    return ENCODERS.get(scheme)(rest)

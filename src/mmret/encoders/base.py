@@ -1,0 +1,116 @@
+"""The encoder interface: images and texts in, L2-normalised vectors in one shared space out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmret._progress import progress
+from mmret.ingest.images import load_image
+from mmret.items import ImageInput
+
+T = TypeVar("T")
+
+
+class Content(Protocol):
+    """Anything with an optional text and an optional image: a ``Query`` or an ``Item``."""
+
+    @property
+    def text(self) -> str | None: ...
+
+    @property
+    def image(self) -> ImageInput | None: ...
+
+
+def batched(values: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation of ``(N, D)``; all-zero rows stay zero instead of becoming NaN."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit: np.ndarray = (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    return unit
+
+
+class Encoder(ABC):
+    """Embeds images and texts into one space of ``dim`` dimensions.
+
+    Subclasses implement :meth:`embed_images` and :meth:`embed_texts` on one batch of decoded
+    inputs; this class adds batching, progress bars, normalisation and image+text combination.
+    An image+text input is embedded as ``normalise(normalise(image) + normalise(text))``: the
+    direction halfway between its two views, so it is close to queries that match either.
+    """
+
+    #: The string :func:`mmret.encoders.load_encoder` recreates this encoder from.
+    spec: str
+    dim: int
+    #: Side in pixels the image tower works at (lets JPEG decoding skip needless detail).
+    image_size: int = 224
+    batch_size: int = 32
+
+    @abstractmethod
+    def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """``(B, dim)`` embeddings of decoded RGB images (normalisation not required)."""
+
+    @abstractmethod
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """``(B, dim)`` embeddings of texts (normalisation not required)."""
+
+    def load(self, image: ImageInput) -> Image.Image:
+        """Decode an image input at the resolution this encoder needs."""
+        return load_image(image, draft_size=2 * self.image_size)
+
+    def encode_images(
+        self, images: Sequence[ImageInput], *, show_progress: bool = False
+    ) -> np.ndarray:
+        """``(N, dim)`` float32 unit vectors for images given as paths, bytes or PIL images."""
+        return self._run(images, self._embed_image_batch, "Encoding images", show_progress)
+
+    def encode_texts(self, texts: Sequence[str], *, show_progress: bool = False) -> np.ndarray:
+        """``(N, dim)`` float32 unit vectors for texts."""
+        return self._run(texts, self._embed_text_batch, "Encoding texts", show_progress)
+
+    def encode(self, contents: Sequence[Content], *, show_progress: bool = False) -> np.ndarray:
+        """``(N, dim)`` unit vectors for items or queries with a text, an image, or both."""
+        out = np.zeros((len(contents), self.dim), dtype=np.float32)
+        images = {i: c.image for i, c in enumerate(contents) if c.image is not None}
+        texts = {i: c.text for i, c in enumerate(contents) if c.text is not None}
+        if images:
+            out[list(images)] += self.encode_images(
+                list(images.values()), show_progress=show_progress
+            )
+        if texts:
+            out[list(texts)] += self.encode_texts(list(texts.values()), show_progress=show_progress)
+        return l2_normalise(out)
+
+    def _embed_image_batch(self, batch: Sequence[ImageInput]) -> torch.Tensor:
+        return self.embed_images([self.load(image) for image in batch])
+
+    def _embed_text_batch(self, batch: Sequence[str]) -> torch.Tensor:
+        return self.embed_texts(list(batch))
+
+    def _run(
+        self,
+        values: Sequence[T],
+        embed: Callable[[Sequence[T]], torch.Tensor],
+        label: str,
+        show: bool,
+    ) -> np.ndarray:
+        if len(values) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        chunks = []
+        n_batches = -(-len(values) // self.batch_size)
+        batches = progress(
+            batched(values, self.batch_size), total=n_batches, description=label, enabled=show
+        )
+        with torch.inference_mode():
+            for batch in batches:
+                chunks.append(embed(batch).float().cpu().numpy())
+        return l2_normalise(np.concatenate(chunks))

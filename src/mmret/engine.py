@@ -1,0 +1,286 @@
+"""The Retriever: one object that encodes, stores and searches; the CLI and server call it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mmret._progress import progress
+from mmret.encoders import Encoder, load_encoder
+from mmret.errors import ImageLoadError, IndexFormatError, InputError
+from mmret.index.base import INDEXES, VectorIndex
+from mmret.index.filters import Filter
+from mmret.index.manifest import ITEMS_FILE, IndexManifest, read_manifest, write_manifest
+from mmret.index.store import ItemStore, StoredItem
+from mmret.ingest.report import SkipReport
+from mmret.items import Item, Query
+
+#: ``backend="auto"`` searches exactly below this many items and with FAISS from here on.
+AUTO_FAISS_FROM = 100_000
+ADD_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One hit: the item's id, its score (cosine similarity), and what was stored with it."""
+
+    id: str
+    score: float
+    text: str | None = None
+    image: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "score": self.score,
+            "image": self.image,
+            "text": self.text,
+            "metadata": self.metadata,
+        }
+
+
+@dataclass
+class AddReport:
+    """What an :meth:`Retriever.add` call did: items added and what was skipped, with reasons."""
+
+    added: int = 0
+    skipped: SkipReport = field(default_factory=SkipReport)
+
+
+class Retriever:
+    """An index folder opened for search (and, unless read-only, for adding and removing).
+
+    >>> import mmret
+    >>> with mmret.Retriever.create("photos.mmret") as retriever:      # doctest: +SKIP
+    ...     retriever.add(mmret.read_items("photos/"))
+    ...     hits = retriever.search(["a dog on a beach"], k=5)[0]
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        manifest: IndexManifest,
+        store: ItemStore,
+        *,
+        encoder: Encoder | None = None,
+        readonly: bool = False,
+    ) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.readonly = readonly
+        self._store = store
+        self._encoder = encoder
+        self._backend = self._load_backend()
+
+    # -- opening --------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        folder: str | Path,
+        *,
+        model: str = "starter",
+        encoder: Encoder | None = None,
+        backend: str = "auto",
+        backend_options: dict[str, Any] | None = None,
+    ) -> Retriever:
+        """Create an empty index folder for ``model`` (or an already built ``encoder``)."""
+        folder = Path(folder)
+        if folder.exists() and any(folder.iterdir()):
+            raise InputError(f"{folder}: already exists and is not empty")
+        if backend != "auto":
+            INDEXES.get(backend)  # fail before creating anything
+        encoder = encoder or load_encoder(model)
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = IndexManifest(
+            encoder=encoder.spec,
+            dim=encoder.dim,
+            backend=backend,
+            backend_options=dict(backend_options or {}),
+        )
+        store = ItemStore(folder / ITEMS_FILE, manifest.dim)
+        write_manifest(folder, manifest)  # last: a folder without a manifest is not an index
+        return cls(folder, manifest, store, encoder=encoder)
+
+    @classmethod
+    def open(
+        cls, folder: str | Path, *, readonly: bool = False, encoder: Encoder | None = None
+    ) -> Retriever:
+        """Open an existing index; its encoder is loaded the first time something is encoded."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        if encoder is not None and encoder.spec != manifest.encoder:
+            raise InputError(
+                f"{folder} was built with encoder {manifest.encoder!r}, not {encoder.spec!r}"
+            )
+        store = ItemStore(folder / ITEMS_FILE, manifest.dim, readonly=readonly)
+        return cls(folder, manifest, store, encoder=encoder, readonly=readonly)
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> Retriever:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = load_encoder(self.manifest.encoder)
+        return self._encoder
+
+    @property
+    def backend_name(self) -> str:
+        return self._backend.name
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def _load_backend(self) -> VectorIndex:
+        name = self.manifest.backend
+        if name == "auto":
+            name = "faiss" if len(self._store) >= AUTO_FAISS_FROM else "exact"
+        options = self.manifest.backend_options if name == self.manifest.backend else {}
+        backend = INDEXES.get(name)(self.manifest.dim, **options)
+        if not backend.load(self.folder, self._store.generation):
+            keys, vectors = self._store.vectors()
+            backend.add(keys, vectors)
+        return backend
+
+    # -- writing --------------------------------------------------------------------------
+
+    def add(
+        self,
+        items: Iterable[Item],
+        *,
+        report: SkipReport | None = None,
+        show_progress: bool = False,
+        total: int | None = None,
+    ) -> AddReport:
+        """Encode and store items, one transaction per chunk of 256.
+
+        Items whose id is already indexed, or whose image cannot be decoded, are skipped and
+        reported; everything else is stored.
+        """
+        self._writable()
+        result = AddReport(skipped=report if report is not None else SkipReport())
+        chunks = _chunks(items, ADD_CHUNK)
+        n_chunks = None if total is None else -(-total // ADD_CHUNK)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for chunk in progress(
+                chunks, total=n_chunks, description="Indexing", enabled=show_progress
+            ):
+                result.added += self._add_chunk(chunk, result.skipped, pool)
+        self._backend.save(self.folder, self._store.generation)
+        return result
+
+    def _add_chunk(self, chunk: list[Item], report: SkipReport, pool: ThreadPoolExecutor) -> int:
+        existing = self._store.existing_ids([item.id for item in chunk])
+        fresh = []
+        for item in chunk:
+            if item.id in existing:
+                report.skip(f"{item.id}: already in the index")
+            else:
+                fresh.append(item)
+                existing.add(item.id)
+        decoded = list(pool.map(self._decode, fresh))
+        contents, stored = [], []
+        for item, image in zip(fresh, decoded, strict=True):
+            if isinstance(image, ImageLoadError):
+                report.skip(f"{item.id}: {image}")
+                continue
+            contents.append(Query(text=item.text, image=image))
+            stored.append(StoredItem(item.id, item.text, item.image_path, dict(item.metadata)))
+        if not stored:
+            return 0
+        vectors = self.encoder.encode(contents)
+        keys = self._store.add(stored, vectors)
+        self._backend.add(keys, vectors)
+        return len(stored)
+
+    def _decode(self, item: Item) -> Image.Image | ImageLoadError | None:
+        if item.image is None:
+            return None
+        try:
+            return self.encoder.load(item.image)
+        except ImageLoadError as error:
+            return error
+
+    def remove(self, ids: Sequence[str]) -> int:
+        """Remove items by id; returns how many existed."""
+        self._writable()
+        keys = self._store.remove(list(ids))
+        self._backend.remove(keys)
+        self._backend.save(self.folder, self._store.generation)
+        return len(keys)
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise IndexFormatError(f"{self.folder}: opened read-only")
+
+    # -- searching ------------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: Sequence[Query | str],
+        *,
+        k: int = 10,
+        filter: Filter | None = None,
+    ) -> list[list[SearchResult]]:
+        """The ``k`` best items for each query (a string is a text query), best first."""
+        if isinstance(queries, str | Query):
+            raise InputError("search takes a list of queries; wrap a single one in [...]")
+        normalised = [Query(text=q) if isinstance(q, str) else q for q in queries]
+        return self.search_vectors(self.encoder.encode(normalised), k=k, filter=filter)
+
+    def search_vectors(
+        self, vectors: np.ndarray, *, k: int = 10, filter: Filter | None = None
+    ) -> list[list[SearchResult]]:
+        """Like :meth:`search` for ``(Q, dim)`` query vectors already in the encoder's space."""
+        allowed = self._store.filter_keys(filter) if filter else None
+        scores, keys = self._backend.search(vectors, k, allowed)
+        rows = self._store.rows(np.unique(keys[keys >= 0]))
+        return [
+            [
+                SearchResult(
+                    rows[key].id, float(score), rows[key].text, rows[key].image, rows[key].metadata
+                )
+                for score, key in zip(row_scores, row_keys, strict=True)
+                if key >= 0 and key in rows
+            ]
+            for row_scores, row_keys in zip(scores, keys, strict=True)
+        ]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "path": str(self.folder),
+            "items": len(self),
+            "encoder": self.manifest.encoder,
+            "dim": self.manifest.dim,
+            "backend": self.manifest.backend,
+            "backend_in_use": self._backend.name,
+            "format_version": self.manifest.format_version,
+            "mmret_version": self.manifest.mmret_version,
+        }
+
+
+def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk

@@ -1,0 +1,1 @@
+"""Measuring retrieval quality the way the field reports it."""

@@ -1,0 +1,1 @@
+"""Small trainable modules on top of frozen backbone features."""

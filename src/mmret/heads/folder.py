@@ -1,0 +1,47 @@
+"""Saving and loading a head as a folder: ``config.json`` (type, version, config) + safetensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmret._version import __version__
+from mmret.errors import IndexFormatError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_head(module: torch.nn.Module, kind: str, config: dict[str, Any], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        name: tensor.detach().cpu().contiguous() for name, tensor in module.state_dict().items()
+    }
+    save_file(state, str(folder / WEIGHTS_FILE))
+    document = {"type": kind, "mmret_version": __version__, "config": config}
+    (folder / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
+
+
+def read_head_config(folder: Path, kind: str) -> dict[str, Any]:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise IndexFormatError(f"{folder}: not a head folder (no {CONFIG_FILE})")
+    try:
+        document = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise IndexFormatError(f"{path}: invalid JSON ({error})") from None
+    if document.get("type") != kind:
+        raise IndexFormatError(f"{path}: holds a {document.get('type')!r} head, not {kind!r}")
+    config: dict[str, Any] = document["config"]
+    return config
+
+
+def load_weights(module: torch.nn.Module, folder: Path) -> None:
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise IndexFormatError(f"{folder}: missing {WEIGHTS_FILE}")
+    module.load_state_dict(load_file(str(path)))

@@ -1,0 +1,144 @@
+"""The vector index interface every backend implements, and the registry of backends."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmret.errors import InputError
+from mmret.registry import Registry
+
+
+class VectorIndex(ABC):
+    """Inner-product search over ``(N, dim)`` unit vectors, each identified by an int64 key.
+
+    Keys arrive in increasing order (the item store never reuses one), which lets backends map
+    keys to rows with a binary search. A backend is a derived, rebuildable structure: the item
+    store holds the truth, so ``save`` is a cache and ``load`` may return ``None``.
+    """
+
+    name: str
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+
+    @abstractmethod
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """Add ``(N,)`` keys, each greater than every key present, with ``(N, dim)`` vectors."""
+
+    @abstractmethod
+    def remove(self, keys: np.ndarray) -> None:
+        """Forget these keys (unknown keys are ignored)."""
+
+    @abstractmethod
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` of ``(Q, dim)`` queries: ``(Q, k)`` scores and keys, best first.
+
+        ``allowed`` (sorted keys) restricts the candidates. Rows with fewer than ``k``
+        candidates are padded with score ``-inf`` and key ``-1``.
+        """
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """The options this backend was created with (stored in the index manifest)."""
+
+    def save(self, folder: Path, generation: int) -> None:  # noqa: B027 - optional override
+        """Persist a cache of the structure for the store's ``generation`` (default: none)."""
+
+    def load(self, folder: Path, generation: int) -> bool:
+        """Restore a cache saved for ``generation``; ``False`` when absent or stale."""
+        return False
+
+    def _check(self, queries: np.ndarray, k: int) -> np.ndarray:
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise InputError(f"queries must have shape (Q, {self.dim}), got {queries.shape}")
+        if not np.isfinite(queries).all():
+            raise InputError("queries contain NaN or infinite values")
+        if k < 1:
+            raise InputError(f"k must be at least 1, got {k}")
+        return np.ascontiguousarray(queries)
+
+
+class GrowableArray:
+    """An array that is appended to often: over-allocates, so each append copies O(new rows)."""
+
+    def __init__(self, dtype: type, width: int | None = None) -> None:
+        self._shape_tail: tuple[int, ...] = () if width is None else (width,)
+        self._buffer = np.empty((0, *self._shape_tail), dtype=dtype)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def view(self) -> np.ndarray:
+        return self._buffer[: self._n]
+
+    def append(self, rows: np.ndarray) -> None:
+        needed = self._n + len(rows)
+        if needed > len(self._buffer):
+            grown = np.empty(
+                (max(needed, 2 * len(self._buffer), 1024), *self._shape_tail), self._buffer.dtype
+            )
+            grown[: self._n] = self.view
+            self._buffer = grown
+        self._buffer[self._n : needed] = rows
+        self._n = needed
+
+    def keep(self, mask: np.ndarray) -> None:
+        kept = self.view[mask]
+        self._buffer[: len(kept)] = kept
+        self._n = len(kept)
+
+
+def check_vectors(index: VectorIndex, keys: np.ndarray, vectors: np.ndarray, last: int) -> None:
+    if vectors.ndim != 2 or vectors.shape != (len(keys), index.dim):
+        raise InputError(
+            f"expected vectors of shape ({len(keys)}, {index.dim}), got {vectors.shape}"
+        )
+    if len(keys) and (keys[0] <= last or np.any(np.diff(keys) <= 0)):
+        raise InputError("keys must be increasing and greater than every key already present")
+
+
+def rows_of(sorted_keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Positions in ``sorted_keys`` of those ``wanted`` keys that are present."""
+    if len(sorted_keys) == 0:
+        return np.empty(0, dtype=np.int64)
+    rows = np.searchsorted(sorted_keys, wanted)
+    rows = np.minimum(rows, len(sorted_keys) - 1)
+    found: np.ndarray = rows[sorted_keys[rows] == wanted]
+    return found
+
+
+def top_k(scores: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` columns of ``(Q, N)`` scores, sorted, padded to ``k`` with ``-inf`` / ``-1``."""
+    n_queries, n = scores.shape
+    out_scores = np.full((n_queries, k), -np.inf, dtype=np.float32)
+    out_keys = np.full((n_queries, k), -1, dtype=np.int64)
+    if n == 0:
+        return out_scores, out_keys
+    kk = min(k, n)
+    if kk < n:
+        part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+    else:
+        part = np.broadcast_to(np.arange(n), (n_queries, n))
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    best = np.take_along_axis(part, order, axis=1)
+    out_scores[:, :kk] = np.take_along_axis(part_scores, order, axis=1)
+    out_keys[:, :kk] = keys[best]
+    return out_scores, out_keys
+
+
+#: name -> factory ``(dim, **options) -> VectorIndex``
+INDEXES: Registry[Callable[..., VectorIndex]] = Registry("index backend")

@@ -1,0 +1,46 @@
+"""Exact search: one matrix product over every stored vector. Best below ~100k items."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mmret.index.base import INDEXES, GrowableArray, VectorIndex, check_vectors, rows_of, top_k
+
+
+@INDEXES.register("exact")
+class ExactIndex(VectorIndex):
+    name = "exact"
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self._keys = GrowableArray(np.int64)
+        self._vectors = GrowableArray(np.float32, dim)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        keys = np.asarray(keys, dtype=np.int64)
+        check_vectors(self, keys, vectors, int(self._keys.view[-1]) if len(self) else -1)
+        self._keys.append(keys)
+        self._vectors.append(np.asarray(vectors, dtype=np.float32))
+
+    def remove(self, keys: np.ndarray) -> None:
+        keep = ~np.isin(self._keys.view, keys)
+        self._keys.keep(keep)
+        self._vectors.keep(keep)
+
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        queries = self._check(queries, k)
+        keys, vectors = self._keys.view, self._vectors.view
+        if allowed is not None:
+            rows = rows_of(keys, np.asarray(allowed, dtype=np.int64))
+            keys, vectors = keys[rows], vectors[rows]
+        return top_k(queries @ vectors.T, keys, k)

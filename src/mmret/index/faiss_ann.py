@@ -1,0 +1,199 @@
+"""Approximate search with FAISS: an HNSW graph, or an IVF index for very large collections.
+
+FAISS ids here are row positions; a key array maps positions to item keys and removed rows are
+tombstoned (HNSW cannot delete), then compacted once they exceed a quarter of the rows.
+Filtered searches over few candidates skip the approximate structure and score those rows
+exactly, which is both faster and lossless.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import faiss as _faiss
+import numpy as np
+
+from mmret._files import write_atomic
+from mmret.errors import InputError
+from mmret.index.base import INDEXES, GrowableArray, VectorIndex, check_vectors, rows_of, top_k
+
+# faiss's SWIG-generated stubs disagree with its runtime API (keyword arguments, classes).
+faiss: Any = _faiss
+
+CACHE_FILE = "faiss-cache.npz"
+_KINDS = ("auto", "hnsw", "ivf")
+
+
+@INDEXES.register("faiss")
+class FaissIndex(VectorIndex):
+    """``kind="auto"`` builds HNSW up to ``ivf_above`` vectors and IVF-Flat beyond."""
+
+    name = "faiss"
+
+    def __init__(
+        self,
+        dim: int,
+        kind: str = "auto",
+        hnsw_m: int = 32,
+        ef_construction: int = 64,
+        ef_search: int = 128,
+        nprobe: int = 32,
+        ivf_above: int = 1_000_000,
+        exact_below: int = 20_000,
+    ) -> None:
+        super().__init__(dim)
+        if kind not in _KINDS:
+            raise InputError(f"faiss kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+        self.kind = kind
+        self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
+        self.nprobe, self.ivf_above, self.exact_below = nprobe, ivf_above, exact_below
+        self._index: Any = None
+        self._keys = GrowableArray(np.int64)
+        self._alive = GrowableArray(np.bool_)
+        self._dead = 0
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "hnsw_m": self.hnsw_m,
+            "ef_construction": self.ef_construction,
+            "ef_search": self.ef_search,
+            "nprobe": self.nprobe,
+            "ivf_above": self.ivf_above,
+            "exact_below": self.exact_below,
+        }
+
+    @property
+    def structure(self) -> str:
+        """What is built now: ``"hnsw"``, ``"ivf"`` or ``"empty"``."""
+        if self._index is None:
+            return "empty"
+        return "ivf" if faiss.try_extract_index_ivf(self._index) is not None else "hnsw"
+
+    def __len__(self) -> int:
+        return len(self._keys) - self._dead
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        keys = np.asarray(keys, dtype=np.int64)
+        check_vectors(self, keys, vectors, int(self._keys.view[-1]) if len(self._keys) else -1)
+        if not len(keys):
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if self._index is None:
+            self._index = self._new_index(vectors)
+        self._index.add(vectors)
+        self._keys.append(keys)
+        self._alive.append(np.ones(len(keys), dtype=np.bool_))
+
+    def remove(self, keys: np.ndarray) -> None:
+        rows = rows_of(self._keys.view, np.asarray(keys, dtype=np.int64))
+        rows = rows[self._alive.view[rows]]
+        self._alive.view[rows] = False
+        self._dead += len(rows)
+        if self._dead > len(self._keys) // 4:
+            self._compact()
+
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        queries = self._check(queries, k)
+        all_keys = self._keys.view
+        if self._index is None:
+            return top_k(np.zeros((len(queries), 0), np.float32), all_keys[:0], k)
+        rows = None
+        if allowed is not None:
+            rows = rows_of(all_keys, np.asarray(allowed, dtype=np.int64))
+            rows = rows[self._alive.view[rows]]
+        elif self._dead:
+            rows = np.flatnonzero(self._alive.view)
+        if rows is not None and len(rows) <= self.exact_below:
+            candidates = (
+                self._index.reconstruct_batch(rows)
+                if len(rows)
+                else np.zeros((0, self.dim), np.float32)
+            )
+            return top_k(queries @ candidates.T, all_keys[rows], k)
+        params = self._search_parameters(k, rows)
+        scores, positions = self._index.search(queries, k, params=params)
+        found = positions >= 0
+        out_keys = np.where(found, all_keys[np.maximum(positions, 0)], -1)
+        return np.where(found, scores, -np.inf).astype(np.float32), out_keys
+
+    def _search_parameters(self, k: int, rows: np.ndarray | None) -> Any:
+        selector = None
+        if rows is not None:
+            bitmap = np.zeros(len(self._keys), dtype=bool)
+            bitmap[rows] = True
+            self._bitmap = np.packbits(bitmap, bitorder="little")  # must outlive the search
+            selector = faiss.IDSelectorBitmap(len(self._bitmap), faiss.swig_ptr(self._bitmap))
+        if self.structure == "ivf":
+            return faiss.SearchParametersIVF(nprobe=self.nprobe, sel=selector)
+        return faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k), sel=selector)
+
+    def _new_index(self, first: np.ndarray) -> Any:
+        kind = self.kind
+        if kind == "auto":
+            kind = "ivf" if len(first) > self.ivf_above else "hnsw"
+        if kind == "hnsw":
+            index = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = self.ef_construction
+            return index
+        # About 4 sqrt(N) lists, each trained on at least 39 points as FAISS recommends.
+        nlist = max(1, min(int(4 * math.sqrt(len(first))), len(first) // 39))
+        quantizer = faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = first[np.random.default_rng(0).permutation(len(first))[: 256 * nlist]]
+        index.train(sample)
+        index.make_direct_map()  # lets filtered searches reconstruct rows
+        self._quantizer = quantizer  # the IVF index does not own it
+        return index
+
+    def _compact(self) -> None:
+        assert self._index is not None
+        rows = np.flatnonzero(self._alive.view)
+        keys = self._keys.view[rows]
+        vectors = (
+            self._index.reconstruct_batch(rows)
+            if len(rows)
+            else np.zeros((0, self.dim), np.float32)
+        )
+        self._index = None
+        self._keys, self._alive, self._dead = GrowableArray(np.int64), GrowableArray(np.bool_), 0
+        self.add(keys, vectors)
+
+    def save(self, folder: Path, generation: int) -> None:
+        if self._index is None:
+            return
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            index=faiss.serialize_index(self._index),
+            keys=self._keys.view,
+            alive=self._alive.view,
+            generation=np.int64(generation),
+        )
+        write_atomic(folder / CACHE_FILE, buffer.getvalue())
+
+    def load(self, folder: Path, generation: int) -> bool:
+        path = folder / CACHE_FILE
+        if not path.is_file():
+            return False
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if int(data["generation"]) != generation:
+                    return False
+                index = faiss.deserialize_index(data["index"])
+                keys, alive = data["keys"], data["alive"]
+        except (OSError, ValueError, KeyError, RuntimeError):
+            return False  # a damaged cache is only a cache: the caller rebuilds from the store
+        if index.d != self.dim or index.ntotal != len(keys):
+            return False
+        self._index = index
+        self._keys, self._alive = GrowableArray(np.int64), GrowableArray(np.bool_)
+        self._keys.append(keys)
+        self._alive.append(alive)
+        self._dead = int((~alive).sum())
+        return True

@@ -1,0 +1,109 @@
+"""Metadata filters, evaluated by SQLite over each item's JSON metadata.
+
+A filter maps a metadata key to a condition; all conditions must hold:
+
+* ``{"kind": "photo"}``: equality;
+* ``{"kind": ["photo", "scan"]}``: set membership;
+* ``{"year": {"gte": 2000, "lt": 2010}}``: numeric range (``gt``, ``gte``, ``lt``, ``lte``).
+
+On the command line the same are written ``kind=photo``, ``kind=photo,scan`` and
+``year>=2000`` / ``year<2010`` (see :func:`parse_filter`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mmret.errors import InputError
+
+Filter = Mapping[str, Any]
+
+_RANGE_SQL = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_EXPRESSION = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|=|>|<)\s*(.*?)\s*$")
+_CLI_RANGE = {">": "gt", ">=": "gte", "<": "lt", "<=": "lte"}
+
+
+def to_sql(filter_: Filter) -> tuple[str, list[Any]]:
+    """A ``WHERE`` clause over column ``metadata`` and its parameters."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for key, condition in filter_.items():
+        if not isinstance(key, str) or not _KEY.match(key):
+            raise InputError(f"filter key {key!r}: use letters, digits, '_', '-' and '.'")
+        path = f"json_extract(metadata, '$.\"{key}\"')"
+        if isinstance(condition, Mapping):
+            if not condition or set(condition) - set(_RANGE_SQL):
+                raise InputError(
+                    f"filter on {key!r}: a range takes gt, gte, lt, lte; got {sorted(condition)}"
+                )
+            for op, bound in condition.items():
+                _check_scalar(key, bound, numeric=True)
+                clauses.append(f"{path} {_RANGE_SQL[op]} ?")
+                params.append(bound)
+        elif isinstance(condition, Sequence) and not isinstance(condition, str | bytes):
+            values = list(condition)
+            if not values:
+                raise InputError(f"filter on {key!r}: empty set of allowed values")
+            for value in values:
+                _check_scalar(key, value, numeric=False)
+            clauses.append(f"{path} IN ({', '.join('?' * len(values))})")
+            params.extend(_sql_value(v) for v in values)
+        else:
+            _check_scalar(key, condition, numeric=False)
+            clauses.append(f"{path} = ?")
+            params.append(_sql_value(condition))
+    return " AND ".join(clauses) or "1", params
+
+
+def _sql_value(value: Any) -> Any:
+    # json_extract returns JSON true/false as 1/0.
+    return int(value) if isinstance(value, bool) else value
+
+
+def _check_scalar(key: str, value: Any, *, numeric: bool) -> None:
+    allowed: tuple[type, ...] = (int, float) if numeric else (int, float, str, bool)
+    if not isinstance(value, allowed) or (numeric and isinstance(value, bool)):
+        kind = "a number" if numeric else "a string, number or boolean"
+        raise InputError(f"filter on {key!r}: expected {kind}, got {value!r}")
+    if isinstance(value, float) and value != value:
+        raise InputError(f"filter on {key!r}: NaN is not a valid bound")
+
+
+def parse_filter(expressions: Sequence[str]) -> dict[str, Any]:
+    """Parse CLI filters: ``key=value``, ``key=a,b,c`` (any of), ``key>=n``, ``key<n`` and so on.
+
+    Values that look like JSON numbers or booleans are typed; everything else is a string.
+
+    >>> parse_filter(["kind=photo,scan", "year>=2000", "year<2010"])
+    {'kind': ['photo', 'scan'], 'year': {'gte': 2000, 'lt': 2010}}
+    """
+    result: dict[str, Any] = {}
+    for expression in expressions:
+        match = _EXPRESSION.match(expression)
+        if not match or not match.group(3):
+            raise InputError(f"filter {expression!r}: expected key=value, key=a,b or key>=number")
+        key, op, raw = match.groups()
+        if op == "=":
+            values = [_typed(v.strip()) for v in raw.split(",")]
+            result[key] = values if len(values) > 1 else values[0]
+            continue
+        bound = _typed(raw)
+        if not isinstance(bound, int | float) or isinstance(bound, bool):
+            raise InputError(f"filter {expression!r}: {op} needs a number, got {raw!r}")
+        existing = result.setdefault(key, {})
+        if not isinstance(existing, dict):
+            raise InputError(f"filter {expression!r}: {key!r} already has an equality filter")
+        existing[_CLI_RANGE[op]] = bound
+    return result
+
+
+def _typed(raw: str) -> Any:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+    return value if isinstance(value, int | float | bool) else raw

@@ -1,0 +1,1 @@
+"""Reading collections: image decoding and item sources (folders, JSONL, CSV, Parquet)."""

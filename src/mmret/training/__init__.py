@@ -1,0 +1,1 @@
+"""Training the small heads on frozen, cached backbone features."""

@@ -1,0 +1,183 @@
+"""One conformance battery for every vector backend, checked against brute force."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmret import InputError
+from mmret.index.base import INDEXES, VectorIndex
+from mmret.index.exact import ExactIndex
+from mmret.index.faiss_ann import FaissIndex
+
+DIM = 16
+
+BACKENDS: dict[str, Callable[[], VectorIndex]] = {
+    "exact": lambda: ExactIndex(DIM),
+    # exact_below=0 forces the approximate structures even for tiny filtered searches.
+    "faiss-hnsw": lambda: FaissIndex(DIM, kind="hnsw", exact_below=0, ef_search=256),
+    "faiss-ivf": lambda: FaissIndex(DIM, kind="ivf", exact_below=0, nprobe=64),
+    "faiss-filtered-exact": lambda: FaissIndex(DIM, kind="hnsw"),
+}
+
+
+def unit(rows: int, seed: int = 0) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((rows, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def brute_force(vectors: np.ndarray, keys: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    order = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :k]
+    return keys[order]
+
+
+def overlap(found: np.ndarray, expected: np.ndarray) -> float:
+    return float(
+        np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, expected, strict=True)])
+    )
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> VectorIndex:
+    return BACKENDS[request.param]()
+
+
+@pytest.fixture
+def filled(backend: VectorIndex) -> tuple[VectorIndex, np.ndarray, np.ndarray]:
+    vectors = unit(2000)
+    keys = np.arange(2000, dtype=np.int64) * 2 + 10  # sparse, increasing, like store keys
+    backend.add(keys[:1500], vectors[:1500])
+    backend.add(keys[1500:], vectors[1500:])  # incremental add
+    return backend, keys, vectors
+
+
+def test_registry_knows_both_backends() -> None:
+    assert {"exact", "faiss"} <= set(INDEXES)
+
+
+def test_search_matches_brute_force(filled: tuple[VectorIndex, np.ndarray, np.ndarray]) -> None:
+    index, keys, vectors = filled
+    queries = unit(20, seed=1)
+    scores, found = index.search(queries, 10)
+    assert scores.shape == found.shape == (20, 10)
+    assert len(index) == 2000
+    assert overlap(found, brute_force(vectors, keys, queries, 10)) >= 0.9
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+
+
+def test_exact_hits_score_one(filled: tuple[VectorIndex, np.ndarray, np.ndarray]) -> None:
+    index, keys, vectors = filled
+    scores, found = index.search(vectors[[3, 1700]], 1)
+    assert found[:, 0].tolist() == [keys[3], keys[1700]]
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+
+
+def test_remove(filled: tuple[VectorIndex, np.ndarray, np.ndarray]) -> None:
+    index, keys, vectors = filled
+    gone = keys[::3]
+    index.remove(gone)
+    index.remove(np.array([999_999]))  # unknown keys are ignored
+    assert len(index) == 2000 - len(gone)
+    _, found = index.search(vectors[::3][:50], 5)
+    assert not set(found.ravel()) & set(gone.tolist())
+    kept = np.setdiff1d(keys, gone)
+    queries = unit(10, seed=2)
+    expected = brute_force(vectors[np.isin(keys, kept)], kept, queries, 10)
+    assert overlap(index.search(queries, 10)[1], expected) >= 0.9
+
+
+def test_remove_most_then_add_more(backend: VectorIndex) -> None:
+    vectors = unit(600)
+    keys = np.arange(600, dtype=np.int64)
+    backend.add(keys[:500], vectors[:500])
+    backend.remove(keys[:400])  # past the compaction threshold
+    backend.add(keys[500:], vectors[500:])
+    assert len(backend) == 200
+    _, found = backend.search(vectors[[450, 550]], 1)
+    assert found[:, 0].tolist() == [450, 550]
+
+
+def test_filtered_search(filled: tuple[VectorIndex, np.ndarray, np.ndarray]) -> None:
+    index, keys, vectors = filled
+    allowed = keys[100:900:4]
+    queries = unit(10, seed=3)
+    _scores, found = index.search(queries, 5, allowed)
+    assert set(found.ravel()) <= set(allowed.tolist())
+    mask = np.isin(keys, allowed)
+    assert overlap(found, brute_force(vectors[mask], keys[mask], queries, 5)) >= 0.9
+
+
+def test_k_larger_than_candidates_is_padded(backend: VectorIndex) -> None:
+    backend.add(np.array([1, 2, 3]), unit(3))
+    scores, found = backend.search(unit(2, seed=4), 5)
+    assert found.shape == (2, 5)
+    assert (found[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all()
+    assert set(found[:, :3].ravel()) == {1, 2, 3}
+    _, none = backend.search(unit(1), 3, allowed=np.array([], dtype=np.int64))
+    assert (none == -1).all()
+
+
+def test_empty_index(backend: VectorIndex) -> None:
+    _scores, found = backend.search(unit(2), 3)
+    assert (found == -1).all() and len(backend) == 0
+
+
+def test_bad_inputs_are_rejected(backend: VectorIndex) -> None:
+    backend.add(np.array([5]), unit(1))
+    with pytest.raises(InputError, match="shape"):
+        backend.add(np.array([6]), np.zeros((1, DIM + 1), np.float32))
+    with pytest.raises(InputError, match="increasing"):
+        backend.add(np.array([4]), unit(1))
+    with pytest.raises(InputError, match="queries must have shape"):
+        backend.search(np.zeros((1, 3), np.float32), 1)
+    with pytest.raises(InputError, match="NaN"):
+        backend.search(np.full((1, DIM), np.nan, np.float32), 1)
+    with pytest.raises(InputError, match="k must be"):
+        backend.search(unit(1), 0)
+    assert len(backend) == 1  # nothing was lost
+
+
+def test_save_and_load_cache(
+    filled: tuple[VectorIndex, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    index, keys, _vectors = filled
+    index.remove(keys[:10])
+    index.save(tmp_path, generation=7)
+    fresh = same_kind(index)
+    restored = fresh.load(tmp_path, generation=7)
+    if not restored:  # backends without a cache are rebuilt from the store instead
+        assert isinstance(index, ExactIndex)
+        return
+    assert len(fresh) == len(index)
+    queries = unit(5, seed=5)
+    np.testing.assert_array_equal(fresh.search(queries, 5)[1], index.search(queries, 5)[1])
+    assert not same_kind(index).load(tmp_path, generation=8)  # stale cache is refused
+
+
+def test_damaged_cache_is_ignored(tmp_path: Path) -> None:
+    index = FaissIndex(DIM)
+    index.add(np.arange(50), unit(50))
+    index.save(tmp_path, generation=1)
+    (tmp_path / "faiss-cache.npz").write_bytes(b"garbage")
+    assert not FaissIndex(DIM).load(tmp_path, generation=1)
+
+
+def test_auto_kind_picks_by_size() -> None:
+    small = FaissIndex(DIM, ivf_above=100)
+    small.add(np.arange(50), unit(50))
+    assert small.structure == "hnsw"
+    large = FaissIndex(DIM, ivf_above=100)
+    large.add(np.arange(500), unit(500))
+    assert large.structure == "ivf"
+
+
+def test_unknown_faiss_kind() -> None:
+    with pytest.raises(InputError, match="faiss kind must be one of"):
+        FaissIndex(DIM, kind="lsh")
+
+
+def same_kind(index: VectorIndex) -> VectorIndex:
+    return INDEXES.get(index.name)(DIM, **index.config())
