@@ -179,3 +179,17 @@ def test_info(retriever: Retriever) -> None:
 def test_vectors_are_unit_norm_in_the_store(retriever: Retriever) -> None:
     _, vectors = retriever._store.vectors()
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_add_vectors_brings_your_own_embeddings(tmp_path: Path, encoder: HashEncoder) -> None:
+    vectors = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
+    items = [Item(f"v{i}", text=f"vector {i}", metadata={"i": i}) for i in range(3)]
+    with Retriever.create(tmp_path / "byo", encoder=encoder) as retriever:
+        retriever.add_vectors(items, vectors * 5)  # normalised on the way in
+        hits = retriever.search_vectors(vectors[[2]], k=1)[0]
+        assert hits[0].id == "v2" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+        with pytest.raises(InputError, match="expected vectors of shape"):
+            retriever.add_vectors(items[:1], vectors)
+        with pytest.raises(InputError, match=r"already present or repeated: \['v0'\]"):
+            retriever.add_vectors([Item("v0", text="again")], vectors[:1])
+        assert len(retriever) == 3

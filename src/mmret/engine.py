@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from PIL import Image
 
 from mmret._progress import progress
 from mmret.encoders import Encoder, load_encoder
+from mmret.encoders.base import l2_normalise
 from mmret.errors import ImageLoadError, IndexFormatError, InputError
 from mmret.index.base import INDEXES, VectorIndex
 from mmret.index.filters import Filter
@@ -209,10 +211,32 @@ class Retriever:
             stored.append(StoredItem(item.id, item.text, item.image_path, dict(item.metadata)))
         if not stored:
             return 0
-        vectors = self.encoder.encode(contents)
+        self._insert(stored, self.encoder.encode(contents))
+        return len(stored)
+
+    def add_vectors(self, items: Sequence[Item], vectors: np.ndarray) -> None:
+        """Store items with embeddings computed elsewhere: ``(N, dim)``, one row per item.
+
+        The vectors must come from this index's encoder (or one with the same space), and are
+        L2-normalised here. Unlike :meth:`add`, a duplicate id is an error, not a skip.
+        """
+        self._writable()
+        vectors = np.asarray(vectors, dtype=np.float32)
+        expected = (len(items), self.manifest.dim)
+        if vectors.shape != expected:
+            raise InputError(f"expected vectors of shape {expected}, got {vectors.shape}")
+        ids = [item.id for item in items]
+        repeated = {i for i, n in Counter(ids).items() if n > 1}
+        clashes = self._store.existing_ids(ids) | repeated
+        if clashes:
+            raise InputError(f"ids already present or repeated: {sorted(clashes)[:5]}")
+        stored = [StoredItem(i.id, i.text, i.image_path, dict(i.metadata)) for i in items]
+        self._insert(stored, l2_normalise(vectors))
+        self._backend.save(self.folder, self._store.generation)
+
+    def _insert(self, stored: list[StoredItem], vectors: np.ndarray) -> None:
         keys = self._store.add(stored, vectors)
         self._backend.add(keys, vectors)
-        return len(stored)
 
     def _decode(self, item: Item) -> Image.Image | ImageLoadError | None:
         if item.image is None:
@@ -252,8 +276,12 @@ class Retriever:
     def search_vectors(
         self, vectors: np.ndarray, *, k: int = 10, filter: Filter | None = None
     ) -> list[list[SearchResult]]:
-        """Like :meth:`search` for ``(Q, dim)`` query vectors already in the encoder's space."""
+        """Like :meth:`search` for ``(Q, dim)`` query vectors in the encoder's space (they are
+        L2-normalised here, so scores are cosine similarities)."""
         allowed = self._store.filter_keys(filter) if filter else None
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim == 2 and np.isfinite(vectors).all():
+            vectors = l2_normalise(vectors)  # malformed input is left for the backend to name
         scores, keys = self._backend.search(vectors, k, allowed)
         rows = self._store.rows(np.unique(keys[keys >= 0]))
         return [

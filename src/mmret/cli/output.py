@@ -21,7 +21,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 
 def friendly_errors(command: Callable[P, R]) -> Callable[P, R]:

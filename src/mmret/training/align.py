@@ -45,12 +45,10 @@ def embed_pairs(head: AlignmentHead, features: PairFeatures) -> tuple[np.ndarray
     """Unit-norm ``(N, E)`` image and ``(T, E)`` text embeddings of cached features."""
     head.eval()
     with torch.inference_mode():
-        image = torch.nn.functional.normalize(
-            head.image(torch.from_numpy(np.asarray(features.image))), dim=-1
-        )
-        text = torch.nn.functional.normalize(
-            head.text(torch.from_numpy(np.asarray(features.text))), dim=-1
-        )
+        image = head.image(torch.from_numpy(np.array(features.image, dtype=np.float32)))
+        text = head.text(torch.from_numpy(np.array(features.text, dtype=np.float32)))
+        image = torch.nn.functional.normalize(image, dim=-1)
+        text = torch.nn.functional.normalize(text, dim=-1)
     return image.numpy(), text.numpy()
 
 
@@ -79,9 +77,10 @@ def train_alignment(
             towers=TOWERS,
         )
     )
-    image = torch.from_numpy(np.asarray(train.image, dtype=np.float32))
-    text = torch.from_numpy(np.asarray(train.text, dtype=np.float32))
-    owner = torch.from_numpy(np.asarray(train.text_image, dtype=np.int64))
+    # Copies: the cached features are read-only memory maps, and they fit in memory.
+    image = torch.from_numpy(np.array(train.image, dtype=np.float32))
+    text = torch.from_numpy(np.array(train.text, dtype=np.float32))
+    owner = torch.from_numpy(np.array(train.text_image, dtype=np.int64))
     head.image.set_statistics(image)
     head.text.set_statistics(text)
     optimiser = torch.optim.AdamW(
@@ -107,7 +106,7 @@ def train_alignment(
             loss.backward()
             optimiser.step()
             schedule.step()
-            total += float(loss)
+            total += float(loss.detach())
         metrics = None
         if dev is not None:
             metrics = retrieval_metrics(*embed_pairs(head, dev), np.asarray(dev.text_image))

@@ -1,0 +1,20 @@
+# `make demo` and `make test` set everything up on first use (scripts/setup.sh), then run.
+.PHONY: setup demo test lint bench
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/mmret demo
+
+lint: setup
+	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff format --check src tests benchmarks
+	.venv/bin/mypy
+
+test: lint
+	.venv/bin/pytest
+
+bench: setup
+	.venv/bin/python benchmarks/search_throughput.py
+	.venv/bin/python benchmarks/encode_throughput.py
