@@ -32,14 +32,15 @@ PHOTOS = {
     "gravel": "gravel",
     "colorwheel": "colour-wheel",
 }
+#: Queries within what the starter model learnt from Flickr8k (people, animals, everyday
+#: scenes); concepts it never saw, like rockets or galaxies, it does not find (see its card).
 TEXT_QUERIES = (
     "a cat",
-    "a cup of coffee",
-    "a rocket on the launch pad",
-    "a woman in a space suit",
-    "galaxies in the night sky",
-    "old coins",
-    "a man with a camera",
+    "a person riding a motorcycle",
+    "a man taking a picture",
+    "a brick wall",
+    "green grass",
+    "a page of text",
 )
 
 
@@ -73,13 +74,16 @@ def run_demo(workdir: Path, *, k: int = 3, show_progress: bool = False) -> DemoR
         retriever = Retriever.create(index_dir)
         retriever.add(read_items(photos), show_progress=show_progress)
     with retriever:
-        # A cropped, mirrored cat should still find the cat; adding text steers the query.
+        # A cropped, mirrored cat should still find the cat; adding text mixes in its match.
         cat = Image.open(photos / "cat.png").convert("RGB")
         crop = cat.crop((60, 0, 380, 300)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         labelled: list[tuple[str, Query]] = [(text, Query(text=text)) for text in TEXT_QUERIES]
         labelled.append(("[image] a cropped, mirrored photo of the cat", Query(image=crop)))
         labelled.append(
-            ("[image+text] the cat photo + 'a coffee cup'", Query(image=crop, text="a coffee cup"))
+            (
+                "[image+text] the cat photo + 'a person riding a motorcycle'",
+                Query(image=crop, text="a person riding a motorcycle"),
+            )
         )
         results = retriever.search([query for _, query in labelled], k=k)
     return DemoRun(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import typer
 
 from mmret.cli.output import console, friendly_errors, print_skips
@@ -29,15 +30,20 @@ def align(
     epochs: int = typer.Option(AlignTrainingConfig.epochs, min=1),
     embed_dim: int = typer.Option(AlignTrainingConfig.embed_dim, min=8),
     hidden_dim: int = typer.Option(AlignTrainingConfig.hidden_dim, min=0, help="0: linear."),
+    dropout: float = typer.Option(AlignTrainingConfig.dropout, min=0.0, max=0.9),
+    weight_decay: float = typer.Option(AlignTrainingConfig.weight_decay, min=0.0),
     batch_size: int = typer.Option(AlignTrainingConfig.batch_size, min=2),
     learning_rate: float = typer.Option(AlignTrainingConfig.learning_rate, min=0.0),
     seed: int = typer.Option(AlignTrainingConfig.seed),
     cache_dir: Path | None = typer.Option(None, help="Feature cache (default ~/.cache/mmret)."),
+    float16: bool = typer.Option(False, help="Store weights in float16 (half the file size)."),
 ) -> None:
     """Train alignment projections on frozen, cached tower features (symmetric InfoNCE)."""
     config = AlignTrainingConfig(
         embed_dim=embed_dim,
         hidden_dim=hidden_dim,
+        dropout=dropout,
+        weight_decay=weight_decay,
         epochs=epochs,
         batch_size=batch_size,
         learning_rate=learning_rate,
@@ -75,7 +81,7 @@ def align(
         console.print(line, highlight=False)
 
     head, logs = train_alignment(train, dev_features, config, on_epoch=show)
-    head.save(out)
+    head.save(out, dtype=torch.float16 if float16 else None)
     history = [
         {"epoch": log.epoch, "loss": log.loss, "dev": log.dev.to_dict() if log.dev else None}
         for log in logs

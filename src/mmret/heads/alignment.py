@@ -88,8 +88,8 @@ class AlignmentHead(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.log_logit_scale.exp().clamp(max=100.0)
 
-    def save(self, folder: Path) -> None:
-        save_head(self, KIND, self.config.to_dict(), folder)
+    def save(self, folder: Path, *, dtype: torch.dtype | None = None) -> None:
+        save_head(self, KIND, self.config.to_dict(), folder, dtype=dtype)
 
     @classmethod
     def load(cls, folder: Path) -> AlignmentHead:

@@ -16,10 +16,22 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def save_head(module: torch.nn.Module, kind: str, config: dict[str, Any], folder: Path) -> None:
+def save_head(
+    module: torch.nn.Module,
+    kind: str,
+    config: dict[str, Any],
+    folder: Path,
+    *,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Save the weights (optionally cast: float16 halves a shipped file) and the config.
+
+    Loading casts back to the module's own dtype, so a half-precision file loads anywhere.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     state = {
-        name: tensor.detach().cpu().contiguous() for name, tensor in module.state_dict().items()
+        name: tensor.detach().cpu().to(dtype or tensor.dtype).contiguous()
+        for name, tensor in module.state_dict().items()
     }
     save_file(state, str(folder / WEIGHTS_FILE))
     document = {"type": kind, "mmret_version": __version__, "config": config}

@@ -22,9 +22,9 @@ class AlignTrainingConfig:
     """Hyper-parameters of :func:`train_alignment` (defaults chosen on Flickr8k dev)."""
 
     embed_dim: int = 512
-    hidden_dim: int = 0
-    dropout: float = 0.1
-    epochs: int = 30
+    hidden_dim: int = 1024
+    dropout: float = 0.3
+    epochs: int = 6
     batch_size: int = 512
     learning_rate: float = 1e-3
     weight_decay: float = 0.05

@@ -1,0 +1,93 @@
+"""Encoding throughput of the starter encoder next to a plain loop over the same model.
+
+    python benchmarks/encode_throughput.py [--images 256] [--texts 2048]
+
+The reference decodes each image with PIL and calls the towers and the alignment head
+directly, batch by batch, with none of mmret's machinery; mmret's number is
+``Encoder.encode_images`` / ``encode_texts`` on the same inputs. Images are Flickr8k dev
+photos when ``../shared/data`` is present, else scikit-image's sample photos repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from _common import median_seconds, report
+from mmret.demo import write_photos
+from mmret.encoders import load_encoder
+from mmret.encoders.starter import StarterEncoder
+
+FLICKR_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k" / "dev.jsonl"
+
+
+def inputs(n_images: int, n_texts: int, scratch: Path) -> tuple[list[Path], list[str], str]:
+    if FLICKR_DEV.is_file():
+        rows = [json.loads(line) for line in FLICKR_DEV.read_text().splitlines()]
+        images = [FLICKR_DEV.parent / row["image"] for row in rows]
+        texts = [caption for row in rows for caption in row["captions"]]
+        source = "Flickr8k dev"
+    else:
+        images = sorted(write_photos(scratch).glob("*.png"))
+        texts = [f"a photo of {p.stem.replace('-', ' ')} number {i}" for i, p in enumerate(images)]
+        source = "scikit-image samples"
+    repeat = lambda values, n: [values[i % len(values)] for i in range(n)]  # noqa: E731
+    return repeat(images, n_images), repeat(texts, n_texts), source
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--texts", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/encode_throughput.json")
+    )
+    args = parser.parse_args()
+    encoder = load_encoder("starter")
+    assert isinstance(encoder, StarterEncoder)
+    towers, head = encoder.towers, encoder.head
+    with tempfile.TemporaryDirectory() as scratch:
+        images, texts, source = inputs(args.images, args.texts, Path(scratch))
+
+        def reference_images() -> None:
+            with torch.inference_mode():
+                for start in range(0, len(images), encoder.batch_size):
+                    batch = [
+                        Image.open(p).convert("RGB")
+                        for p in images[start : start + encoder.batch_size]
+                    ]
+                    head.image(towers.image_features(batch))
+
+        def reference_texts() -> None:
+            with torch.inference_mode():
+                for start in range(0, len(texts), encoder.batch_size):
+                    head.text(towers.text_features(texts[start : start + encoder.batch_size]))
+
+        rows = []
+        for kind, n, reference, ours in (
+            ("images", len(images), reference_images, lambda: encoder.encode_images(images)),
+            ("texts", len(texts), reference_texts, lambda: encoder.encode_texts(texts)),
+        ):
+            reference_s = median_seconds(reference, args.repeats)
+            ours_s = median_seconds(ours, args.repeats)
+            rows.append([kind, n, n / reference_s, n / ours_s, reference_s / ours_s])
+        check = encoder.encode_texts(texts[:4])
+        assert np.allclose(np.linalg.norm(check, axis=1), 1, atol=1e-5)
+    report(
+        f"Encoding throughput, starter model ({source}, batch {encoder.batch_size})",
+        ["inputs", "n", "reference per s", "mmret per s", "mmret / reference"],
+        rows,
+        args.out,
+        {"source": source, "args": {k: str(v) for k, v in vars(args).items()}},
+    )
+
+
+if __name__ == "__main__":
+    main()
