@@ -89,5 +89,5 @@ def test_readonly_missing_database(tmp_path: Path) -> None:
 def test_corrupt_database_is_named(tmp_path: Path) -> None:
     path = tmp_path / "items.sqlite"
     path.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(IndexFormatError, match=r"items\.sqlite: not a readable item database"):
+    with pytest.raises(IndexFormatError, match=r"items\.sqlite: not an SQLite database"):
         ItemStore(path, dim=4)

@@ -11,12 +11,26 @@ from pathlib import Path
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary sibling, flush it to disk, then rename it over ``path``."""
-    scratch = path.with_name(path.name + ".tmp")
-    with scratch.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    scratch.replace(path)
+    scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with scratch.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        scratch.replace(path)
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename or a new file in ``folder`` durable (POSIX needs the folder synced too)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -32,3 +46,35 @@ def replace_folder(folder: Path) -> Iterator[Path]:
         raise
     shutil.rmtree(folder, ignore_errors=True)
     scratch.rename(folder)
+
+
+@contextmanager
+def build_folder(folder: Path) -> Iterator[Path]:
+    """Yield a hidden scratch folder to fill; on success it is renamed to ``folder`` (which must
+    be absent or empty), so ``folder`` appears whole or not at all. Scratch folders that crashed
+    processes left behind are removed on the next attempt."""
+    for stale in folder.parent.glob(f".{folder.name}.building-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    scratch = folder.with_name(f".{folder.name}.building-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        yield scratch
+        fsync_folder(scratch)
+        scratch.rename(folder)  # rename(2) replaces an empty folder atomically
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    fsync_folder(folder.parent)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -14,19 +15,25 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mmret._files import build_folder
 from mmret._progress import progress
 from mmret.encoders import Encoder, load_encoder
 from mmret.encoders.base import l2_normalise
 from mmret.errors import ImageLoadError, IndexFormatError, InputError
-from mmret.index.base import INDEXES, VectorIndex
+from mmret.index.base import INDEXES, VectorIndex, new_backend
 from mmret.index.filters import Filter
-from mmret.index.manifest import ITEMS_FILE, IndexManifest, read_manifest, write_manifest
+from mmret.index.lock import WriterLock
+from mmret.index.manifest import (
+    ITEMS_FILE,
+    IndexManifest,
+    manifest_text,
+    read_manifest,
+    write_manifest,
+)
 from mmret.index.store import ItemStore, StoredItem
 from mmret.ingest.report import SkipReport
 from mmret.items import Item, Query
 
-#: ``backend="auto"`` searches exactly below this many items and with FAISS from here on.
-AUTO_FAISS_FROM = 100_000
 ADD_CHUNK = 256
 
 
@@ -75,13 +82,18 @@ class Retriever:
         *,
         encoder: Encoder | None = None,
         readonly: bool = False,
+        lock: WriterLock | None = None,
     ) -> None:
         self.folder = folder
         self.manifest = manifest
         self.readonly = readonly
         self._store = store
         self._encoder = encoder
-        self._backend = self._load_backend()
+        self._writer_lock = lock
+        # One connection serves every thread: calls take turns so transactions never mix.
+        self._mutex = threading.RLock()
+        self._backend, self._generation = self._load_backend()
+        self._saved_generation = self._generation
 
     # -- opening --------------------------------------------------------------------------
 
@@ -95,40 +107,71 @@ class Retriever:
         backend: str = "auto",
         backend_options: dict[str, Any] | None = None,
     ) -> Retriever:
-        """Create an empty index folder for ``model`` (or an already built ``encoder``)."""
+        """Create an empty index folder for ``model`` (or an already built ``encoder``).
+
+        The folder is built aside and renamed into place, so a crash leaves no half-made index.
+        """
         folder = Path(folder)
-        if folder.exists() and any(folder.iterdir()):
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise InputError(f"{folder}: already exists and is not empty")
         if backend != "auto":
             INDEXES.get(backend)  # fail before creating anything
         encoder = encoder or load_encoder(model)
-        folder.mkdir(parents=True, exist_ok=True)
         manifest = IndexManifest(
             encoder=encoder.spec,
             dim=encoder.dim,
             backend=backend,
             backend_options=dict(backend_options or {}),
         )
-        store = ItemStore(folder / ITEMS_FILE, manifest.dim)
-        write_manifest(folder, manifest)  # last: a folder without a manifest is not an index
-        return cls(folder, manifest, store, encoder=encoder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with build_folder(folder) as scratch:
+            store = ItemStore(scratch / ITEMS_FILE, manifest.dim)
+            store.record_manifest(manifest_text(manifest))
+            store.close()
+            write_manifest(scratch, manifest)
+        return cls.open(folder, encoder=encoder)
 
     @classmethod
     def open(
-        cls, folder: str | Path, *, readonly: bool = False, encoder: Encoder | None = None
+        cls,
+        folder: str | Path,
+        *,
+        readonly: bool = False,
+        encoder: Encoder | None = None,
+        wait: float = 10.0,
     ) -> Retriever:
-        """Open an existing index; its encoder is loaded the first time something is encoded."""
+        """Open an existing index; its encoder is loaded the first time something is encoded.
+
+        Any number of readers may have an index open while one writer adds to it; a second
+        writer waits up to ``wait`` seconds for the first to close, then fails clearly.
+        """
         folder = Path(folder)
         manifest = read_manifest(folder)
         if encoder is not None and encoder.spec != manifest.encoder:
             raise InputError(
                 f"{folder} was built with encoder {manifest.encoder!r}, not {encoder.spec!r}"
             )
-        store = ItemStore(folder / ITEMS_FILE, manifest.dim, readonly=readonly)
-        return cls(folder, manifest, store, encoder=encoder, readonly=readonly)
+        lock = None
+        if not readonly:
+            lock = WriterLock(folder)
+            lock.acquire(wait)
+        try:
+            store = ItemStore(folder / ITEMS_FILE, manifest.dim, readonly=readonly)
+            return cls(folder, manifest, store, encoder=encoder, readonly=readonly, lock=lock)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
 
     def close(self) -> None:
-        self._store.close()
+        """Save the backend's cache if writes made it stale, and release the index."""
+        with self._mutex:
+            if self._writer_lock is not None:
+                self.flush()
+            self._store.close()
+            if self._writer_lock is not None:
+                self._writer_lock.release()
+                self._writer_lock = None
 
     def __enter__(self) -> Retriever:
         return self
@@ -152,18 +195,27 @@ class Retriever:
         return self._backend.name
 
     def __len__(self) -> int:
-        return len(self._store)
+        with self._mutex:
+            return len(self._store)
 
-    def _load_backend(self) -> VectorIndex:
-        name = self.manifest.backend
-        if name == "auto":
-            name = "faiss" if len(self._store) >= AUTO_FAISS_FROM else "exact"
-        options = self.manifest.backend_options if name == self.manifest.backend else {}
-        backend = INDEXES.get(name)(self.manifest.dim, **options)
-        if not backend.load(self.folder, self._store.generation):
-            keys, vectors = self._store.vectors()
-            backend.add(keys, vectors)
-        return backend
+    def _load_backend(self) -> tuple[VectorIndex, int]:
+        """The vector backend for the store's current state, and that state's generation."""
+        with self._store.snapshot():
+            generation = self._store.generation
+            manifest = self.manifest
+            backend = new_backend(
+                manifest.backend, manifest.backend_options, manifest.dim, len(self._store)
+            )
+            if not backend.load(self.folder, generation):
+                keys, vectors = self._store.vectors()
+                backend.add(keys, vectors)
+        return backend, generation
+
+    def _current_backend(self) -> VectorIndex:
+        """Inside a store snapshot: the backend, reloaded if another process wrote since."""
+        if self._store.generation != self._generation:
+            self._backend, self._generation = self._load_backend()
+        return self._backend
 
     # -- writing --------------------------------------------------------------------------
 
@@ -189,7 +241,7 @@ class Retriever:
                 chunks, total=n_chunks, description="Indexing", enabled=show_progress
             ):
                 result.added += self._add_chunk(chunk, result.skipped, pool)
-        self._backend.save(self.folder, self._store.generation)
+        self.flush()
         return result
 
     def _add_chunk(self, chunk: list[Item], report: SkipReport, pool: ThreadPoolExecutor) -> int:
@@ -225,6 +277,8 @@ class Retriever:
         expected = (len(items), self.manifest.dim)
         if vectors.shape != expected:
             raise InputError(f"expected vectors of shape {expected}, got {vectors.shape}")
+        if not np.isfinite(vectors).all():
+            raise InputError("vectors contain NaN or infinite values")
         ids = [item.id for item in items]
         repeated = {i for i, n in Counter(ids).items() if n > 1}
         clashes = self._store.existing_ids(ids) | repeated
@@ -232,11 +286,23 @@ class Retriever:
             raise InputError(f"ids already present or repeated: {sorted(clashes)[:5]}")
         stored = [StoredItem(i.id, i.text, i.image_path, dict(i.metadata)) for i in items]
         self._insert(stored, l2_normalise(vectors))
-        self._backend.save(self.folder, self._store.generation)
 
     def _insert(self, stored: list[StoredItem], vectors: np.ndarray) -> None:
-        keys = self._store.add(stored, vectors)
-        self._backend.add(keys, vectors)
+        with self._mutex:
+            keys = self._store.add(stored, vectors)
+            self._backend.add(keys, vectors)
+            self._generation = self._store.generation  # ours alone: we hold the writer lock
+
+    def flush(self) -> None:
+        """Save the backend's cache (FAISS) for the current state, so the next open is fast.
+
+        Every write is durable the moment it returns; this only spares the next reader a
+        rebuild. :meth:`add` and :meth:`close` call it; small writes in a loop need not.
+        """
+        with self._mutex:
+            if self._saved_generation != self._generation:
+                self._backend.save(self.folder, self._generation)
+                self._saved_generation = self._generation
 
     def _decode(self, item: Item) -> Image.Image | ImageLoadError | None:
         if item.image is None:
@@ -249,14 +315,17 @@ class Retriever:
     def remove(self, ids: Sequence[str]) -> int:
         """Remove items by id; returns how many existed."""
         self._writable()
-        keys = self._store.remove(list(ids))
-        self._backend.remove(keys)
-        self._backend.save(self.folder, self._store.generation)
+        with self._mutex:
+            keys = self._store.remove(list(ids))
+            self._backend.remove(keys)
+            self._generation = self._store.generation
         return len(keys)
 
     def _writable(self) -> None:
         if self.readonly:
             raise IndexFormatError(f"{self.folder}: opened read-only")
+        if self._writer_lock is None:
+            raise IndexFormatError(f"{self.folder}: closed")
 
     # -- searching ------------------------------------------------------------------------
 
@@ -278,12 +347,15 @@ class Retriever:
     ) -> list[list[SearchResult]]:
         """Like :meth:`search` for ``(Q, dim)`` query vectors in the encoder's space (they are
         L2-normalised here, so scores are cosine similarities)."""
-        allowed = self._store.filter_keys(filter) if filter else None
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim == 2 and np.isfinite(vectors).all():
             vectors = l2_normalise(vectors)  # malformed input is left for the backend to name
-        scores, keys = self._backend.search(vectors, k, allowed)
-        rows = self._store.rows(np.unique(keys[keys >= 0]))
+        # One snapshot: the vectors searched, the filter and the rows returned agree even while
+        # another process writes.
+        with self._mutex, self._store.snapshot():
+            allowed = self._store.filter_keys(filter) if filter else None
+            scores, keys = self._current_backend().search(vectors, k, allowed)
+            rows = self._store.rows(np.unique(keys[keys >= 0]))
         return [
             [
                 SearchResult(
@@ -296,13 +368,15 @@ class Retriever:
         ]
 
     def info(self) -> dict[str, Any]:
+        with self._mutex, self._store.snapshot():
+            backend = self._current_backend()
         return {
             "path": str(self.folder),
             "items": len(self),
             "encoder": self.manifest.encoder,
             "dim": self.manifest.dim,
             "backend": self.manifest.backend,
-            "backend_in_use": self._backend.name,
+            "backend_in_use": backend.name,
             "format_version": self.manifest.format_version,
             "mmret_version": self.manifest.mmret_version,
         }

@@ -17,6 +17,10 @@ class IndexFormatError(MmretError):
     """An index folder is missing, corrupt, or written by an incompatible version."""
 
 
+class IndexBusyError(MmretError):
+    """Another writer holds the index; it was not touched."""
+
+
 class RegistryError(MmretError, KeyError):
     """A registry lookup or registration failed (unknown or duplicate name)."""
 

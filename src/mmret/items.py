@@ -15,6 +15,18 @@ from mmret.errors import InputError
 ImageInput = str | Path | bytes | Image.Image
 
 
+def check_text(what: str, text: object) -> None:
+    """Refuse non-strings and strings that cannot be stored as UTF-8 (lone surrogates)."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InputError(
+            f"{what} is not valid Unicode (unpaired surrogate at position {error.start})"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Query:
     """A search query: a text, an image, or both (an image+text query)."""
@@ -25,8 +37,8 @@ class Query:
     def __post_init__(self) -> None:
         if self.text is None and self.image is None:
             raise InputError("a query needs a text, an image, or both; got neither")
-        if self.text is not None and not isinstance(self.text, str):
-            raise InputError(f"query text must be a string, got {type(self.text).__name__}")
+        if self.text is not None:
+            check_text("query text", self.text)
 
 
 @dataclass(frozen=True)
@@ -45,8 +57,11 @@ class Item:
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
             raise InputError(f"item id must be a non-empty string, got {self.id!r}")
+        check_text("item id", self.id)
         if self.text is None and self.image is None:
             raise InputError(f"item {self.id!r} has neither a text nor an image")
+        if self.text is not None:
+            check_text(f"item {self.id!r}: text", self.text)
 
     @property
     def image_path(self) -> str | None:

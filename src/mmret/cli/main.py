@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from mmret.cli.evaluate import eval_app
+from mmret.cli.maintain import check, repair
 from mmret.cli.output import (
     console,
     errors,
@@ -33,6 +34,8 @@ app = typer.Typer(
 )
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
+app.command()(check)
+app.command()(repair)
 
 
 @app.command()
@@ -49,13 +52,14 @@ def index(
         "auto", help="auto, exact or faiss (auto: exact below 100k items)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+    wait: float = typer.Option(10.0, help="Seconds to wait if another writer has OUT open."),
 ) -> None:
     """Index a folder or manifest into OUT; an existing index gets the new items added."""
     report = SkipReport()
     with status("Reading source..."):
         records = list(read_records(source, report))
     if (out / MANIFEST_FILE).exists():
-        retriever = Retriever.open(out)
+        retriever = Retriever.open(out, wait=wait)
         if model != "starter" and model != retriever.manifest.encoder:
             raise InputError(f"{out} uses encoder {retriever.manifest.encoder!r}, not {model!r}")
     else:
@@ -124,9 +128,10 @@ def info(
 def remove(
     index_dir: Path = typer.Argument(..., metavar="DIR", help="Index folder."),
     ids: list[str] = typer.Argument(..., help="Ids of the items to remove."),
+    wait: float = typer.Option(10.0, help="Seconds to wait if another writer has DIR open."),
 ) -> None:
     """Remove items by id."""
-    with Retriever.open(index_dir) as retriever:
+    with Retriever.open(index_dir, wait=wait) as retriever:
         removed = retriever.remove(ids)
     console.print(f"removed {removed} of {len(ids)} ids")
 

@@ -16,6 +16,9 @@ from mmret.items import ImageInput
 
 T = TypeVar("T")
 
+#: Texts are cut to this many characters before encoding, far beyond what towers read.
+MAX_TEXT_CHARS = 10_000
+
 
 class Content(Protocol):
     """Anything with an optional text and an optional image: a ``Query`` or an ``Item``."""
@@ -94,7 +97,9 @@ class Encoder(ABC):
         return self.embed_images([self.load(image) for image in batch])
 
     def _embed_text_batch(self, batch: Sequence[str]) -> torch.Tensor:
-        return self.embed_texts(list(batch))
+        # Every supported text tower reads at most a few hundred tokens; cutting first keeps a
+        # 10 MB caption from costing the tokenizer seconds and gigabytes for nothing.
+        return self.embed_texts([text[:MAX_TEXT_CHARS] for text in batch])
 
     def _run(
         self,

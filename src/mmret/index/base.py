@@ -142,3 +142,18 @@ def top_k(scores: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.
 
 #: name -> factory ``(dim, **options) -> VectorIndex``
 INDEXES: Registry[Callable[..., VectorIndex]] = Registry("index backend")
+
+
+#: ``backend="auto"`` searches exactly below this many items and with FAISS from here on.
+AUTO_FAISS_FROM = 100_000
+
+
+def new_backend(name: str, options: dict[str, Any], dim: int, count: int) -> VectorIndex:
+    """An empty backend as an index manifest names it, resolving ``"auto"`` by item ``count``.
+
+    The options are the manifest's, and apply only to the backend they were given for.
+    """
+    resolved = name
+    if name == "auto":
+        resolved = "faiss" if count >= AUTO_FAISS_FROM else "exact"
+    return INDEXES.get(resolved)(dim, **(options if resolved == name else {}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,9 +38,20 @@ class IndexManifest:
         return cls(**data)
 
 
+def _checksum(data: dict[str, Any]) -> str:
+    fields = {key: value for key, value in data.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def manifest_text(manifest: IndexManifest) -> str:
+    """The manifest's JSON with a checksum of its fields, which reading verifies."""
+    data = manifest.to_dict()
+    return json.dumps({**data, "checksum": _checksum(data)}, indent=2) + "\n"
+
+
 def write_manifest(folder: Path, manifest: IndexManifest) -> None:
     """Write via a temporary file and a rename, so a crash never leaves half a manifest."""
-    write_atomic(folder / MANIFEST_FILE, (json.dumps(manifest.to_dict(), indent=2) + "\n").encode())
+    write_atomic(folder / MANIFEST_FILE, manifest_text(manifest).encode())
 
 
 def read_manifest(folder: Path) -> IndexManifest:
@@ -49,7 +61,15 @@ def read_manifest(folder: Path) -> IndexManifest:
     if not path.is_file():
         raise IndexFormatError(f"{folder}: not an mmret index (no {MANIFEST_FILE})")
     try:
-        data = json.loads(path.read_text())
+        return parse_manifest(path.read_bytes(), path)
+    except OSError as error:
+        raise IndexFormatError(f"{path}: cannot be read ({error})") from None
+
+
+def parse_manifest(raw: bytes, path: Path) -> IndexManifest:
+    """Validate manifest JSON (from ``path``, named in errors)."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise IndexFormatError(f"{path}: corrupt manifest ({error})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -59,6 +79,12 @@ def read_manifest(folder: Path) -> IndexManifest:
         raise IndexFormatError(
             f"{path}: format version {version!r} is newer than this mmret understands "
             f"({FORMAT_VERSION}); upgrade mmret"
+        )
+    recorded = data.pop("checksum", None)
+    if recorded != _checksum(data):
+        raise IndexFormatError(
+            f"{path}: checksum mismatch (the file was altered or damaged; `mmret repair` "
+            "restores it from the copy kept in the item database)"
         )
     try:
         return IndexManifest.from_dict(data)

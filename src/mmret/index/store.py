@@ -1,13 +1,23 @@
 """The item store: one SQLite database holding every item's id, text, image path, metadata and
 vector. It is the index's source of truth: each write is one transaction, so a crash leaves
 the last committed state, and vector backends are rebuilt from it whenever they are stale.
+
+Besides the items, the ``state`` table records, in the same transactions as the writes:
+
+* ``generation``: bumped by every committed write, so readers and caches notice changes;
+* ``count`` and ``checksum``: the number of items and the XOR of one 64-bit digest per item
+  (id, text, image, metadata and vector bytes), which ``mmret check`` recomputes to catch
+  silent damage; XOR lets both writes and removals update it without rereading the table;
+* ``manifest``: a copy of the folder's ``manifest.json``, so a lost manifest can be restored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +29,7 @@ from mmret.index.filters import Filter, to_sql
 
 T = TypeVar("T")
 _CHUNK = 900  # stays under SQLite's limit on bound parameters in one statement
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -31,6 +42,8 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO state VALUES ('generation', '0');
+INSERT OR IGNORE INTO state VALUES ('count', '0');
+INSERT OR IGNORE INTO state VALUES ('checksum', '0000000000000000');
 """
 
 
@@ -49,16 +62,52 @@ def _chunks(values: Sequence[T]) -> Iterator[Sequence[T]]:
         yield values[start : start + _CHUNK]
 
 
+def row_digest(id_: str, text: str | None, image: str | None, metadata: str, vector: bytes) -> int:
+    """A 64-bit digest of one stored row, as it sits in the database."""
+    digest = hashlib.blake2b(json.dumps([id_, text, image, metadata]).encode(), digest_size=8)
+    digest.update(vector)
+    return int.from_bytes(digest.digest(), "little")
+
+
+def truncation(path: Path) -> str | None:
+    """Why ``path`` is not a whole SQLite file (bad header, shorter than it says), or ``None``.
+
+    Cheap: reads the 100-byte header only. SQLite itself would open such a file and fail later,
+    on whichever query first touches a missing page.
+    """
+    with path.open("rb") as handle:
+        header = handle.read(100)
+    if len(header) < 100 or not header.startswith(SQLITE_HEADER):
+        return "not an SQLite database (bad header)"
+    wal = path.with_name(path.name + "-wal")
+    if (wal.is_file() and wal.stat().st_size) or header[24:28] != header[92:96]:
+        return None  # a checkpoint may be under way, or the size field is stale: trust SQLite
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    actual = path.stat().st_size
+    if actual < page_size * pages or actual % page_size:
+        return f"truncated: {actual} bytes, but its header says {pages} pages of {page_size}"
+    return None
+
+
 class ItemStore:
-    """Items keyed by an int64 ``key`` that only grows (SQLite AUTOINCREMENT): never reused."""
+    """Items keyed by an int64 ``key`` that only grows (SQLite AUTOINCREMENT): never reused.
+
+    Every method reads one consistent state; group several reads into one snapshot with
+    :meth:`snapshot`. Database errors surface as :class:`IndexFormatError` naming the file.
+    """
 
     def __init__(self, path: Path, dim: int, *, readonly: bool = False) -> None:
         self.path = path
         self.dim = dim
-        if readonly and not path.is_file():
+        self._depth = 0
+        if not path.is_file() and (readonly or path.exists()):
             raise IndexFormatError(f"{path}: item database is missing")
+        if path.is_file() and path.stat().st_size and (why := truncation(path)):
+            raise IndexFormatError(f"{path}: {why} (try `mmret repair`)")
         uri = f"file:{path}?mode={'ro' if readonly else 'rwc'}"
-        try:
+        with self._errors():
             self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout = 10000")
             if not readonly:
@@ -66,26 +115,72 @@ class ItemStore:
                 self._db.execute("PRAGMA synchronous = FULL")
                 self._db.executescript(_SCHEMA)
             self._db.execute("SELECT count(*) FROM items").fetchone()
-        except sqlite3.DatabaseError as error:
-            raise IndexFormatError(f"{path}: not a readable item database ({error})") from None
 
     def close(self) -> None:
         self._db.close()
 
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.DatabaseError as error:
+            if isinstance(error, sqlite3.IntegrityError):
+                raise
+            raise IndexFormatError(
+                f"{self.path}: {error} (run `mmret check` on the index folder)"
+            ) from None
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Run the reads inside one read transaction: they all see the same committed state."""
+        with self._errors():
+            if self._depth == 0:
+                self._db.execute("BEGIN")
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._db.execute("COMMIT")
+
+    def _state(self, name: str) -> str | None:
+        with self._errors():
+            row = self._db.execute("SELECT value FROM state WHERE name = ?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
     @property
     def generation(self) -> int:
         """Bumped by every committed write; backends record it to notice they are stale."""
-        row = self._db.execute("SELECT value FROM state WHERE name = 'generation'").fetchone()
-        return int(row[0])
+        return int(self._state("generation") or 0)
+
+    @property
+    def recorded_count(self) -> int:
+        return int(self._state("count") or 0)
+
+    @property
+    def recorded_checksum(self) -> str:
+        return self._state("checksum") or ""
+
+    @property
+    def manifest_copy(self) -> str | None:
+        """The manifest JSON stored beside the items (``None`` if never recorded)."""
+        return self._state("manifest")
+
+    def record_manifest(self, text: str) -> None:
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO state VALUES ('manifest', ?)", (text,))
 
     def __len__(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM items").fetchone()[0])
+        with self._errors():
+            return int(self._db.execute("SELECT count(*) FROM items").fetchone()[0])
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
-        for chunk in _chunks(ids):
-            query = f"SELECT id FROM items WHERE id IN ({','.join('?' * len(chunk))})"
-            found.update(row[0] for row in self._db.execute(query, list(chunk)))
+        with self.snapshot():
+            for chunk in _chunks(ids):
+                query = f"SELECT id FROM items WHERE id IN ({','.join('?' * len(chunk))})"
+                found.update(row[0] for row in self._db.execute(query, list(chunk)))
         return found
 
     def add(self, items: Sequence[StoredItem], vectors: np.ndarray) -> np.ndarray:
@@ -97,87 +192,114 @@ class ItemStore:
         if not np.isfinite(vectors).all():
             raise InputError("vectors contain NaN or infinite values")
         keys = np.empty(len(items), dtype=np.int64)
+        checksum = 0
         with self._transaction():
             for row, (item, vector) in enumerate(zip(items, vectors, strict=True)):
+                fields = (
+                    item.id,
+                    item.text,
+                    item.image,
+                    json.dumps(item.metadata, allow_nan=False),
+                    np.ascontiguousarray(vector, dtype=np.float32).tobytes(),
+                )
                 cursor = self._db.execute(
                     "INSERT INTO items (id, text, image, metadata, vector) VALUES (?, ?, ?, ?, ?)",
-                    (
-                        item.id,
-                        item.text,
-                        item.image,
-                        json.dumps(item.metadata, allow_nan=False),
-                        np.ascontiguousarray(vector, dtype=np.float32).tobytes(),
-                    ),
+                    fields,
                 )
                 keys[row] = int(cursor.lastrowid or 0)
+                checksum ^= row_digest(*fields)
+            self._update_totals(len(items), checksum)
         return keys
 
     def remove(self, ids: Sequence[str]) -> np.ndarray:
         """Delete items by id in one transaction; returns the keys removed (unknown ids ignored)."""
         removed: list[int] = []
+        checksum = 0
         with self._transaction():
             for chunk in _chunks(ids):
                 marks = ",".join("?" * len(chunk))
-                removed.extend(
-                    row[0]
-                    for row in self._db.execute(
-                        f"SELECT key FROM items WHERE id IN ({marks})", chunk
-                    )
-                )
+                columns = "key, id, text, image, metadata, vector"
+                query = f"SELECT {columns} FROM items WHERE id IN ({marks})"
+                for key, *fields in self._db.execute(query, chunk):
+                    removed.append(key)
+                    checksum ^= row_digest(*fields)
                 self._db.execute(f"DELETE FROM items WHERE id IN ({marks})", list(chunk))
+            self._update_totals(-len(removed), checksum)
         return np.asarray(sorted(removed), dtype=np.int64)
+
+    def _update_totals(self, delta: int, checksum: int) -> None:
+        old = int(self._state("checksum") or "0", 16)
+        self._db.execute(
+            "UPDATE state SET value = CAST(value AS INTEGER) + ? WHERE name = 'count'", (delta,)
+        )
+        self._db.execute(
+            "UPDATE state SET value = ? WHERE name = 'checksum'", (f"{old ^ checksum:016x}",)
+        )
 
     def rows(self, keys: Iterable[int]) -> dict[int, StoredItem]:
         wanted = [int(k) for k in keys]
         found: dict[int, StoredItem] = {}
-        for chunk in _chunks(wanted):
-            query = (
-                "SELECT key, id, text, image, metadata FROM items "
-                f"WHERE key IN ({','.join('?' * len(chunk))})"
-            )
-            for key, id_, text, image, metadata in self._db.execute(query, chunk):
-                found[key] = StoredItem(id_, text, image, json.loads(metadata))
+        with self.snapshot():
+            for chunk in _chunks(wanted):
+                query = (
+                    "SELECT key, id, text, image, metadata FROM items "
+                    f"WHERE key IN ({','.join('?' * len(chunk))})"
+                )
+                for key, id_, text, image, metadata in self._db.execute(query, chunk):
+                    found[key] = StoredItem(id_, text, image, json.loads(metadata))
         return found
 
     def filter_keys(self, filter_: Filter) -> np.ndarray:
         """Sorted keys of the items whose metadata satisfies ``filter_``."""
         where, params = to_sql(filter_)
-        rows = self._db.execute(f"SELECT key FROM items WHERE {where} ORDER BY key", params)
-        return np.fromiter((row[0] for row in rows), dtype=np.int64)
+        with self._errors():
+            rows = self._db.execute(f"SELECT key FROM items WHERE {where} ORDER BY key", params)
+            return np.fromiter((row[0] for row in rows), dtype=np.int64)
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """All ``(N,)`` keys in ascending order and their ``(N, dim)`` vectors, one snapshot."""
-        self._db.execute("BEGIN")  # count and rows must come from the same snapshot
-        try:
-            n = len(self)
-            keys = np.empty(n, dtype=np.int64)
-            vectors = np.empty((n, self.dim), dtype=np.float32)
-            rows = self._db.execute("SELECT key, vector FROM items ORDER BY key")
-            for row, (key, blob) in enumerate(rows):
-                keys[row] = key
-                vectors[row] = np.frombuffer(blob, dtype=np.float32)
-        finally:
-            self._db.execute("COMMIT")
-        return keys, vectors
+        with self.snapshot():
+            rows = self._db.execute("SELECT key, vector FROM items ORDER BY key").fetchall()
+        keys = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+        blob = b"".join(row[1] for row in rows)
+        if len(blob) != len(rows) * self.dim * 4:
+            raise IndexFormatError(f"{self.path}: stored vectors do not have {self.dim} dimensions")
+        return keys, np.frombuffer(blob, dtype=np.float32).reshape(len(rows), self.dim).copy()
+
+    def scan(self) -> Iterator[tuple[int, str, str | None, str | None, str, bytes]]:
+        """Every raw row ``(key, id, text, image, metadata JSON, vector bytes)``, by key."""
+        with self.snapshot():
+            yield from self._db.execute(
+                "SELECT key, id, text, image, metadata, vector FROM items ORDER BY key"
+            )
+
+    def integrity_errors(self) -> list[str]:
+        """SQLite's own structural check of every page and index (empty when sound)."""
+        with self._errors():
+            rows = self._db.execute("PRAGMA integrity_check").fetchall()
+        return [] if rows == [("ok",)] else [str(row[0]) for row in rows]
 
     def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+        return _Transaction(self)
 
 
 class _Transaction:
     """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or rollback), bumping the generation on commit."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
+    def __init__(self, store: ItemStore) -> None:
+        self._store = store
+        self._db = store._db
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        with self._store._errors():
+            self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, kind: object, error: object, trace: object) -> None:
-        if kind is not None:
-            self._db.execute("ROLLBACK")
-            return
-        self._db.execute(
-            "UPDATE state SET value = CAST(value AS INTEGER) + 1 WHERE name = 'generation'"
-        )
-        self._db.execute("COMMIT")
+        with self._store._errors():
+            if kind is not None:
+                self._db.execute("ROLLBACK")
+                return
+            self._db.execute(
+                "UPDATE state SET value = CAST(value AS INTEGER) + 1 WHERE name = 'generation'"
+            )
+            self._db.execute("COMMIT")

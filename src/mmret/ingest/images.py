@@ -62,6 +62,10 @@ def load_image(
         raise ImageLoadError(f"{name}: not a recognised image format") from None
     except OSError as error:
         raise ImageLoadError(f"{name}: cannot be read ({error})") from None
+    except Exception as error:  # hostile files reach many decoder paths; none may crash a run
+        raise ImageLoadError(
+            f"{name}: not a valid image ({type(error).__name__}: {error})"
+        ) from None
     with image:
         width, height = image.size
         if width <= 0 or height <= 0:
@@ -77,7 +81,7 @@ def load_image(
             image.load()
             upright = ImageOps.exif_transpose(image)
             return _to_rgb(upright)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        except Exception as error:  # decoders raise OSError, ValueError, SyntaxError, ...
             raise ImageLoadError(f"{name}: corrupt or truncated image data ({error})") from None
 
 

@@ -1,0 +1,54 @@
+"""``mmret check`` and ``mmret repair``: verify an index folder, restore what can be restored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mmret.cli.output import console, errors, friendly_errors, print_json
+from mmret.index.integrity import check_index, repair_index
+
+
+@friendly_errors
+def check(
+    index_dir: Path = typer.Argument(..., metavar="DIR", help="Index folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Verify an index: manifest, database structure, item count and checksums, caches.
+
+    Exits 0 when sound, 1 when damaged (`mmret repair DIR` restores what it can).
+    """
+    report = check_index(index_dir)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        for notice in report.notices:
+            errors.print(f"[yellow]note:[/] {notice}", highlight=False)
+        for problem in report.problems:
+            errors.print(f"[bold red]damaged:[/] {problem}", highlight=False)
+        if report.ok:
+            console.print(f"[green]ok[/]: {index_dir} ({report.items} items)")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@friendly_errors
+def repair(
+    index_dir: Path = typer.Argument(..., metavar="DIR", help="Index folder."),
+    wait: float = typer.Option(0.0, help="Seconds to wait for a running writer to finish."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Restore a damaged index: the manifest from its copy, readable rows of a damaged
+    database (the damaged files are kept aside), caches rebuilt, leftovers removed."""
+    report = repair_index(index_dir, wait=wait)
+    after = check_index(index_dir)
+    if as_json:
+        print_json({**report.to_dict(), "ok": after.ok})
+    else:
+        for action in report.actions:
+            console.print(f"- {action}", highlight=False)
+        state = "[green]ok[/]" if after.ok else "[bold red]still damaged[/]"
+        console.print(f"{state}: {index_dir} ({report.items} items)")
+    if not after.ok:
+        raise typer.Exit(1)

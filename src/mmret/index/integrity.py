@@ -1,0 +1,354 @@
+"""Verifying an index folder (``mmret check``) and restoring what can be (``mmret repair``).
+
+An index folder's truth is ``items.sqlite``; ``manifest.json`` describes it (and a copy of it
+lives inside the database); backend files such as ``faiss-cache.npz`` are caches, rebuilt
+whenever they are stale or unreadable. So:
+
+* a damaged manifest is restored from the database's copy;
+* a damaged database is salvaged row by row into a fresh one: every row SQLite can still read
+  and whose vector is whole is kept, the damaged files are moved to ``damaged-<time>/``;
+* caches and files left by interrupted writes are dropped and rebuilt.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmret._files import fsync_folder, write_atomic
+from mmret.errors import IndexFormatError
+from mmret.index.base import new_backend
+from mmret.index.lock import WriterLock
+from mmret.index.manifest import (
+    ITEMS_FILE,
+    MANIFEST_FILE,
+    IndexManifest,
+    manifest_text,
+    parse_manifest,
+    read_manifest,
+)
+from mmret.index.store import ItemStore, StoredItem, row_digest
+
+_SALVAGE_RANGE = 1000
+_GIVE_UP = 20  # ranges in a row with nothing readable, when the largest key is unknown
+_SHOWN = 5
+
+
+@dataclass
+class CheckReport:
+    """What ``check_index`` found: ``problems`` are damage, ``notices`` are harmless."""
+
+    folder: str
+    items: int = 0
+    problems: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    #: Which parts are damaged: ``"manifest"``, ``"items"`` and/or ``"cache"``.
+    damaged: set[str] = field(default_factory=set)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def problem(self, part: str, message: str) -> None:
+        self.damaged.add(part)
+        self.problems.append(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "damaged": sorted(self.damaged), "ok": self.ok}
+
+
+def _store_manifest(folder: Path) -> IndexManifest | None:
+    """The manifest copy kept inside ``items.sqlite``, if it can be read."""
+    try:
+        store = ItemStore(folder / ITEMS_FILE, 0, readonly=True)
+    except IndexFormatError:
+        return None
+    try:
+        text = store.manifest_copy
+    except IndexFormatError:
+        return None
+    finally:
+        store.close()
+    if text is None:
+        return None
+    try:
+        return parse_manifest(text.encode(), folder / ITEMS_FILE)
+    except IndexFormatError:
+        return None
+
+
+def check_index(folder: str | Path) -> CheckReport:
+    """Verify every file of an index folder without changing anything."""
+    folder = Path(folder)
+    report = CheckReport(str(folder))
+    if not folder.is_dir():
+        report.problem("manifest", f"{folder}: no such index folder")
+        return report
+    try:
+        manifest: IndexManifest | None = read_manifest(folder)
+    except IndexFormatError as error:
+        report.problem("manifest", str(error))
+        manifest = _store_manifest(folder)
+    for leftover in sorted(folder.glob("*.tmp")):
+        report.notices.append(f"{leftover.name}: left by an interrupted write (repair removes it)")
+    if manifest is None:
+        report.problem("items", f"{folder / ITEMS_FILE}: no readable manifest to check it against")
+        return report
+    try:
+        store = ItemStore(folder / ITEMS_FILE, manifest.dim, readonly=True)
+    except IndexFormatError as error:
+        report.problem("items", str(error))
+        return report
+    try:
+        with store.snapshot():
+            _check_store(store, manifest, report)
+            _check_backend(store, manifest, folder, report)
+    except IndexFormatError as error:
+        report.problem("items", str(error))
+    finally:
+        store.close()
+    return report
+
+
+def _check_store(store: ItemStore, manifest: IndexManifest, report: CheckReport) -> None:
+    name = store.path
+    for line in store.integrity_errors()[:_SHOWN]:
+        report.problem("items", f"{name}: {line}")
+    count, checksum, bad = 0, 0, []
+    for key, id_, text, image, metadata, vector in store.scan():
+        count += 1
+        checksum ^= row_digest(id_, text, image, metadata, vector)
+        if len(vector) != 4 * manifest.dim:
+            bad.append(f"row {key}: vector of {len(vector)} bytes, not {4 * manifest.dim}")
+        elif not np.isfinite(np.frombuffer(vector, dtype=np.float32)).all():
+            bad.append(f"row {key}: vector holds NaN or infinite values")
+    report.items = count
+    for line in bad[:_SHOWN]:
+        report.problem("items", f"{name}: {line}")
+    if store.recorded_count != count:
+        report.problem("items", f"{name}: holds {count} items, but {store.recorded_count} recorded")
+    if store.recorded_checksum != f"{checksum:016x}":
+        report.problem("items", f"{name}: content checksum mismatch (rows damaged or altered)")
+    if store.manifest_copy is None:
+        report.notices.append(f"{name}: holds no copy of the manifest (repair records one)")
+    elif store.manifest_copy != manifest_text(manifest):
+        report.problem("manifest", f"{name}: its copy of the manifest differs from {MANIFEST_FILE}")
+
+
+def _check_backend(
+    store: ItemStore, manifest: IndexManifest, folder: Path, report: CheckReport
+) -> None:
+    backend = new_backend(manifest.backend, manifest.backend_options, manifest.dim, report.items)
+    if backend.load(folder, store.generation):
+        if len(backend) != report.items:
+            report.problem(
+                "cache",
+                f"{folder}: the {backend.name} cache holds {len(backend)} vectors, "
+                f"not {report.items} (repair rebuilds it)",
+            )
+    elif any(folder.glob(f"{backend.name}-cache*")):
+        report.notices.append(
+            f"{folder}: the {backend.name} cache is stale or unreadable; it is rebuilt from "
+            f"{ITEMS_FILE} on open"
+        )
+
+
+@dataclass
+class RepairReport:
+    """What ``repair_index`` did, and how many items the index holds afterwards."""
+
+    folder: str
+    actions: list[str] = field(default_factory=list)
+    items: int = 0
+    lost: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def repair_index(folder: str | Path, *, wait: float = 0.0) -> RepairReport:
+    """Restore a damaged index folder as far as its files allow; see the module docstring.
+
+    Takes the writer lock, so it never runs beside a writer. Readers should reopen afterwards.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise IndexFormatError(f"{folder}: no such index folder")
+    lock = WriterLock(folder)
+    lock.acquire(wait)
+    try:
+        return _repair(folder)
+    finally:
+        lock.release()
+
+
+def _repair(folder: Path) -> RepairReport:
+    report = RepairReport(str(folder))
+    for leftover in sorted(folder.glob("*.tmp")):
+        leftover.unlink()
+        report.actions.append(f"removed {leftover.name}, left by an interrupted write")
+    manifest = _repair_manifest(folder, report)
+    before = check_index(folder)
+    store_damaged = "items" in before.damaged
+    if store_damaged:
+        _salvage(folder, manifest, report)
+    store = ItemStore(folder / ITEMS_FILE, manifest.dim)
+    try:
+        if store.manifest_copy != manifest_text(manifest):
+            store.record_manifest(manifest_text(manifest))
+            report.actions.append(f"recorded a copy of the manifest in {ITEMS_FILE}")
+        report.items = len(store)
+    finally:
+        store.close()
+    if "cache" in before.damaged or store_damaged:
+        for cache in folder.glob("*-cache*"):
+            cache.unlink()
+            report.actions.append(f"removed {cache.name} (rebuilt from {ITEMS_FILE} on open)")
+    if not report.actions:
+        report.actions.append("nothing to repair")
+    return report
+
+
+def _repair_manifest(folder: Path, report: RepairReport) -> IndexManifest:
+    try:
+        return read_manifest(folder)
+    except IndexFormatError as error:
+        copy = _store_manifest(folder)
+        if copy is None:
+            raise IndexFormatError(
+                f"{error}; and {folder / ITEMS_FILE} holds no readable copy to restore it from"
+            ) from None
+    write_atomic(folder / MANIFEST_FILE, manifest_text(copy).encode())
+    report.actions.append(f"restored {MANIFEST_FILE} from the copy in {ITEMS_FILE}")
+    return copy
+
+
+def _salvage(folder: Path, manifest: IndexManifest, report: RepairReport) -> None:
+    """Copy every readable, whole row into a fresh database and put it in place."""
+    damaged = folder / ITEMS_FILE
+    fresh_path = folder / f"{ITEMS_FILE}.salvaged"
+    for stale in (fresh_path, fresh_path.with_name(fresh_path.name + "-wal")):
+        stale.unlink(missing_ok=True)
+    fresh = ItemStore(fresh_path, manifest.dim)
+    kept = seen = 0
+    try:
+        batch: list[tuple[StoredItem, bytes]] = []
+        for row in _readable_rows(damaged):
+            seen += 1
+            vector = row[1]
+            if (
+                len(vector) != 4 * manifest.dim
+                or not np.isfinite(np.frombuffer(vector, dtype=np.float32)).all()
+            ):
+                continue
+            batch.append(row)
+            if len(batch) >= _SALVAGE_RANGE:
+                kept += _store_rows(fresh, batch)
+                batch = []
+        kept += _store_rows(fresh, batch)
+        fresh.record_manifest(manifest_text(manifest))
+    finally:
+        fresh.close()
+    aside = folder / f"damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(exist_ok=True)
+    for suffix in ("", "-wal", "-shm"):
+        part = damaged.with_name(damaged.name + suffix)
+        if part.exists():
+            part.rename(aside / part.name)
+    fresh_path.rename(damaged)
+    fsync_folder(folder)
+    report.lost = max(_recorded_count(aside / damaged.name) or 0, seen) - kept
+    report.actions.append(
+        f"salvaged {kept} items from the damaged {ITEMS_FILE} into a new one "
+        f"({report.lost} lost to the damage); the damaged files are in {aside.name}/"
+    )
+
+
+def _store_rows(store: ItemStore, rows: list[tuple[StoredItem, bytes]]) -> int:
+    if rows:
+        vectors = np.stack([np.frombuffer(vector, dtype=np.float32) for _, vector in rows])
+        store.add([item for item, _ in rows], vectors)
+    return len(rows)
+
+
+def _readable_rows(path: Path) -> Iterator[tuple[StoredItem, bytes]]:
+    """Rows of a possibly damaged database: whole ranges of keys where they read, else one by
+    one, skipping what SQLite cannot read."""
+    try:
+        db = _open_damaged(path)
+    except sqlite3.DatabaseError:
+        return
+    query = "SELECT id, text, image, metadata, vector FROM items WHERE key BETWEEN ? AND ?"
+    top = _top_key(db)
+    misses = 0
+    try:
+        for start in itertools.count(1, _SALVAGE_RANGE):
+            if (top is not None and start > top) or (top is None and misses >= _GIVE_UP):
+                break
+            rows = _read_range(db, query, start, start + _SALVAGE_RANGE - 1)
+            misses = 0 if rows else misses + 1
+            for id_, text, image, metadata, vector in rows:
+                try:
+                    parsed = json.loads(metadata)
+                except (TypeError, json.JSONDecodeError):
+                    continue
+                if isinstance(id_, str) and isinstance(vector, bytes):
+                    yield StoredItem(id_, text, image, parsed), vector
+    finally:
+        db.close()
+
+
+def _open_damaged(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    # Without it SQLite refuses a file shorter than its header says before reading any page.
+    db.execute("PRAGMA writable_schema = ON")
+    return db
+
+
+def _recorded_count(path: Path) -> int | None:
+    try:
+        db = _open_damaged(path)
+        try:
+            row = db.execute("SELECT value FROM state WHERE name = 'count'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError:
+        return None
+    return int(row[0]) if row else None
+
+
+def _top_key(db: sqlite3.Connection) -> int | None:
+    """The largest key ever given out, if the damage left a way to know it."""
+    for query in (
+        "SELECT seq FROM sqlite_sequence WHERE name = 'items'",
+        "SELECT max(key) FROM items",
+    ):
+        try:
+            row = db.execute(query).fetchone()
+        except sqlite3.DatabaseError:
+            continue
+        if row is not None and row[0] is not None:
+            return int(row[0])
+    return None
+
+
+def _read_range(db: sqlite3.Connection, query: str, start: int, end: int) -> list[Any]:
+    try:
+        return db.execute(query, (start, end)).fetchall()
+    except sqlite3.DatabaseError:
+        pass
+    rows: list[Any] = []
+    for key in range(start, end + 1):
+        try:
+            rows += db.execute(query, (key, key)).fetchall()
+        except sqlite3.DatabaseError:
+            continue
+    return rows

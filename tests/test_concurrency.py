@@ -1,0 +1,152 @@
+"""Concurrency: one writer and many readers, in threads and processes, at once.
+
+Readers must always see a consistent snapshot (every write is all or nothing to them, and
+never goes backwards); a second writer waits for the first or fails clearly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mmret import Item, Retriever
+from mmret.cli.main import app
+from mmret.encoders.hashing import HashEncoder
+from mmret.errors import IndexBusyError
+
+from .forking import exit_code, fork
+
+DIM = 16
+BATCH = 10
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+
+
+def new_index(folder: Path, backend: str = "exact") -> None:
+    Retriever.create(folder, encoder=HashEncoder(DIM), backend=backend).close()
+
+
+def batch_items(number: int) -> tuple[list[Item], np.ndarray]:
+    items = [Item(f"b{number}-{j}", text="x", metadata={"batch": number}) for j in range(BATCH)]
+    vectors = np.random.default_rng(number).standard_normal((BATCH, DIM)).astype(np.float32)
+    return items, vectors
+
+
+def visible_after(top: int) -> set[int]:
+    """The batches there once batch ``top`` is in: batch 5 removes batch 0, 15 removes 10..."""
+    return {b for b in range(top + 1) if not (b % 10 == 0 and b + 5 <= top)}
+
+
+def write_batches(folder: Path, batches: int) -> None:
+    """Add ``batches`` batches, one transaction each, removing every tenth five batches later."""
+    with Retriever.open(folder, encoder=HashEncoder(DIM)) as writer:
+        for number in range(batches):
+            writer.add_vectors(*batch_items(number))
+            if number % 10 == 5:
+                writer.remove([f"b{number - 5}-{j}" for j in range(BATCH)])
+
+
+def read_until(folder: Path, last_batch: int) -> bool:
+    """Search in a loop until the writer's last batch shows; ``True`` if every snapshot was
+    consistent (``False`` too if the last batch never showed within a minute)."""
+    with Retriever.open(folder, readonly=True) as retriever:
+        seen: list[int] = []
+        deadline = time.monotonic() + 60
+        ok = True
+        while time.monotonic() < deadline and not (seen and seen[-1] == last_batch):
+            ok = ok and not snapshot_problems(retriever, seen)
+    return ok and seen[-1] == last_batch
+
+
+def snapshot_problems(retriever: Retriever, seen: list[int]) -> list[str]:
+    """Search everything once: a consistent snapshot holds whole batches, exactly those there
+    after some write, and never an older state than an earlier snapshot."""
+    # The filter matches everything; it makes FAISS score every candidate exactly, where an
+    # approximate search for "all items" could legitimately miss a few.
+    everything = {"batch": {"gte": 0}}
+    hits = retriever.search_vectors(np.ones((1, DIM), np.float32), k=100_000, filter=everything)[0]
+    sizes = Counter(hit.metadata["batch"] for hit in hits)
+    problems = [f"batch {b} half visible ({n} items)" for b, n in sizes.items() if n != BATCH]
+    top = max(sizes, default=-1)
+    if sizes and set(sizes) != visible_after(top) and set(sizes) != visible_after(top) | {top - 5}:
+        problems.append(f"batches {sorted(sizes)} are no state the writer went through")
+    if seen and top < seen[-1]:
+        problems.append(f"went back in time: batch {top} after batch {seen[-1]}")
+    seen.append(top)
+    return problems
+
+
+@pytest.mark.parametrize("backend", ["exact", "faiss"])
+def test_readers_in_threads_and_processes_see_whole_writes(tmp_path: Path, backend: str) -> None:
+    folder = tmp_path / "index"
+    new_index(folder, backend)
+    writer = fork(lambda: write_batches(folder, batches=150))
+    shared = Retriever.open(folder, readonly=True)
+    problems: list[str] = []
+    done = threading.Event()
+
+    def read(retriever: Retriever) -> None:
+        seen: list[int] = []
+        while not done.is_set():
+            problems.extend(snapshot_problems(retriever, seen))
+
+    own = [Retriever.open(folder, readonly=True) for _ in range(2)]
+    threads = [threading.Thread(target=read, args=(r,)) for r in [shared, shared, *own]]
+    reader = fork(lambda: read_until(folder, last_batch=149))
+    for thread in threads:
+        thread.start()
+    writer_status, reader_status = exit_code(writer), exit_code(reader)
+    done.set()
+    for thread in threads:
+        thread.join()
+    assert writer_status == 0 and reader_status == 0
+    assert not problems, problems[:5]
+    assert len(shared) == 150 * BATCH - 15 * BATCH
+    for retriever in [shared, *own]:
+        retriever.close()
+
+
+def test_a_second_writer_waits_then_fails_clearly(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    new_index(folder)
+    with Retriever.open(folder) as first:
+        started = time.monotonic()
+        with pytest.raises(IndexBusyError, match=rf"another writer \(pid {os.getpid()}\)"):
+            Retriever.open(folder, wait=0.3)
+        assert time.monotonic() - started >= 0.3
+        first.add_vectors(*batch_items(0))
+        result = CliRunner().invoke(app, ["remove", str(folder), "b0-0", "--wait", "0"])
+        assert result.exit_code == 1 and "another writer" in result.output
+    with Retriever.open(folder, wait=0) as second:  # free again once the first closed
+        assert len(second) == BATCH
+
+
+def test_a_waiting_writer_gets_in_when_the_first_finishes(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    new_index(folder)
+    first = Retriever.open(folder)
+    threading.Timer(0.3, first.close).start()
+    with Retriever.open(folder, wait=10) as second:
+        second.add_vectors(*batch_items(1))
+        assert len(second) == BATCH
+
+
+def test_a_killed_writer_leaves_no_stale_lock(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    new_index(folder)
+    pid = fork(lambda: (Retriever.open(folder), time.sleep(60)))
+    time.sleep(0.5)
+    with pytest.raises(IndexBusyError):
+        Retriever.open(folder, wait=0)
+    os.kill(pid, signal.SIGKILL)
+    assert exit_code(pid) == -signal.SIGKILL
+    with Retriever.open(folder, wait=0) as writer:
+        assert len(writer) == 0

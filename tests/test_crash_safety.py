@@ -1,0 +1,140 @@
+"""Crash safety: a writer killed with SIGKILL at random points never leaves a broken index.
+
+A child process applies a fixed sequence of writes (adds of 20 items, removals of 10) and
+reports each one once it returns; the parent kills it after a random delay, reopens the index
+and checks that it holds exactly the state before or after the write that was under way, that
+``check_index`` finds nothing wrong, and that search finds what is stored. Then a new writer
+carries on from there. ``MMRET_KILL_POINTS`` sets how many kills per backend (default 100, so
+200 in all).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmret import Item, Retriever
+from mmret.encoders.hashing import HashEncoder
+from mmret.index.integrity import check_index
+from mmret.index.manifest import ITEMS_FILE
+
+from .forking import exit_code, fork
+
+DIM = 16
+BATCH = 20
+KILL_POINTS = int(os.environ.get("MMRET_KILL_POINTS", "100"))
+BACKENDS = {"exact": {}, "faiss": {"exact_below": 0, "hnsw_m": 8}}
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+
+
+def vector(item_id: str) -> np.ndarray:
+    return np.random.default_rng(zlib.crc32(item_id.encode())).standard_normal(DIM)
+
+
+def operation(number: int) -> tuple[str, list[str]]:
+    """Write ``number`` of the fixed sequence: every fourth removes half of an earlier add."""
+    if number % 4 == 3:
+        return "remove", [f"{number - 3}-{j}" for j in range(BATCH // 2)]
+    return "add", [f"{number}-{j}" for j in range(BATCH)]
+
+
+def state_after(n_operations: int) -> set[str]:
+    ids: set[str] = set()
+    for number in range(n_operations):
+        kind, batch = operation(number)
+        ids = ids | set(batch) if kind == "add" else ids - set(batch)
+    return ids
+
+
+def stored_ids(folder: Path) -> set[str]:
+    db = sqlite3.connect(f"file:{folder / ITEMS_FILE}?mode=ro", uri=True)
+    try:
+        return {row[0] for row in db.execute("SELECT id FROM items")}
+    finally:
+        db.close()
+
+
+def run_writer(folder: Path, start: int, report_fd: int) -> None:
+    """The child: apply writes from ``start`` on, forever, writing each number once done."""
+    retriever = Retriever.open(folder, encoder=HashEncoder(DIM))
+    for number in range(start, 10**9):
+        kind, batch = operation(number)
+        if kind == "add":
+            items = [Item(item_id, text=item_id) for item_id in batch]
+            retriever.add_vectors(items, np.stack([vector(i) for i in batch]))
+        else:
+            retriever.remove(batch)
+        os.write(report_fd, f"{number + 1}\n".encode())
+
+
+def kill_writer_once(folder: Path, start: int, delay: float) -> int:
+    """Start a writer at operation ``start``, SIGKILL it after ``delay`` seconds; returns how
+    many operations it reported done (``start`` if none)."""
+    read_fd, write_fd = os.pipe()
+    pid = fork(lambda: run_writer(folder, start, write_fd))
+    os.close(write_fd)
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    exit_code(pid)
+    reported = os.read(read_fd, 1 << 20).split()
+    os.close(read_fd)
+    return int(reported[-1]) if reported else start
+
+
+def verify(folder: Path, done: int, rng: random.Random) -> int:
+    """The index holds the state after ``done`` or ``done + 1`` writes; returns which."""
+    report = check_index(folder)
+    assert report.ok, report.problems
+    ids = stored_ids(folder)
+    matches = [n for n in (done, done + 1) if state_after(n) == ids]
+    assert matches, f"after {done} reported writes the index holds an unexpected state"
+    with Retriever.open(folder, readonly=True) as retriever:
+        assert len(retriever) == len(ids)
+        for item_id in rng.sample(sorted(ids), min(3, len(ids))):
+            hits = retriever.search_vectors(vector(item_id)[None, :], k=1)[0]
+            assert hits[0].id == item_id and hits[0].score > 0.999
+    return matches[-1]
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_kill_minus_nine_at_random_points_never_breaks_the_index(
+    tmp_path: Path, backend: str
+) -> None:
+    folder = tmp_path / "index"
+    Retriever.create(
+        folder, encoder=HashEncoder(DIM), backend=backend, backend_options=BACKENDS[backend]
+    ).close()
+    rng = random.Random(backend)
+    done = 0
+    for _ in range(KILL_POINTS):
+        reported = kill_writer_once(folder, done, rng.uniform(0.0, 0.08))
+        done = verify(folder, reported, rng)
+    # Kills must land among the writes, not only while a writer starts up.
+    assert done >= KILL_POINTS // 4, f"only {done} writes in {KILL_POINTS} runs"
+
+
+def test_kill_during_create_leaves_nothing_or_a_whole_index(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    for attempt in range(30):
+        folder = tmp_path / f"index-{attempt}"
+        pid = fork(lambda folder=folder: Retriever.create(folder, encoder=HashEncoder(DIM)).close())
+        time.sleep(rng.uniform(0.0, 0.02))
+        os.kill(pid, signal.SIGKILL)
+        exit_code(pid)
+        if folder.exists():
+            assert check_index(folder).ok
+            with Retriever.open(folder, encoder=HashEncoder(DIM)) as retriever:
+                assert len(retriever) == 0
+        else:
+            # The next create succeeds and sweeps away what the dead one left.
+            Retriever.create(folder, encoder=HashEncoder(DIM)).close()
+            assert not list(tmp_path.glob(f".{folder.name}.building-*"))

@@ -1,0 +1,140 @@
+"""Integrity: damaged, truncated or newer-format index files fail clearly, ``mmret check`` finds
+the damage, and ``mmret repair`` restores what the files still hold."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mmret import IndexFormatError, Item, Retriever
+from mmret.cli.main import app
+from mmret.encoders.hashing import HashEncoder
+from mmret.errors import IndexBusyError
+from mmret.index.faiss_ann import CACHE_FILE
+from mmret.index.integrity import check_index, repair_index
+from mmret.index.manifest import ITEMS_FILE, MANIFEST_FILE
+
+DIM = 16
+N = 400
+
+
+def unit(n: int, seed: int = 0) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """A closed index of N items (long texts, so the database spans many pages)."""
+    path = tmp_path / "index"
+    with Retriever.create(path, encoder=HashEncoder(DIM), backend="faiss") as retriever:
+        items = [Item(f"item-{i}", text=f"text {i} " * 40, metadata={"n": i}) for i in range(N)]
+        retriever.add_vectors(items, unit(N))
+    return path
+
+
+def test_a_sound_index_checks_clean(folder: Path) -> None:
+    report = check_index(folder)
+    assert report.ok and report.items == N and not report.notices
+    assert CliRunner().invoke(app, ["check", str(folder)]).exit_code == 0
+
+
+def test_garbled_manifest_is_named_and_restored_from_the_database(folder: Path) -> None:
+    (folder / MANIFEST_FILE).write_text('{"format": "mmret-index", "dim": ')
+    with pytest.raises(IndexFormatError, match=r"manifest\.json: corrupt manifest"):
+        Retriever.open(folder, readonly=True)
+    assert not check_index(folder).ok
+    report = repair_index(folder)
+    assert any("restored manifest.json" in action for action in report.actions)
+    assert check_index(folder).ok
+    with Retriever.open(folder, readonly=True) as retriever:
+        assert len(retriever) == N
+
+
+def test_altered_manifest_fails_its_checksum(folder: Path) -> None:
+    data = json.loads((folder / MANIFEST_FILE).read_text())
+    data["dim"] = 32
+    (folder / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(IndexFormatError, match=r"manifest\.json: checksum mismatch"):
+        Retriever.open(folder)
+    repair_index(folder)
+    assert json.loads((folder / MANIFEST_FILE).read_text())["dim"] == DIM
+
+
+def test_newer_format_is_refused_with_the_version(folder: Path) -> None:
+    data = json.loads((folder / MANIFEST_FILE).read_text())
+    data["format_version"] = 99
+    (folder / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(IndexFormatError, match=r"manifest\.json: format version 99 is newer"):
+        Retriever.open(folder, readonly=True)
+
+
+def test_truncated_database_is_named_and_salvaged(folder: Path) -> None:
+    database = folder / ITEMS_FILE
+    size = database.stat().st_size
+    with database.open("r+b") as handle:
+        handle.truncate(size // 4096 * 4096 * 6 // 10 // 4096 * 4096)
+    with pytest.raises(IndexFormatError, match=r"items\.sqlite: truncated"):
+        Retriever.open(folder, readonly=True)
+    result = CliRunner().invoke(app, ["check", str(folder)])
+    assert result.exit_code == 1 and "truncated" in result.output
+    report = repair_index(folder)
+    assert 0 < report.items < N and report.items + report.lost == N
+    assert check_index(folder).ok
+    assert list(folder.glob("damaged-*/items.sqlite"))
+    with Retriever.open(folder, readonly=True) as retriever:
+        assert len(retriever) == report.items
+        kept = {hit.id for hit in retriever.search_vectors(unit(N)[:50], k=1)[0]}
+        assert kept  # what survived is searchable again
+
+
+def test_a_damaged_row_fails_the_checksum(folder: Path) -> None:
+    db = sqlite3.connect(folder / ITEMS_FILE)
+    db.execute("UPDATE items SET vector = zeroblob(?) WHERE id = 'item-7'", (4 * DIM,))
+    db.commit()
+    db.close()
+    report = check_index(folder)
+    assert not report.ok and any("checksum mismatch" in p for p in report.problems)
+
+
+def test_a_vector_of_the_wrong_size_is_found_and_dropped(folder: Path) -> None:
+    db = sqlite3.connect(folder / ITEMS_FILE)
+    db.execute("UPDATE items SET vector = zeroblob(3) WHERE id = 'item-7'")
+    db.commit()
+    db.close()
+    assert any("row 8: vector of 3 bytes" in p for p in check_index(folder).problems)
+    (folder / CACHE_FILE).unlink()  # else the cache serves the vectors and the row is not read
+    with pytest.raises(IndexFormatError, match=r"items\.sqlite: stored vectors do not have 16"):
+        Retriever.open(folder, readonly=True)
+    report = repair_index(folder)
+    assert report.items == N - 1 and report.lost == 1
+    assert check_index(folder).ok
+
+
+def test_damaged_cache_is_only_a_cache(folder: Path) -> None:
+    (folder / CACHE_FILE).write_bytes(b"garbage" * 100)
+    (folder / "faiss-cache.npz.123.tmp").write_bytes(b"half a write")
+    report = check_index(folder)
+    assert report.ok and len(report.notices) == 2
+    with Retriever.open(folder, readonly=True) as retriever:
+        assert len(retriever) == N
+    result = CliRunner().invoke(app, ["repair", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["ok"] is True
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_repair_of_a_sound_index_changes_nothing(folder: Path) -> None:
+    before = (folder / ITEMS_FILE).read_bytes()
+    assert repair_index(folder).actions == ["nothing to repair"]
+    assert (folder / ITEMS_FILE).read_bytes() == before
+
+
+def test_repair_waits_for_no_writer(folder: Path) -> None:
+    with Retriever.open(folder), pytest.raises(IndexBusyError, match="another writer"):
+        repair_index(folder)
