@@ -73,6 +73,8 @@ def run_writer(folder: Path, start: int, report_fd: int) -> None:
             retriever.add_vectors(items, np.stack([vector(i) for i in batch]))
         else:
             retriever.remove(batch)
+        if number % 3 == 2:
+            retriever.flush()  # rewrite the FAISS cache now and then: kills land there too
         os.write(report_fd, f"{number + 1}\n".encode())
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -257,13 +258,19 @@ def _salvage(folder: Path, manifest: IndexManifest, report: RepairReport) -> Non
         fresh.record_manifest(manifest_text(manifest))
     finally:
         fresh.close()
+    # Copy the damaged files aside first and replace the database last, so a crash anywhere
+    # in between leaves the damaged database in place and repair can simply run again. Its
+    # write-ahead log must go before the swap: SQLite would replay it into the new file.
     aside = folder / f"damaged-{time.strftime('%Y%m%d-%H%M%S')}"
     aside.mkdir(exist_ok=True)
-    for suffix in ("", "-wal", "-shm"):
-        part = damaged.with_name(damaged.name + suffix)
+    parts = [damaged.with_name(damaged.name + suffix) for suffix in ("", "-wal", "-shm")]
+    for part in parts:
         if part.exists():
-            part.rename(aside / part.name)
-    fresh_path.rename(damaged)
+            shutil.copy2(part, aside / part.name)
+    fsync_folder(aside)
+    for part in parts[1:]:
+        part.unlink(missing_ok=True)
+    fresh_path.replace(damaged)
     fsync_folder(folder)
     report.lost = max(_recorded_count(aside / damaged.name) or 0, seen) - kept
     report.actions.append(
