@@ -1,57 +1,334 @@
-"""``mmret eval retrieval``: standard image-text retrieval metrics for any encoder."""
+"""``mmret eval retrieval | zeroshot | ir``: measure any encoder the way the field reports it.
+
+The commands only load data, call :mod:`mmret.evaluation` and hand the results to
+:mod:`mmret.evaluation.reports`; every one prints a table and can write ``--json``,
+``--markdown`` and ``--plot`` files.
+"""
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import typer
-from rich.table import Table
 
 from mmret.cli.output import console, friendly_errors, print_skips, status
-from mmret.encoders import load_encoder
-from mmret.evaluation.embeddings import embed_pairs
-from mmret.evaluation.retrieval import retrieval_metrics
+from mmret.encoders import Encoder, load_encoder
+from mmret.errors import InputError
+from mmret.evaluation import reports
+from mmret.evaluation.classification import (
+    DEFAULT_TEMPLATES,
+    class_embeddings,
+    read_class_folders,
+    zero_shot_metrics,
+)
+from mmret.evaluation.datasets import load_pairs
+from mmret.evaluation.embeddings import embed_images, embed_items, embed_pairs
+from mmret.evaluation.ir import ir_metrics, read_qrels
+from mmret.evaluation.reports import MetricTable, percent
+from mmret.evaluation.retrieval import folded_metrics, recall_curve, retrieval_metrics
 from mmret.ingest.report import SkipReport
-from mmret.training.features import read_pairs
+from mmret.ingest.sources import read_items
 
-eval_app = typer.Typer(help="Measure retrieval quality.", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Measure quality: image-text retrieval, zero-shot classification, multimodal IR.",
+    no_args_is_help=True,
+)
+
+MODEL_HELP = "Encoder spec: starter, starter:DIR, hf:NAME, open_clip:MODEL/TAG, hash:DIM."
+HEAD_HELP = "Alignment head folder from `mmret train align` (same as --model starter:DIR)."
+JSON_HELP = "Write the numbers as JSON here."
+MARKDOWN_HELP = "Write the tables as Markdown here."
+CACHE_HELP = "Cache folder for embeddings (default ~/.cache/mmret or $MMRET_CACHE)."
+
+
+def resolve_model(model: str, head: Path | None) -> str:
+    """The encoder spec for ``--model`` and ``--head`` (a head only goes with the starter)."""
+    if head is None:
+        return model
+    if model != "starter":
+        raise InputError(
+            f"--head is an alignment head for the starter model; it cannot be combined with "
+            f"--model {model!r} (give --head DIR alone, or --model starter:DIR)"
+        )
+    if not head.is_dir():
+        raise InputError(f"--head {head}: no such folder")
+    return f"starter:{head}"
+
+
+def load(spec: str) -> tuple[Encoder, float]:
+    started = time.perf_counter()
+    with status(f"Loading encoder {spec}..."):
+        encoder = load_encoder(spec)
+    return encoder, time.perf_counter() - started
+
+
+def publish(
+    tables: Sequence[MetricTable],
+    record: dict[str, Any],
+    heading: str,
+    json_out: Path | None,
+    markdown_out: Path | None,
+) -> None:
+    for table in tables:
+        console.print(table.to_rich())
+        for note in table.notes:
+            console.print(note, highlight=False)
+    if json_out is not None:
+        reports.write_json(json_out, record)
+    if markdown_out is not None:
+        reports.write_markdown(markdown_out, heading, tables)
+
+
+def check_outputs(plot: Path | None) -> None:
+    if plot is not None:
+        reports.check_plot_path(plot)
+
+
+def rounded(values: dict[str, float]) -> dict[str, float]:
+    """Percentages to 4 decimals for JSON (float noise such as 71.89999999999999 hides the
+    number)."""
+    return {name: round(value, 4) for name, value in values.items()}
+
+
+def timings(**seconds: float) -> str:
+    """``time: encoder 0.1 s, ...``; model weights load lazily, within "embeddings"."""
+    return "time: " + ", ".join(f"{name} {value:.1f} s" for name, value in seconds.items())
 
 
 @eval_app.command("retrieval")
 @friendly_errors
 def retrieval(
-    manifest: Path = typer.Argument(..., help="Manifest of images with captions."),
-    model: str = typer.Option("starter", help="Encoder spec."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON here."),
-    cache_dir: Path | None = typer.Option(None, help="Embedding cache (default ~/.cache/mmret)."),
+    manifest: Path = typer.Argument(
+        ...,
+        help="Test set: a JSONL/CSV/Parquet manifest of images with captions, a Karpathy "
+        "split file (dataset_flickr30k.json, dataset_coco.json) or a COCO captions_*.json.",
+    ),
+    model: str = typer.Option("starter", help=MODEL_HELP),
+    head: Path | None = typer.Option(None, help=HEAD_HELP),
+    split: str | None = typer.Option(
+        None, help="Karpathy split: train, restval, val or test (default test)."
+    ),
+    images: Path | None = typer.Option(
+        None, help="Image folder of a Karpathy (default: the file's folder) or COCO file."
+    ),
+    folds: int = typer.Option(
+        1, min=1, help="Average over this many image folds (5 on COCO 5k test: COCO 1k)."
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+    markdown_out: Path | None = typer.Option(None, "--markdown", help=MARKDOWN_HELP),
+    plot: Path | None = typer.Option(None, help="Write Recall@K curves (K=1..50) as PNG here."),
+    cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
 ) -> None:
-    """Text-to-image and image-to-text Recall@1/5/10 (Flickr30k/COCO protocol)."""
+    """Image-text retrieval: Recall@1/5/10 both ways, RSUM and median ranks.
+
+    Every image and caption is embedded (and cached). Text-to-image: each caption ranks all
+    images, its own is the hit. Image-to-text: each image ranks all captions, any of its own
+    is a hit. Recalls are percentages; ties count in the query's favour.
+    """
     started = time.perf_counter()
+    check_outputs(plot)
+    spec = resolve_model(model, head)
     report = SkipReport()
-    pairs = read_pairs(manifest, report)
-    with status(f"Loading encoder {model}..."):
-        encoder = load_encoder(model)
+    pairs = load_pairs(manifest, split=split, images=images, report=report)
+    if folds > len(pairs.images):
+        raise InputError(f"--folds {folds}: more folds than the {len(pairs.images)} images")
+    encoder, load_s = load(spec)
+    encoding = time.perf_counter()
     embeddings = embed_pairs(encoder, pairs, cache_dir=cache_dir, report=report, show_progress=True)
-    metrics = retrieval_metrics(embeddings.image, embeddings.text, embeddings.text_image)
+    encode_s = time.perf_counter() - encoding
+    scoring = time.perf_counter()
+    arrays = (embeddings.image, embeddings.text, embeddings.text_image)
+    metrics = folded_metrics(*arrays, folds) if folds > 1 else retrieval_metrics(*arrays)
+    score_s = time.perf_counter() - scoring
     print_skips(report)
-    result = {**metrics.to_dict(), "model": encoder.spec, "seconds": time.perf_counter() - started}
-    sizes = f"{metrics.n_images} images, {metrics.n_texts} texts"
-    table = Table(title=f"{manifest.name}: {sizes} ({encoder.spec})")
-    for column in ("direction", "R@1", "R@5", "R@10", "median rank"):
-        table.add_column(column, justify="right")
-    table.add_row(
-        "text→image",
-        *(f"{v:.1f}" for v in metrics.text_to_image.values()),
-        f"{metrics.median_rank_text_to_image:.0f}",
+    seconds = time.perf_counter() - started
+    record = {
+        "text_to_image": rounded(metrics.text_to_image),
+        "image_to_text": rounded(metrics.image_to_text),
+        "rsum": round(metrics.rsum, 4),
+        "n_images": metrics.n_images,
+        "n_texts": metrics.n_texts,
+        "model": encoder.spec,
+        "seconds": round(seconds, 3),
+    }
+    per_fold = f" per fold, mean of {folds} folds" if folds > 1 else ""
+    title = f"{manifest.name}: {metrics.n_images} images, {metrics.n_texts} texts{per_fold}"
+    rows = (
+        ("text→image", metrics.text_to_image, metrics.median_rank_text_to_image),
+        ("image→text", metrics.image_to_text, metrics.median_rank_image_to_text),
     )
-    table.add_row(
-        "image→text",
-        *(f"{v:.1f}" for v in metrics.image_to_text.values()),
-        f"{metrics.median_rank_image_to_text:.0f}",
+    table = MetricTable(
+        f"{title} ({encoder.spec})",
+        ("direction", "R@1", "R@5", "R@10", "median rank"),
+        tuple((name, *(percent(v) for v in r.values()), f"{m:g}") for name, r, m in rows),
+        (
+            f"RSUM {metrics.rsum:.1f}",
+            timings(encoder=load_s, embeddings=encode_s, metrics=score_s, total=seconds),
+        ),
     )
-    console.print(table)
-    console.print(f"RSUM {metrics.rsum:.1f}  ({result['seconds']:.1f} s)")
-    if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    publish([table], record, "Image-text retrieval", json_out, markdown_out)
+    if plot is not None:
+        curves = {
+            "text→image": recall_curve(metrics.ranks_text_to_image),
+            "image→text": recall_curve(metrics.ranks_image_to_text),
+        }
+        reports.plot_recall_curves(
+            plot, curves, f"{title}\n{encoder.spec}, RSUM {metrics.rsum:.1f}"
+        )
+
+
+@eval_app.command("zeroshot")
+@friendly_errors
+def zeroshot(
+    folder: Path = typer.Argument(
+        ..., help="One sub-folder of images per class; the class name is the folder's, _ as space."
+    ),
+    model: str = typer.Option("starter", help=MODEL_HELP),
+    head: Path | None = typer.Option(None, help=HEAD_HELP),
+    templates: list[str] = typer.Option(
+        [],
+        "--templates",
+        "-t",
+        help="Prompt template with {} for the class name; repeat for an ensemble "
+        "(default: " + " | ".join(DEFAULT_TEMPLATES) + ").",
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+    markdown_out: Path | None = typer.Option(None, "--markdown", help=MARKDOWN_HELP),
+    plot: Path | None = typer.Option(None, help="Write the confusion matrix as PNG here."),
+    cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
+) -> None:
+    """Zero-shot classification: top-1, top-5 and per-class accuracy from class-name prompts.
+
+    Each class is the renormalised mean of its prompts' unit embeddings (one per template);
+    each image takes the class it is most similar to. Nothing is trained.
+    """
+    started = time.perf_counter()
+    check_outputs(plot)
+    spec = resolve_model(model, head)
+    report = SkipReport()
+    data = read_class_folders(folder, report)
+    encoder, load_s = load(spec)
+    encoding = time.perf_counter()
+    image, ok = embed_images(
+        encoder, data.paths, cache_dir=cache_dir, report=report, show_progress=True
+    )
+    if not ok.any():
+        raise InputError(f"{folder}: no image could be decoded")
+    prompts = tuple(templates) or DEFAULT_TEMPLATES
+    classes = class_embeddings(encoder, data.classes, prompts)
+    encode_s = time.perf_counter() - encoding
+    metrics = zero_shot_metrics(image[ok] @ classes.T, data.labels[ok], data.classes)
+    print_skips(report)
+    seconds = time.perf_counter() - started
+    record = {
+        "top1": round(metrics.top1, 4),
+        "top5": round(metrics.top5, 4),
+        "n": metrics.n,
+        "classes": len(data.classes),
+        "model": encoder.spec,
+    }
+    top_k = min(5, len(data.classes))
+    summary = MetricTable(
+        f"{folder.name}: {metrics.n} images, {len(data.classes)} classes ({encoder.spec})",
+        ("metric", "value"),
+        (
+            ("top-1 accuracy", percent(metrics.top1)),
+            (f"top-{top_k} accuracy", percent(metrics.top5)),
+            (
+                "mean per-class accuracy",
+                percent(float(np.nanmean(list(metrics.per_class.values())))),
+            ),
+        ),
+        (
+            f"{len(prompts)} template(s): " + " | ".join(prompts),
+            timings(encoder=load_s, embeddings=encode_s, total=seconds),
+        ),
+    )
+    counts = metrics.confusion.sum(axis=1)
+    off_diagonal = metrics.confusion - np.diag(np.diag(metrics.confusion))
+    per_class = MetricTable(
+        "Per class",
+        ("class", "images", "accuracy", "most confused with"),
+        tuple(
+            (
+                name,
+                str(counts[i]),
+                percent(metrics.per_class[name]),
+                data.classes[int(off_diagonal[i].argmax())] if off_diagonal[i].any() else "-",
+            )
+            for i, name in enumerate(data.classes)
+        ),
+    )
+    publish([summary, per_class], record, "Zero-shot classification", json_out, markdown_out)
+    if plot is not None:
+        title = f"{folder.name}: top-1 {metrics.top1:.1f}% ({encoder.spec})"
+        reports.plot_confusion(plot, metrics.confusion, data.classes, title)
+
+
+@eval_app.command("ir")
+@friendly_errors
+def ir(
+    queries: Path = typer.Argument(..., help="Queries: a manifest of texts, images or both."),
+    corpus: Path = typer.Argument(..., help="Documents: a manifest (or folder) of items."),
+    qrels: Path = typer.Argument(
+        ..., help="Judgements: TREC 'qid 0 docid rel' or 3 columns 'qid docid rel' (BEIR)."
+    ),
+    model: str = typer.Option("starter", help=MODEL_HELP),
+    head: Path | None = typer.Option(None, help=HEAD_HELP),
+    json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+    markdown_out: Path | None = typer.Option(None, "--markdown", help=MARKDOWN_HELP),
+    plot: Path | None = typer.Option(None, help="Write the Recall@K curve (K=1..50) as PNG here."),
+    cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
+) -> None:
+    """Multimodal retrieval (M-BEIR / M2KR style): R@1/5/10, MRR@10 and nDCG@10, in percent.
+
+    Queries and documents may have a text, an image or both (embedded as the encoder combines
+    them). R@K counts queries with a relevant document in the top K; nDCG uses the graded
+    relevance with a log2 discount against the ideal ordering of the judged documents.
+    """
+    started = time.perf_counter()
+    check_outputs(plot)
+    spec = resolve_model(model, head)
+    report = SkipReport()
+    judgements = read_qrels(qrels)
+    query_items = list(read_items(queries, report))
+    doc_items = list(read_items(corpus, report))
+    if not query_items or not doc_items:
+        raise InputError("need at least one query and one document")
+    encoder, load_s = load(spec)
+    encoding = time.perf_counter()
+    query_vectors = embed_items(encoder, query_items, cache_dir=cache_dir, show_progress=True)
+    doc_vectors = embed_items(encoder, doc_items, cache_dir=cache_dir, show_progress=True)
+    encode_s = time.perf_counter() - encoding
+    query_ids = [item.id for item in query_items]
+    metrics = ir_metrics(
+        query_vectors, doc_vectors, query_ids, [d.id for d in doc_items], judgements
+    )
+    unknown = len(set(judgements) - set(query_ids))
+    if unknown:
+        report.skip(f"{qrels.name}: {unknown} judged query id(s) not among the queries")
+    print_skips(report)
+    seconds = time.perf_counter() - started
+    scores = {**metrics.recall, "MRR@10": metrics.mrr, "nDCG@10": metrics.ndcg}
+    record = {
+        **rounded(scores),
+        "n_queries": metrics.n_queries,
+        "n_docs": metrics.n_docs,
+        "model": encoder.spec,
+        "seconds": round(seconds, 3),
+    }
+    title = f"{queries.name} → {corpus.name}: {metrics.n_queries} queries, {metrics.n_docs} docs"
+    table = MetricTable(
+        f"{title} ({encoder.spec})",
+        ("queries", *scores),
+        ((queries.stem, *(percent(value) for value in scores.values())),),
+        (timings(encoder=load_s, embeddings=encode_s, total=seconds),),
+    )
+    publish([table], record, "Multimodal retrieval", json_out, markdown_out)
+    if plot is not None:
+        curves = {queries.stem: recall_curve(metrics.ranks)}
+        reports.plot_recall_curves(plot, curves, f"{title}\n{encoder.spec}")

@@ -3,7 +3,8 @@
 Text-to-image: each caption ranks every image; its own image is the only hit.
 Image-to-text: each image ranks every caption; any of its captions is a hit (the best-ranked
 one counts). Recall@K is the percentage of queries with a hit in the top K; ranks are 1-based.
-Ties are broken in the query's favour.
+Ties are broken in the query's favour: a rank counts only the candidates scoring strictly
+higher than the hit.
 """
 
 from __future__ import annotations
@@ -14,11 +15,19 @@ from typing import Any
 import numpy as np
 
 KS = (1, 5, 10)
+#: The Ks of the Recall@K curves the reports plot.
+CURVE_KS = tuple(range(1, 51))
 _CHUNK = 1024
 
 
 def ranks_text_to_image(image: np.ndarray, text: np.ndarray, text_image: np.ndarray) -> np.ndarray:
-    """``(T,)`` 1-based rank of each caption's own image among ``(N, D)`` images."""
+    """``(T,)`` 1-based rank of each caption's own image among ``(N, D)`` images.
+
+    >>> image = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> text = np.array([[1.0, 0.0], [1.0, 0.0], [0.6, 0.8]])
+    >>> ranks_text_to_image(image, text, np.array([0, 1, 1])).tolist()
+    [1, 2, 1]
+    """
     ranks = np.empty(len(text), dtype=np.int64)
     for start in range(0, len(text), _CHUNK):
         sims = text[start : start + _CHUNK] @ image.T
@@ -28,7 +37,13 @@ def ranks_text_to_image(image: np.ndarray, text: np.ndarray, text_image: np.ndar
 
 
 def ranks_image_to_text(image: np.ndarray, text: np.ndarray, text_image: np.ndarray) -> np.ndarray:
-    """``(N,)`` 1-based rank of each image's best-ranked caption among ``(T, D)`` captions."""
+    """``(N,)`` 1-based rank of each image's best-ranked caption among ``(T, D)`` captions.
+
+    >>> image = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> text = np.array([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
+    >>> ranks_image_to_text(image, text, np.array([0, 0, 1])).tolist()
+    [1, 2]
+    """
     ranks = np.empty(len(image), dtype=np.int64)
     for start in range(0, len(image), _CHUNK):
         sims = image[start : start + _CHUNK] @ text.T
@@ -40,12 +55,32 @@ def ranks_image_to_text(image: np.ndarray, text: np.ndarray, text_image: np.ndar
 
 
 def recalls(ranks: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """Recall@K in percent from ``(Q,)`` 1-based ranks of each query's best hit.
+
+    >>> recalls(np.array([1, 3, 12, 5]))
+    {'R@1': 25.0, 'R@5': 75.0, 'R@10': 75.0}
+    """
     return {f"R@{k}": float(100.0 * np.mean(ranks <= k)) for k in ks}
+
+
+def recall_curve(ranks: np.ndarray, max_k: int = CURVE_KS[-1]) -> np.ndarray:
+    """``(max_k,)`` Recall@K in percent for K = 1..max_k from ``(Q,)`` 1-based ranks.
+
+    >>> recall_curve(np.array([1, 2, 2, 4]), max_k=4).tolist()
+    [25.0, 75.0, 75.0, 100.0]
+    """
+    counts = np.bincount(np.minimum(ranks, max_k + 1) - 1, minlength=max_k + 1)[:max_k]
+    curve: np.ndarray = 100.0 * np.cumsum(counts) / max(len(ranks), 1)
+    return curve
 
 
 @dataclass(frozen=True)
 class RetrievalReport:
-    """Recall@1/5/10 both ways (percent), median ranks, and the collection's size."""
+    """Recall@1/5/10 both ways (percent), median ranks, and the collection's size.
+
+    ``ranks_text_to_image (T,)`` and ``ranks_image_to_text (N,)`` keep the raw ranks, for
+    curves and per-query analysis.
+    """
 
     text_to_image: dict[str, float]
     image_to_text: dict[str, float]
@@ -53,6 +88,8 @@ class RetrievalReport:
     median_rank_image_to_text: float
     n_images: int
     n_texts: int
+    ranks_text_to_image: np.ndarray
+    ranks_image_to_text: np.ndarray
 
     @property
     def rsum(self) -> float:
@@ -87,4 +124,36 @@ def retrieval_metrics(
         float(np.median(i2t)),
         len(image),
         len(text),
+        t2i,
+        i2t,
+    )
+
+
+def folded_metrics(
+    image: np.ndarray, text: np.ndarray, text_image: np.ndarray, folds: int
+) -> RetrievalReport:
+    """The COCO "1k" protocol: metrics on ``folds`` consecutive image folds, averaged.
+
+    Each fold holds ``N // folds`` images (a remainder is dropped) and their captions; recalls
+    and median ranks are the means over folds, sizes are per fold.
+    """
+    size = len(image) // folds
+    reports = []
+    for fold in range(folds):
+        lo, hi = fold * size, (fold + 1) * size
+        keep = (text_image >= lo) & (text_image < hi)
+        reports.append(retrieval_metrics(image[lo:hi], text[keep], text_image[keep] - lo))
+
+    def mean(values: list[float]) -> float:
+        return float(np.mean(values))
+
+    return RetrievalReport(
+        {k: mean([r.text_to_image[k] for r in reports]) for k in reports[0].text_to_image},
+        {k: mean([r.image_to_text[k] for r in reports]) for k in reports[0].image_to_text},
+        mean([r.median_rank_text_to_image for r in reports]),
+        mean([r.median_rank_image_to_text for r in reports]),
+        size,
+        round(mean([r.n_texts for r in reports])),
+        np.concatenate([r.ranks_text_to_image for r in reports]),
+        np.concatenate([r.ranks_image_to_text for r in reports]),
     )
