@@ -150,3 +150,47 @@ def test_a_killed_writer_leaves_no_stale_lock(tmp_path: Path) -> None:
     assert exit_code(pid) == -signal.SIGKILL
     with Retriever.open(folder, wait=0) as writer:
         assert len(writer) == 0
+
+
+def forbid_full_reads(retriever: Retriever, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse() -> None:
+        raise AssertionError("read every vector again instead of catching up")
+
+    monkeypatch.setattr(retriever._store, "vectors", refuse)
+
+
+@pytest.mark.parametrize("backend", ["exact", "faiss"])
+def test_readers_and_stale_caches_catch_up_without_rereading_everything(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "index"
+    new_index(folder, backend)
+    writer = Retriever.open(folder, encoder=HashEncoder(DIM))
+    for number in range(3):
+        writer.add_vectors(*batch_items(number))
+    writer.flush()  # the cache now holds batches 0-2
+    reader = Retriever.open(folder, readonly=True)
+    forbid_full_reads(reader, monkeypatch)
+    writer.add_vectors(*batch_items(3))
+    writer.remove([f"b0-{j}" for j in range(BATCH)])
+    query = batch_items(3)[1][:1]
+    assert reader.search_vectors(query, k=1)[0][0].id == "b3-0"
+    assert len(reader.search_vectors(query, k=100)[0]) == 3 * BATCH
+    writer.close()
+    reader.close()
+    # A crash after unflushed writes leaves the cache behind; opening catches it up too.
+    writer = Retriever.open(folder, encoder=HashEncoder(DIM))
+    writer.add_vectors(*batch_items(4))
+    writer._store.close()  # as if killed: no flush, no clean close
+    writer._writer_lock.release()  # type: ignore[union-attr]
+    original = Retriever._load_backend
+
+    def load_without_full_reads(self: Retriever) -> object:
+        if backend == "faiss":
+            forbid_full_reads(self, monkeypatch)
+        return original(self)
+
+    monkeypatch.setattr(Retriever, "_load_backend", load_without_full_reads)
+    with Retriever.open(folder, readonly=True) as reopened:
+        ids = {hit.id for hit in reopened.search_vectors(query, k=100)[0]}
+    assert ids == {f"b{n}-{j}" for n in (1, 2, 3, 4) for j in range(BATCH)}

@@ -145,24 +145,25 @@ def test_save_and_load_cache(
 ) -> None:
     index, keys, _vectors = filled
     index.remove(keys[:10])
-    index.save(tmp_path, generation=7)
+    index.save(tmp_path, "epoch-1", generation=7)
     fresh = same_kind(index)
-    restored = fresh.load(tmp_path, generation=7)
-    if not restored:  # backends without a cache are rebuilt from the store instead
+    restored = fresh.load(tmp_path, "epoch-1")
+    if restored is None:  # backends without a cache are rebuilt from the store instead
         assert isinstance(index, ExactIndex)
         return
     assert len(fresh) == len(index)
     queries = unit(5, seed=5)
     np.testing.assert_array_equal(fresh.search(queries, 5)[1], index.search(queries, 5)[1])
-    assert not same_kind(index).load(tmp_path, generation=8)  # stale cache is refused
+    assert restored == 7 and fresh.last_key == index.last_key
+    assert same_kind(index).load(tmp_path, "epoch-2") is None  # another store's cache
 
 
 def test_damaged_cache_is_ignored(tmp_path: Path) -> None:
     index = FaissIndex(DIM)
     index.add(np.arange(50), unit(50))
-    index.save(tmp_path, generation=1)
+    index.save(tmp_path, "epoch", generation=1)
     (tmp_path / "faiss-cache.npz").write_bytes(b"garbage")
-    assert not FaissIndex(DIM).load(tmp_path, generation=1)
+    assert FaissIndex(DIM).load(tmp_path, "epoch") is None
 
 
 def test_auto_kind_picks_by_size() -> None:

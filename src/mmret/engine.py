@@ -199,22 +199,40 @@ class Retriever:
             return len(self._store)
 
     def _load_backend(self) -> tuple[VectorIndex, int]:
-        """The vector backend for the store's current state, and that state's generation."""
+        """The vector backend for the store's current state, and that state's generation.
+
+        A cache saved a few writes ago is brought up to date with the changes since, rather
+        than rebuilt: after a crash, or in a reader while a writer adds, opening stays cheap.
+        """
         with self._store.snapshot():
-            generation = self._store.generation
+            generation, epoch = self._store.generation, self._store.epoch
             manifest = self.manifest
             backend = new_backend(
                 manifest.backend, manifest.backend_options, manifest.dim, len(self._store)
             )
-            if not backend.load(self.folder, generation):
+            cached = backend.load(self.folder, epoch)
+            if cached is None or cached > generation:
                 keys, vectors = self._store.vectors()
                 backend.add(keys, vectors)
+            else:
+                self._catch_up(backend, cached)
+        self._epoch = epoch
         return backend, generation
 
+    def _catch_up(self, backend: VectorIndex, since: int) -> None:
+        keys, vectors, removed = self._store.changes_since(since, backend.last_key)
+        backend.remove(removed)
+        backend.add(keys, vectors)
+
     def _current_backend(self) -> VectorIndex:
-        """Inside a store snapshot: the backend, reloaded if another process wrote since."""
-        if self._store.generation != self._generation:
-            self._backend, self._generation = self._load_backend()
+        """Inside a store snapshot: the backend, updated if another process wrote since."""
+        generation = self._store.generation
+        if generation != self._generation:
+            if self._store.epoch == self._epoch:
+                self._catch_up(self._backend, self._generation)
+                self._generation = generation
+            else:  # the database was rebuilt (repaired): start afresh
+                self._backend, self._generation = self._load_backend()
         return self._backend
 
     # -- writing --------------------------------------------------------------------------
@@ -301,7 +319,7 @@ class Retriever:
         """
         with self._mutex:
             if self._saved_generation != self._generation:
-                self._backend.save(self.folder, self._generation)
+                self._backend.save(self.folder, self._epoch, self._generation)
                 self._saved_generation = self._generation
 
     def _decode(self, item: Item) -> Image.Image | ImageLoadError | None:

@@ -17,8 +17,9 @@ class VectorIndex(ABC):
     """Inner-product search over ``(N, dim)`` unit vectors, each identified by an int64 key.
 
     Keys arrive in increasing order (the item store never reuses one), which lets backends map
-    keys to rows with a binary search. A backend is a derived, rebuildable structure: the item
-    store holds the truth, so ``save`` is a cache and ``load`` may return ``None``.
+    keys to rows with a binary search, and lets a stale copy catch up by adding the keys above
+    :attr:`last_key`. A backend is a derived, rebuildable structure: the item store holds the
+    truth, so ``save`` writes a cache and ``load`` may find none.
     """
 
     name: str
@@ -47,16 +48,22 @@ class VectorIndex(ABC):
     @abstractmethod
     def __len__(self) -> int: ...
 
+    @property
+    @abstractmethod
+    def last_key(self) -> int:
+        """No key present is larger (-1 when empty); keys added later are all larger."""
+
     @abstractmethod
     def config(self) -> dict[str, Any]:
         """The options this backend was created with (stored in the index manifest)."""
 
-    def save(self, folder: Path, generation: int) -> None:  # noqa: B027 - optional override
-        """Persist a cache of the structure for the store's ``generation`` (default: none)."""
+    def save(self, folder: Path, epoch: str, generation: int) -> None:  # noqa: B027
+        """Persist a cache of the structure as of the store's ``generation`` (default: none)."""
 
-    def load(self, folder: Path, generation: int) -> bool:
-        """Restore a cache saved for ``generation``; ``False`` when absent or stale."""
-        return False
+    def load(self, folder: Path, epoch: str) -> int | None:
+        """Restore a cache saved for the store named ``epoch``; returns the generation it was
+        saved at, or ``None`` when there is none, it is unreadable or of another store."""
+        return None
 
     def _check(self, queries: np.ndarray, k: int) -> np.ndarray:
         queries = np.asarray(queries, dtype=np.float32)

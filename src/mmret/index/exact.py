@@ -21,12 +21,16 @@ class ExactIndex(VectorIndex):
     def __len__(self) -> int:
         return len(self._keys)
 
+    @property
+    def last_key(self) -> int:
+        return int(self._keys.view[-1]) if len(self) else -1
+
     def config(self) -> dict[str, Any]:
         return {}
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         keys = np.asarray(keys, dtype=np.int64)
-        check_vectors(self, keys, vectors, int(self._keys.view[-1]) if len(self) else -1)
+        check_vectors(self, keys, vectors, self.last_key)
         self._keys.append(keys)
         self._vectors.append(np.asarray(vectors, dtype=np.float32))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +77,13 @@ class FaissIndex(VectorIndex):
     def __len__(self) -> int:
         return len(self._keys) - self._dead
 
+    @property
+    def last_key(self) -> int:
+        return int(self._keys.view[-1]) if len(self._keys) else -1
+
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         keys = np.asarray(keys, dtype=np.int64)
-        check_vectors(self, keys, vectors, int(self._keys.view[-1]) if len(self._keys) else -1)
+        check_vectors(self, keys, vectors, self.last_key)
         if not len(keys):
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -164,7 +169,7 @@ class FaissIndex(VectorIndex):
         self._keys, self._alive, self._dead = GrowableArray(np.int64), GrowableArray(np.bool_), 0
         self.add(keys, vectors)
 
-    def save(self, folder: Path, generation: int) -> None:
+    def save(self, folder: Path, epoch: str, generation: int) -> None:
         if self._index is None:
             return
         buffer = io.BytesIO()
@@ -173,27 +178,29 @@ class FaissIndex(VectorIndex):
             index=faiss.serialize_index(self._index),
             keys=self._keys.view,
             alive=self._alive.view,
+            epoch=np.str_(epoch),
             generation=np.int64(generation),
         )
         write_atomic(folder / CACHE_FILE, buffer.getvalue())
 
-    def load(self, folder: Path, generation: int) -> bool:
+    def load(self, folder: Path, epoch: str) -> int | None:
         path = folder / CACHE_FILE
         if not path.is_file():
-            return False
+            return None
         try:
             with np.load(path, allow_pickle=False) as data:
-                if int(data["generation"]) != generation:
-                    return False
+                if str(data["epoch"]) != epoch:
+                    return None
+                generation = int(data["generation"])
                 index = faiss.deserialize_index(data["index"])
                 keys, alive = data["keys"], data["alive"]
-        except (OSError, ValueError, KeyError, RuntimeError):
-            return False  # a damaged cache is only a cache: the caller rebuilds from the store
+        except (OSError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile):
+            return None  # a damaged cache is only a cache: the caller rebuilds from the store
         if index.d != self.dim or index.ntotal != len(keys):
-            return False
+            return None
         self._index = index
         self._keys, self._alive = GrowableArray(np.int64), GrowableArray(np.bool_)
         self._keys.append(keys)
         self._alive.append(alive)
         self._dead = int((~alive).sum())
-        return True
+        return generation

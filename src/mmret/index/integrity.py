@@ -148,7 +148,7 @@ def _check_backend(
     store: ItemStore, manifest: IndexManifest, folder: Path, report: CheckReport
 ) -> None:
     backend = new_backend(manifest.backend, manifest.backend_options, manifest.dim, report.items)
-    if backend.load(folder, store.generation):
+    if backend.load(folder, store.epoch) == store.generation:
         if len(backend) != report.items:
             report.problem(
                 "cache",
@@ -157,7 +157,7 @@ def _check_backend(
             )
     elif any(folder.glob(f"{backend.name}-cache*")):
         report.notices.append(
-            f"{folder}: the {backend.name} cache is stale or unreadable; it is rebuilt from "
+            f"{folder}: the {backend.name} cache is stale or unreadable; it is updated from "
             f"{ITEMS_FILE} on open"
         )
 

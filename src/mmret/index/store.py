@@ -8,13 +8,20 @@ Besides the items, the ``state`` table records, in the same transactions as the 
 * ``count`` and ``checksum``: the number of items and the XOR of one 64-bit digest per item
   (id, text, image, metadata and vector bytes), which ``mmret check`` recomputes to catch
   silent damage; XOR lets both writes and removals update it without rereading the table;
-* ``manifest``: a copy of the folder's ``manifest.json``, so a lost manifest can be restored.
+* ``manifest``: a copy of the folder's ``manifest.json``, so a lost manifest can be restored;
+* ``epoch``: a random name for this database, new whenever it is rebuilt (``mmret repair``),
+  so that caches and readers made from another database are never patched with its changes.
+
+The ``removed`` table logs which key each write removed, so a reader or a cache that is a few
+generations old catches up by applying the changes since (new keys are always larger than any
+key before) instead of rereading every vector.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,6 +48,8 @@ CREATE TABLE IF NOT EXISTS items (
     vector BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS removed (key INTEGER PRIMARY KEY, generation INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS removed_by_generation ON removed (generation);
 INSERT OR IGNORE INTO state VALUES ('generation', '0');
 INSERT OR IGNORE INTO state VALUES ('count', '0');
 INSERT OR IGNORE INTO state VALUES ('checksum', '0000000000000000');
@@ -114,6 +123,8 @@ class ItemStore:
                 self._db.execute("PRAGMA journal_mode = WAL")
                 self._db.execute("PRAGMA synchronous = FULL")
                 self._db.executescript(_SCHEMA)
+                epoch = secrets.token_hex(8)
+                self._db.execute("INSERT OR IGNORE INTO state VALUES ('epoch', ?)", (epoch,))
             self._db.execute("SELECT count(*) FROM items").fetchone()
 
     def close(self) -> None:
@@ -153,6 +164,11 @@ class ItemStore:
     def generation(self) -> int:
         """Bumped by every committed write; backends record it to notice they are stale."""
         return int(self._state("generation") or 0)
+
+    @property
+    def epoch(self) -> str:
+        """This database's random name: caches of another database do not apply to it."""
+        return self._state("epoch") or ""
 
     @property
     def recorded_count(self) -> int:
@@ -224,6 +240,11 @@ class ItemStore:
                     removed.append(key)
                     checksum ^= row_digest(*fields)
                 self._db.execute(f"DELETE FROM items WHERE id IN ({marks})", list(chunk))
+            generation = self.generation + 1  # the one this transaction commits
+            self._db.executemany(
+                "INSERT OR REPLACE INTO removed VALUES (?, ?)",
+                [(key, generation) for key in removed],
+            )
             self._update_totals(-len(removed), checksum)
         return np.asarray(sorted(removed), dtype=np.int64)
 
@@ -260,6 +281,24 @@ class ItemStore:
         """All ``(N,)`` keys in ascending order and their ``(N, dim)`` vectors, one snapshot."""
         with self.snapshot():
             rows = self._db.execute("SELECT key, vector FROM items ORDER BY key").fetchall()
+        return self._unpack(rows)
+
+    def changes_since(
+        self, generation: int, last_key: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What changed after ``generation`` for a copy whose largest key is ``last_key``:
+        ``(N,)`` added keys, their ``(N, dim)`` vectors, and the ``(M,)`` keys removed."""
+        with self.snapshot():
+            rows = self._db.execute(
+                "SELECT key, vector FROM items WHERE key > ? ORDER BY key", (last_key,)
+            ).fetchall()
+            removed = self._db.execute(
+                "SELECT key FROM removed WHERE generation > ? ORDER BY key", (generation,)
+            ).fetchall()
+        keys, vectors = self._unpack(rows)
+        return keys, vectors, np.asarray([row[0] for row in removed], dtype=np.int64)
+
+    def _unpack(self, rows: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         keys = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
         blob = b"".join(row[1] for row in rows)
         if len(blob) != len(rows) * self.dim * 4:
