@@ -8,7 +8,6 @@ every PIL mode (grayscale, 16-bit, palette, CMYK, alpha).
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,9 +48,9 @@ def load_image(
         return _to_rgb(ImageOps.exif_transpose(source))
     name = describe(source)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source))
+        # No warnings.catch_warnings() here: it swaps process-wide state and images decode in
+        # threads. PIL warns above ~89 megapixels, where the size check below refuses anyway.
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source))
     except FileNotFoundError:
         raise ImageLoadError(f"{name}: file not found") from None
     except IsADirectoryError:
