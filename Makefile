@@ -16,5 +16,8 @@ test: lint
 	.venv/bin/pytest
 
 bench: setup
-	.venv/bin/python benchmarks/search_throughput.py
 	.venv/bin/python benchmarks/encode_throughput.py
+	.venv/bin/python benchmarks/search_throughput.py
+	.venv/bin/python benchmarks/search_throughput.py --vectors real
+	.venv/bin/python benchmarks/index_build.py
+	.venv/bin/python benchmarks/query_latency.py

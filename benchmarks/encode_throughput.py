@@ -1,11 +1,13 @@
 """Encoding throughput of the starter encoder next to a plain loop over the same model.
 
-    python benchmarks/encode_throughput.py [--images 256] [--texts 2048]
+    python benchmarks/encode_throughput.py [--images 256] [--texts 2048] [--quick]
 
 The reference decodes each image with PIL and calls the towers and the alignment head
 directly, batch by batch, with none of mmret's machinery; mmret's number is
-``Encoder.encode_images`` / ``encode_texts`` on the same inputs. Images are Flickr8k dev
-photos when ``../shared/data`` is present, else scikit-image's sample photos repeated.
+``Encoder.encode_images`` / ``encode_texts`` on the same inputs (both take image paths, so
+both include JPEG decoding). The two are timed in turns, medians over ``--repeats``. Images
+are Flickr8k dev photos when ``../shared/data`` is present, else scikit-image's sample photos
+repeated.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from _common import median_seconds, report
+from _common import FLICKR, RESULTS, interleaved_medians, report
 from mmret.demo import write_photos
 from mmret.encoders import load_encoder
 from mmret.encoders.starter import StarterEncoder
 
-FLICKR_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k" / "dev.jsonl"
+FLICKR_DEV = FLICKR / "dev.jsonl"
 
 
 def inputs(n_images: int, n_texts: int, scratch: Path) -> tuple[list[Path], list[str], str]:
@@ -46,10 +48,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--texts", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--out", type=Path, default=Path("benchmarks/results/encode_throughput.json")
-    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    parser.add_argument("--out", type=Path, default=RESULTS / "encode_throughput.json")
     args = parser.parse_args()
+    if args.quick:
+        args.images, args.texts, args.repeats = 32, 128, 1
     encoder = load_encoder("starter")
     assert isinstance(encoder, StarterEncoder)
     towers, head = encoder.towers, encoder.head
@@ -75,8 +78,8 @@ def main() -> None:
             ("images", len(images), reference_images, lambda: encoder.encode_images(images)),
             ("texts", len(texts), reference_texts, lambda: encoder.encode_texts(texts)),
         ):
-            reference_s = median_seconds(reference, args.repeats)
-            ours_s = median_seconds(ours, args.repeats)
+            medians = interleaved_medians({"reference": reference, "mmret": ours}, args.repeats)
+            reference_s, ours_s = medians["reference"], medians["mmret"]
             rows.append([kind, n, n / reference_s, n / ours_s, reference_s / ours_s])
         check = encoder.encode_texts(texts[:4])
         assert np.allclose(np.linalg.norm(check, axis=1), 1, atol=1e-5)
