@@ -182,3 +182,19 @@ def test_unknown_faiss_kind() -> None:
 
 def same_kind(index: VectorIndex) -> VectorIndex:
     return INDEXES.get(index.name)(DIM, **index.config())
+
+
+def test_exact_search_in_blocks_of_queries_matches_one_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mmret.index import exact
+
+    index = ExactIndex(DIM)
+    index.add(np.arange(1, 101), unit(100))
+    queries = unit(9, seed=9)
+    whole = index.search(queries, 5)
+    monkeypatch.setattr(exact, "_SCORES_PER_BLOCK", 250)  # 2 queries a block
+    scores, keys = index.search(queries, 5)
+    np.testing.assert_array_equal(keys, whole[1])
+    np.testing.assert_allclose(scores, whole[0], rtol=1e-6)  # BLAS sums blocks differently
+    assert index.search(queries[:0], 5)[0].shape == (0, 5)

@@ -78,7 +78,7 @@ def test_truncated_database_is_named_and_salvaged(folder: Path) -> None:
     database = folder / ITEMS_FILE
     size = database.stat().st_size
     with database.open("r+b") as handle:
-        handle.truncate(size // 4096 * 4096 * 6 // 10 // 4096 * 4096)
+        handle.truncate(size * 8 // 10 // 4096 * 4096)  # the last fifth of the pages is lost
     with pytest.raises(IndexFormatError, match=r"items\.sqlite: truncated"):
         Retriever.open(folder, readonly=True)
     result = CliRunner().invoke(app, ["check", str(folder)])
@@ -95,7 +95,7 @@ def test_truncated_database_is_named_and_salvaged(folder: Path) -> None:
 
 def test_a_damaged_row_fails_the_checksum(folder: Path) -> None:
     db = sqlite3.connect(folder / ITEMS_FILE)
-    db.execute("UPDATE items SET vector = zeroblob(?) WHERE id = 'item-7'", (4 * DIM,))
+    db.execute("UPDATE vectors SET vector = zeroblob(?) WHERE key = 8", (4 * DIM,))
     db.commit()
     db.close()
     report = check_index(folder)
@@ -104,7 +104,7 @@ def test_a_damaged_row_fails_the_checksum(folder: Path) -> None:
 
 def test_a_vector_of_the_wrong_size_is_found_and_dropped(folder: Path) -> None:
     db = sqlite3.connect(folder / ITEMS_FILE)
-    db.execute("UPDATE items SET vector = zeroblob(3) WHERE id = 'item-7'")
+    db.execute("UPDATE vectors SET vector = zeroblob(3) WHERE key = 8")
     db.commit()
     db.close()
     assert any("row 8: vector of 3 bytes" in p for p in check_index(folder).problems)
@@ -113,6 +113,19 @@ def test_a_vector_of_the_wrong_size_is_found_and_dropped(folder: Path) -> None:
         Retriever.open(folder, readonly=True)
     report = repair_index(folder)
     assert report.items == N - 1 and report.lost == 1
+    assert check_index(folder).ok
+
+
+def test_a_missing_or_stray_vector_is_found(folder: Path) -> None:
+    db = sqlite3.connect(folder / ITEMS_FILE)
+    db.execute("DELETE FROM vectors WHERE key = 8")
+    db.execute("INSERT INTO vectors VALUES (9999, zeroblob(64))")
+    db.commit()
+    db.close()
+    problems = check_index(folder).problems
+    assert any("row 8: its vector is missing" in p for p in problems)
+    assert any("1 vectors belong to no item" in p for p in problems)
+    assert repair_index(folder).items == N - 1
     assert check_index(folder).ok
 
 

@@ -373,17 +373,16 @@ class Retriever:
         with self._mutex, self._store.snapshot():
             allowed = self._store.filter_keys(filter) if filter else None
             scores, keys = self._current_backend().search(vectors, k, allowed)
-            rows = self._store.rows(np.unique(keys[keys >= 0]))
-        return [
-            [
-                SearchResult(
-                    rows[key].id, float(score), rows[key].text, rows[key].image, rows[key].metadata
-                )
-                for score, key in zip(row_scores, row_keys, strict=True)
-                if key >= 0 and key in rows
-            ]
-            for row_scores, row_keys in zip(scores, keys, strict=True)
-        ]
+            rows = self._store.rows(np.unique(keys[keys >= 0]).tolist())
+        results = []
+        for row_scores, row_keys in zip(scores.tolist(), keys.tolist(), strict=True):
+            hits = []
+            for score, key in zip(row_scores, row_keys, strict=True):
+                row = rows.get(key)  # plain ints: a numpy scalar key costs a hash each time
+                if row is not None:
+                    hits.append(SearchResult(row.id, score, row.text, row.image, row.metadata))
+            results.append(hits)
+        return results
 
     def info(self) -> dict[str, Any]:
         with self._mutex, self._store.snapshot():

@@ -8,6 +8,8 @@ import numpy as np
 
 from mmret.index.base import INDEXES, GrowableArray, VectorIndex, check_vectors, rows_of, top_k
 
+_SCORES_PER_BLOCK = 1 << 25  # 128 MB of float32 scores
+
 
 @INDEXES.register("exact")
 class ExactIndex(VectorIndex):
@@ -47,4 +49,11 @@ class ExactIndex(VectorIndex):
         if allowed is not None:
             rows = rows_of(keys, np.asarray(allowed, dtype=np.int64))
             keys, vectors = keys[rows], vectors[rows]
-        return top_k(queries @ vectors.T, keys, k)
+        # Score a block of queries at a time: 1,000 queries against a million items would
+        # otherwise need a 4 GB score matrix (and as much again to rank it).
+        block = max(1, _SCORES_PER_BLOCK // max(len(keys), 1))
+        parts = [
+            top_k(queries[start : start + block] @ vectors.T, keys, k)
+            for start in range(0, len(queries), block)
+        ] or [top_k(np.zeros((0, len(keys)), np.float32), keys, k)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -126,6 +126,9 @@ def _check_store(store: ItemStore, manifest: IndexManifest, report: CheckReport)
     count, checksum, bad = 0, 0, []
     for key, id_, text, image, metadata, vector in store.scan():
         count += 1
+        if vector is None:
+            bad.append(f"row {key}: its vector is missing")
+            continue
         checksum ^= row_digest(id_, text, image, metadata, vector)
         if len(vector) != 4 * manifest.dim:
             bad.append(f"row {key}: vector of {len(vector)} bytes, not {4 * manifest.dim}")
@@ -134,6 +137,8 @@ def _check_store(store: ItemStore, manifest: IndexManifest, report: CheckReport)
     report.items = count
     for line in bad[:_SHOWN]:
         report.problem("items", f"{name}: {line}")
+    if stray := store.stray_vectors():
+        report.problem("items", f"{name}: {stray} vectors belong to no item")
     if store.recorded_count != count:
         report.problem("items", f"{name}: holds {count} items, but {store.recorded_count} recorded")
     if store.recorded_checksum != f"{checksum:016x}":
@@ -293,7 +298,10 @@ def _readable_rows(path: Path) -> Iterator[tuple[StoredItem, bytes]]:
         db = _open_damaged(path)
     except sqlite3.DatabaseError:
         return
-    query = "SELECT id, text, image, metadata, vector FROM items WHERE key BETWEEN ? AND ?"
+    query = (
+        "SELECT id, text, image, metadata, vector FROM items JOIN vectors USING (key) "
+        "WHERE key BETWEEN ? AND ?"
+    )
     top = _top_key(db)
     misses = 0
     try:
