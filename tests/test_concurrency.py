@@ -61,8 +61,8 @@ def read_until(folder: Path, last_batch: int) -> bool:
         seen: list[int] = []
         deadline = time.monotonic() + 60
         ok = True
-        while time.monotonic() < deadline and not (seen and seen[-1] == last_batch):
-            ok = ok and not snapshot_problems(retriever, seen)
+        while ok and time.monotonic() < deadline and not (seen and seen[-1] == last_batch):
+            ok = not snapshot_problems(retriever, seen)
     return ok and seen[-1] == last_batch
 
 
@@ -194,3 +194,49 @@ def test_readers_and_stale_caches_catch_up_without_rereading_everything(
     with Retriever.open(folder, readonly=True) as reopened:
         ids = {hit.id for hit in reopened.search_vectors(query, k=100)[0]}
     assert ids == {f"b{n}-{j}" for n in (1, 2, 3, 4) for j in range(BATCH)}
+
+
+def test_one_writer_shared_by_writing_and_searching_threads(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    new_index(folder, "faiss")
+    problems: list[str] = []
+    with Retriever.open(folder, encoder=HashEncoder(DIM)) as shared:
+
+        def write() -> None:
+            for number in range(60):
+                shared.add_vectors(*batch_items(number))
+                if number % 10 == 5:
+                    shared.remove([f"b{number - 5}-{j}" for j in range(BATCH)])
+
+        def read() -> None:
+            seen: list[int] = []
+            while writer.is_alive():
+                problems.extend(snapshot_problems(shared, seen))
+
+        writer = threading.Thread(target=write)
+        readers = [threading.Thread(target=read) for _ in range(3)]
+        writer.start()
+        for thread in readers:
+            thread.start()
+        writer.join()
+        for thread in readers:
+            thread.join()
+        assert not problems, problems[:5]
+        assert len(shared) == 60 * BATCH - 6 * BATCH
+
+
+def test_threads_adding_the_same_ids_skip_instead_of_failing(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    new_index(folder)
+    items = [Item(f"same-{i}", text=f"text {i}") for i in range(300)]
+    with Retriever.open(folder, encoder=HashEncoder(DIM)) as shared:
+        reports = []
+        threads = [
+            threading.Thread(target=lambda: reports.append(shared.add(items))) for _ in range(3)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sum(report.added for report in reports) == 300 and len(shared) == 300
+        assert sum(report.skipped.skipped for report in reports) == 600

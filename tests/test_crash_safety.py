@@ -69,7 +69,7 @@ def run_writer(folder: Path, start: int, report_fd: int) -> None:
     for number in range(start, 10**9):
         kind, batch = operation(number)
         if kind == "add":
-            items = [Item(item_id, text=item_id) for item_id in batch]
+            items = [Item(item_id, text=item_id, metadata={"n": number}) for item_id in batch]
             retriever.add_vectors(items, np.stack([vector(i) for i in batch]))
         else:
             retriever.remove(batch)
@@ -101,6 +101,12 @@ def verify(folder: Path, done: int, rng: random.Random) -> int:
     assert matches, f"after {done} reported writes the index holds an unexpected state"
     with Retriever.open(folder, readonly=True) as retriever:
         assert len(retriever) == len(ids)
+        # Everything the backend holds (a filter matching all makes FAISS score exactly too)
+        # is what the store holds: no lost additions, no removed items coming back.
+        everything = retriever.search_vectors(
+            np.ones((1, DIM), np.float32), k=10**6, filter={"n": {"gte": 0}}
+        )[0]
+        assert {hit.id for hit in everything} == ids
         for item_id in rng.sample(sorted(ids), min(3, len(ids))):
             hits = retriever.search_vectors(vector(item_id)[None, :], k=1)[0]
             assert hits[0].id == item_id and hits[0].score > 0.999

@@ -118,7 +118,7 @@ def test_faiss_backend_end_to_end(tmp_path: Path, manifest: Path, encoder: HashE
         retriever.add(read_items(manifest))
         assert retriever.backend_name == "faiss"
         assert retriever.search(["a yellow square"], k=1)[0][0].id == "yellow"
-        assert (tmp_path / "ann" / "faiss-cache.npz").is_file()
+    assert (tmp_path / "ann" / "faiss-cache.npz").is_file()  # saved on close
     with Retriever.open(tmp_path / "ann", encoder=encoder) as reopened:
         assert reopened.search(["a yellow square"], k=1, filter={"warm": False})[0][0].id in {
             "green",

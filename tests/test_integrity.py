@@ -151,3 +151,80 @@ def test_repair_of_a_sound_index_changes_nothing(folder: Path) -> None:
 def test_repair_waits_for_no_writer(folder: Path) -> None:
     with Retriever.open(folder), pytest.raises(IndexBusyError, match="another writer"):
         repair_index(folder)
+
+
+def test_a_repair_cut_short_is_finished_by_the_next(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = sqlite3.connect(folder / ITEMS_FILE)
+    db.execute("UPDATE vectors SET vector = zeroblob(3) WHERE key = 8")
+    db.commit()
+    db.close()
+    real_rename = Path.rename
+
+    def crash_at_the_swap(self: Path, target: Path) -> Path:
+        if Path(target) == folder / ITEMS_FILE:
+            raise KeyboardInterrupt  # the process dies between moving aside and swapping in
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash_at_the_swap)
+    with pytest.raises(KeyboardInterrupt):
+        repair_index(folder)
+    monkeypatch.undo()
+    assert not (folder / ITEMS_FILE).exists()
+    with pytest.raises(IndexFormatError, match="item database is missing"):
+        Retriever.open(folder)
+    assert "interrupted repair" in " ".join(check_index(folder).problems)
+    report = repair_index(folder)
+    assert "finished an interrupted repair" in report.actions[0]
+    assert report.items == N - 1 and check_index(folder).ok
+
+
+def test_a_writer_never_recreates_a_lost_database(folder: Path) -> None:
+    (folder / ITEMS_FILE).unlink()
+    with pytest.raises(IndexFormatError, match=r"items\.sqlite: item database is missing"):
+        Retriever.open(folder)
+    (folder / ITEMS_FILE).write_bytes(b"")
+    with pytest.raises(IndexFormatError, match="bad header"):
+        Retriever.open(folder)
+    assert (folder / ITEMS_FILE).stat().st_size == 0
+
+
+def test_an_older_development_format_is_refused_clearly(folder: Path) -> None:
+    data = json.loads((folder / MANIFEST_FILE).read_text())
+    data["format_version"] = 1
+    (folder / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(IndexFormatError, match="format version 1 comes from a development"):
+        Retriever.open(folder, readonly=True)
+
+
+def test_an_unwritable_cache_is_a_warning_and_releases_the_index(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmret.index.faiss_ann import FaissIndex
+
+    def disk_full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FaissIndex, "save", disk_full)
+    retriever = Retriever.open(folder, encoder=HashEncoder(DIM))
+    retriever.add_vectors([Item("new", text="x")], unit(1, seed=3))
+    with pytest.warns(RuntimeWarning, match="could not save the faiss cache"):
+        retriever.close()
+    assert not (folder / CACHE_FILE).exists()
+    monkeypatch.undo()
+    with Retriever.open(folder, wait=0) as again:  # the lock was released
+        assert len(again) == N + 1
+
+
+def test_bad_backend_options_leave_nothing_behind(tmp_path: Path) -> None:
+    from mmret import InputError
+
+    with pytest.raises(InputError, match="bad options"):
+        Retriever.create(
+            tmp_path / "index",
+            encoder=HashEncoder(DIM),
+            backend="faiss",
+            backend_options={"nonsense": 1},
+        )
+    assert not (tmp_path / "index").exists()

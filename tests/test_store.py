@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mmret import IndexFormatError, InputError
+from mmret import IndexFormatError, InputError, MmretError
 from mmret.index.store import ItemStore, StoredItem
 
 
@@ -16,7 +15,7 @@ def vectors(n: int, dim: int = 4) -> np.ndarray:
 
 @pytest.fixture
 def store(tmp_path: Path) -> ItemStore:
-    return ItemStore(tmp_path / "items.sqlite", dim=4)
+    return ItemStore(tmp_path / "items.sqlite", dim=4, create=True)
 
 
 def test_add_rows_vectors_and_generation(store: ItemStore) -> None:
@@ -40,7 +39,7 @@ def test_keys_are_never_reused(store: ItemStore) -> None:
 
 def test_failed_transaction_loses_nothing(store: ItemStore) -> None:
     store.add([StoredItem("a", "x")], vectors(1))
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(InputError, match="UNIQUE constraint failed"):
         store.add([StoredItem("b", "y"), StoredItem("a", "dup")], vectors(2))
     assert len(store) == 1 and store.generation == 1
     assert store.existing_ids(["a", "b"]) == {"a"}
@@ -91,3 +90,29 @@ def test_corrupt_database_is_named(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(IndexFormatError, match=r"items\.sqlite: not an SQLite database"):
         ItemStore(path, dim=4)
+
+
+def test_only_create_makes_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "items.sqlite"
+    with pytest.raises(IndexFormatError, match="item database is missing"):
+        ItemStore(path, dim=4)
+    path.write_bytes(b"")
+    with pytest.raises(IndexFormatError, match="bad header"):
+        ItemStore(path, dim=4)
+    with pytest.raises(IndexFormatError, match="already exists"):
+        ItemStore(path, dim=4, create=True)
+    assert not path.read_bytes()  # nothing was written over it
+
+
+def test_a_full_disk_loses_the_write_only(store: ItemStore) -> None:
+    store.add([StoredItem("a", "x")], vectors(1))
+    store._db.execute(
+        f"PRAGMA max_page_count = {store._db.execute('PRAGMA page_count').fetchone()[0]}"
+    )
+    big = [StoredItem(f"b{i}", "y" * 5000) for i in range(50)]
+    with pytest.raises(MmretError, match="full; nothing of this write was kept"):
+        store.add(big, vectors(50))
+    store._db.execute("PRAGMA max_page_count = 1000000")
+    assert len(store) == 1 and store.recorded_count == 1
+    store.add([StoredItem("c", "z")], vectors(1))  # and the next write goes through
+    assert len(store) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from mmret._progress import progress
 from mmret.encoders import Encoder, load_encoder
 from mmret.encoders.base import l2_normalise
 from mmret.errors import ImageLoadError, IndexFormatError, InputError
-from mmret.index.base import INDEXES, VectorIndex, new_backend
+from mmret.index.base import VectorIndex, new_backend
 from mmret.index.filters import Filter
 from mmret.index.lock import WriterLock
 from mmret.index.manifest import (
@@ -93,7 +94,6 @@ class Retriever:
         # One connection serves every thread: calls take turns so transactions never mix.
         self._mutex = threading.RLock()
         self._backend, self._generation = self._load_backend()
-        self._saved_generation = self._generation
 
     # -- opening --------------------------------------------------------------------------
 
@@ -114,8 +114,6 @@ class Retriever:
         folder = Path(folder)
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise InputError(f"{folder}: already exists and is not empty")
-        if backend != "auto":
-            INDEXES.get(backend)  # fail before creating anything
         encoder = encoder or load_encoder(model)
         manifest = IndexManifest(
             encoder=encoder.spec,
@@ -123,9 +121,13 @@ class Retriever:
             backend=backend,
             backend_options=dict(backend_options or {}),
         )
+        try:  # fail on a bad backend or option before creating anything
+            new_backend(backend, manifest.backend_options, manifest.dim, 0)
+        except TypeError as error:
+            raise InputError(f"backend {backend!r}: bad options ({error})") from None
         folder.parent.mkdir(parents=True, exist_ok=True)
         with build_folder(folder) as scratch:
-            store = ItemStore(scratch / ITEMS_FILE, manifest.dim)
+            store = ItemStore(scratch / ITEMS_FILE, manifest.dim, create=True)
             store.record_manifest(manifest_text(manifest))
             store.close()
             write_manifest(scratch, manifest)
@@ -155,10 +157,13 @@ class Retriever:
         if not readonly:
             lock = WriterLock(folder)
             lock.acquire(wait)
+        store = None
         try:
             store = ItemStore(folder / ITEMS_FILE, manifest.dim, readonly=readonly)
             return cls(folder, manifest, store, encoder=encoder, readonly=readonly, lock=lock)
         except BaseException:
+            if store is not None:
+                store.close()
             if lock is not None:
                 lock.release()
             raise
@@ -166,12 +171,14 @@ class Retriever:
     def close(self) -> None:
         """Save the backend's cache if writes made it stale, and release the index."""
         with self._mutex:
-            if self._writer_lock is not None:
-                self.flush()
-            self._store.close()
-            if self._writer_lock is not None:
-                self._writer_lock.release()
-                self._writer_lock = None
+            try:
+                if self._writer_lock is not None:
+                    self.flush()
+            finally:
+                self._store.close()
+                if self._writer_lock is not None:
+                    self._writer_lock.release()
+                    self._writer_lock = None
 
     def __enter__(self) -> Retriever:
         return self
@@ -214,9 +221,11 @@ class Retriever:
             if cached is None or cached > generation:
                 keys, vectors = self._store.vectors()
                 backend.add(keys, vectors)
+                cached = -1
             else:
                 self._catch_up(backend, cached)
         self._epoch = epoch
+        self._saved_generation = cached  # what the cache file holds: flush() rewrites it
         return backend, generation
 
     def _catch_up(self, backend: VectorIndex, since: int) -> None:
@@ -228,11 +237,8 @@ class Retriever:
         """Inside a store snapshot: the backend, updated if another process wrote since."""
         generation = self._store.generation
         if generation != self._generation:
-            if self._store.epoch == self._epoch:
-                self._catch_up(self._backend, self._generation)
-                self._generation = generation
-            else:  # the database was rebuilt (repaired): start afresh
-                self._backend, self._generation = self._load_backend()
+            self._catch_up(self._backend, self._generation)
+            self._generation = generation
         return self._backend
 
     # -- writing --------------------------------------------------------------------------
@@ -259,11 +265,11 @@ class Retriever:
                 chunks, total=n_chunks, description="Indexing", enabled=show_progress
             ):
                 result.added += self._add_chunk(chunk, result.skipped, pool)
-        self.flush()
         return result
 
     def _add_chunk(self, chunk: list[Item], report: SkipReport, pool: ThreadPoolExecutor) -> int:
-        existing = self._store.existing_ids([item.id for item in chunk])
+        with self._mutex:
+            existing = self._store.existing_ids([item.id for item in chunk])
         fresh = []
         for item in chunk:
             if item.id in existing:
@@ -281,7 +287,16 @@ class Retriever:
             stored.append(StoredItem(item.id, item.text, item.image_path, dict(item.metadata)))
         if not stored:
             return 0
-        self._insert(stored, self.encoder.encode(contents))
+        vectors = self.encoder.encode(contents)
+        with self._mutex:  # another thread may have added some of these ids meanwhile
+            taken = self._store.existing_ids([item.id for item in stored])
+            keep = [item.id not in taken for item in stored]
+            for row, kept in zip(stored, keep, strict=True):
+                if not kept:
+                    report.skip(f"{row.id}: already in the index")
+            stored = [item for item, kept in zip(stored, keep, strict=True) if kept]
+            if stored:
+                self._insert(stored, vectors[np.asarray(keep)])
         return len(stored)
 
     def add_vectors(self, items: Sequence[Item], vectors: np.ndarray) -> None:
@@ -299,11 +314,12 @@ class Retriever:
             raise InputError("vectors contain NaN or infinite values")
         ids = [item.id for item in items]
         repeated = {i for i, n in Counter(ids).items() if n > 1}
-        clashes = self._store.existing_ids(ids) | repeated
-        if clashes:
-            raise InputError(f"ids already present or repeated: {sorted(clashes)[:5]}")
         stored = [StoredItem(i.id, i.text, i.image_path, dict(i.metadata)) for i in items]
-        self._insert(stored, l2_normalise(vectors))
+        with self._mutex:
+            clashes = self._store.existing_ids(ids) | repeated
+            if clashes:
+                raise InputError(f"ids already present or repeated: {sorted(clashes)[:5]}")
+            self._insert(stored, l2_normalise(vectors))
 
     def _insert(self, stored: list[StoredItem], vectors: np.ndarray) -> None:
         with self._mutex:
@@ -314,13 +330,26 @@ class Retriever:
     def flush(self) -> None:
         """Save the backend's cache (FAISS) for the current state, so the next open is fast.
 
-        Every write is durable the moment it returns; this only spares the next reader a
-        rebuild. :meth:`add` and :meth:`close` call it; small writes in a loop need not.
+        Every write is durable the moment it returns; the cache only spares the next reader
+        work (a reader catches up from an older cache by applying the changes since).
+        :meth:`close` calls it. A cache that cannot be written (a full disk) is a warning,
+        not an error: it is removed, and rebuilt from the items when next needed.
         """
         with self._mutex:
-            if self._saved_generation != self._generation:
+            if self._saved_generation == self._generation:
+                return
+            try:
                 self._backend.save(self.folder, self._epoch, self._generation)
-                self._saved_generation = self._generation
+            except OSError as error:
+                for cache in self.folder.glob(f"{self._backend.name}-cache*"):
+                    cache.unlink(missing_ok=True)
+                warnings.warn(
+                    f"{self.folder}: could not save the {self._backend.name} cache ({error}); "
+                    "it is rebuilt from the stored items when next needed",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self._saved_generation = self._generation
 
     def _decode(self, item: Item) -> Image.Image | ImageLoadError | None:
         if item.image is None:
@@ -332,6 +361,8 @@ class Retriever:
 
     def remove(self, ids: Sequence[str]) -> int:
         """Remove items by id; returns how many existed."""
+        if isinstance(ids, str):
+            raise InputError("remove takes a list of ids; wrap a single one in [...]")
         self._writable()
         with self._mutex:
             keys = self._store.remove(list(ids))

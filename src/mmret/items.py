@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,12 @@ class Item:
             raise InputError(f"item {self.id!r} has neither a text nor an image")
         if self.text is not None:
             check_text(f"item {self.id!r}: text", self.text)
+        if isinstance(self.image, str | Path):
+            check_text(f"item {self.id!r}: image path", str(self.image))
+        try:
+            json.dumps(dict(self.metadata), allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise InputError(f"item {self.id!r}: metadata is not JSON ({error})") from None
 
     @property
     def image_path(self) -> str | None:

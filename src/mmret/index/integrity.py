@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mmret._files import fsync_folder, write_atomic
-from mmret.errors import IndexFormatError
+from mmret.errors import IndexFormatError, MmretError
 from mmret.index.base import new_backend
 from mmret.index.lock import WriterLock
 from mmret.index.manifest import (
@@ -38,6 +38,7 @@ from mmret.index.manifest import (
 )
 from mmret.index.store import ItemStore, StoredItem, row_digest
 
+SALVAGED = f"{ITEMS_FILE}.salvaged"
 _SALVAGE_RANGE = 1000
 _GIVE_UP = 20  # ranges in a row with nothing readable, when the largest key is unknown
 _SHOWN = 5
@@ -100,6 +101,8 @@ def check_index(folder: str | Path) -> CheckReport:
         manifest = _store_manifest(folder)
     for leftover in sorted(folder.glob("*.tmp")):
         report.notices.append(f"{leftover.name}: left by an interrupted write (repair removes it)")
+    if (folder / SALVAGED).is_file():
+        report.problem("items", f"{folder / SALVAGED}: an interrupted repair (run it again)")
     if manifest is None:
         report.problem("items", f"{folder / ITEMS_FILE}: no readable manifest to check it against")
         return report
@@ -152,7 +155,13 @@ def _check_store(store: ItemStore, manifest: IndexManifest, report: CheckReport)
 def _check_backend(
     store: ItemStore, manifest: IndexManifest, folder: Path, report: CheckReport
 ) -> None:
-    backend = new_backend(manifest.backend, manifest.backend_options, manifest.dim, report.items)
+    try:
+        backend = new_backend(
+            manifest.backend, manifest.backend_options, manifest.dim, report.items
+        )
+    except (TypeError, MmretError) as error:
+        report.problem("manifest", f"{folder / MANIFEST_FILE}: unusable backend ({error})")
+        return
     if backend.load(folder, store.epoch) == store.generation:
         if len(backend) != report.items:
             report.problem(
@@ -201,6 +210,11 @@ def _repair(folder: Path) -> RepairReport:
     for leftover in sorted(folder.glob("*.tmp")):
         leftover.unlink()
         report.actions.append(f"removed {leftover.name}, left by an interrupted write")
+    if (folder / SALVAGED).is_file():
+        aside = _finish_swap(folder)
+        report.actions.append(
+            f"finished an interrupted repair: put {SALVAGED} in place (old files in {aside}/)"
+        )
     manifest = _repair_manifest(folder, report)
     before = check_index(folder)
     store_damaged = "items" in before.damaged
@@ -238,12 +252,18 @@ def _repair_manifest(folder: Path, report: RepairReport) -> IndexManifest:
 
 
 def _salvage(folder: Path, manifest: IndexManifest, report: RepairReport) -> None:
-    """Copy every readable, whole row into a fresh database and put it in place."""
+    """Copy every readable, whole row into a fresh database and put it in place.
+
+    The fresh database is built as ``items.sqlite.salvaging`` and renamed ``.salvaged`` once
+    complete; then the damaged files are moved aside and it is renamed into place. A crash at
+    any point leaves either the damaged database in place (and repair starts over) or a
+    complete ``.salvaged`` file, which the next repair puts in place (:func:`_finish_swap`).
+    """
     damaged = folder / ITEMS_FILE
-    fresh_path = folder / f"{ITEMS_FILE}.salvaged"
-    for stale in (fresh_path, fresh_path.with_name(fresh_path.name + "-wal")):
-        stale.unlink(missing_ok=True)
-    fresh = ItemStore(fresh_path, manifest.dim)
+    building = folder / f"{ITEMS_FILE}.salvaging"
+    for suffix in ("", "-wal", "-shm"):
+        building.with_name(building.name + suffix).unlink(missing_ok=True)
+    fresh = ItemStore(building, manifest.dim, create=True)
     kept = seen = 0
     try:
         batch: list[tuple[StoredItem, bytes]] = []
@@ -262,26 +282,31 @@ def _salvage(folder: Path, manifest: IndexManifest, report: RepairReport) -> Non
         kept += _store_rows(fresh, batch)
         fresh.record_manifest(manifest_text(manifest))
     finally:
-        fresh.close()
-    # Copy the damaged files aside first and replace the database last, so a crash anywhere
-    # in between leaves the damaged database in place and repair can simply run again. Its
-    # write-ahead log must go before the swap: SQLite would replay it into the new file.
-    aside = folder / f"damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir(exist_ok=True)
-    parts = [damaged.with_name(damaged.name + suffix) for suffix in ("", "-wal", "-shm")]
-    for part in parts:
-        if part.exists():
-            shutil.copy2(part, aside / part.name)
-    fsync_folder(aside)
-    for part in parts[1:]:
-        part.unlink(missing_ok=True)
-    fresh_path.replace(damaged)
+        fresh.close()  # checkpoints its log into the file: the file alone is complete
+    recorded = _recorded_count(damaged)
+    building.rename(folder / SALVAGED)
     fsync_folder(folder)
-    report.lost = max(_recorded_count(aside / damaged.name) or 0, seen) - kept
+    aside = _finish_swap(folder)
+    report.lost = max(recorded or 0, seen) - kept
     report.actions.append(
         f"salvaged {kept} items from the damaged {ITEMS_FILE} into a new one "
-        f"({report.lost} lost to the damage); the damaged files are in {aside.name}/"
+        f"({report.lost} lost to the damage); the damaged files are in {aside}/"
     )
+
+
+def _finish_swap(folder: Path) -> str:
+    """Move whatever ``items.sqlite*`` files exist aside and put the complete salvaged
+    database in their place; returns the name of the folder they went to."""
+    aside = Path(tempfile.mkdtemp(prefix=f"damaged-{time.strftime('%Y%m%d-%H%M%S')}-", dir=folder))
+    # The log goes first: replayed into the new database, it would corrupt it.
+    for suffix in ("-wal", "-shm", ""):
+        part = folder / (ITEMS_FILE + suffix)
+        if part.exists():
+            part.rename(aside / part.name)
+    fsync_folder(aside)
+    (folder / SALVAGED).rename(folder / ITEMS_FILE)
+    fsync_folder(folder)
+    return aside.name
 
 
 def _store_rows(store: ItemStore, rows: list[tuple[StoredItem, bytes]]) -> int:

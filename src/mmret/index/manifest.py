@@ -13,7 +13,8 @@ from mmret._version import __version__
 from mmret.errors import IndexFormatError
 
 FORMAT = "mmret-index"
-FORMAT_VERSION = 1
+#: 2: vectors in a table of their own, removal log, checksums (1 was never released).
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 ITEMS_FILE = "items.sqlite"
 
@@ -79,6 +80,11 @@ def parse_manifest(raw: bytes, path: Path) -> IndexManifest:
         raise IndexFormatError(
             f"{path}: format version {version!r} is newer than this mmret understands "
             f"({FORMAT_VERSION}); upgrade mmret"
+        )
+    if version < FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{path}: format version {version} comes from a development version of mmret "
+            f"that this one ({FORMAT_VERSION}) does not read; index the collection again"
         )
     recorded = data.pop("checksum", None)
     if recorded != _checksum(data):

@@ -23,8 +23,10 @@ key before) instead of rereading every vector.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import secrets
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,7 +37,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from mmret.errors import IndexFormatError, InputError
+from mmret.errors import IndexFormatError, InputError, MmretError
 from mmret.index.filters import Filter, to_sql
 
 T = TypeVar("T")
@@ -92,17 +94,22 @@ def truncation(path: Path) -> str | None:
     Cheap: reads the 100-byte header only. SQLite itself would open such a file and fail later,
     on whichever query first touches a missing page.
     """
-    with path.open("rb") as handle:
-        header = handle.read(100)
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(100)
+            actual = os.fstat(handle.fileno()).st_size
+        wal_size = path.with_name(path.name + "-wal").stat().st_size
+    except FileNotFoundError:
+        wal_size = 0  # no write-ahead log (or a writer just closed and removed it)
+    except OSError as error:
+        return f"cannot be read ({error})"
     if len(header) < 100 or not header.startswith(SQLITE_HEADER):
         return "not an SQLite database (bad header)"
-    wal = path.with_name(path.name + "-wal")
-    if (wal.is_file() and wal.stat().st_size) or header[24:28] != header[92:96]:
+    if wal_size or header[24:28] != header[92:96]:
         return None  # a checkpoint may be under way, or the size field is stale: trust SQLite
     page_size = int.from_bytes(header[16:18], "big")
     page_size = 65536 if page_size == 1 else page_size
     pages = int.from_bytes(header[28:32], "big")
-    actual = path.stat().st_size
     if actual < page_size * pages or actual % page_size:
         return f"truncated: {actual} bytes, but its header says {pages} pages of {page_size}"
     return None
@@ -115,25 +122,33 @@ class ItemStore:
     :meth:`snapshot`. Database errors surface as :class:`IndexFormatError` naming the file.
     """
 
-    def __init__(self, path: Path, dim: int, *, readonly: bool = False) -> None:
+    def __init__(
+        self, path: Path, dim: int, *, readonly: bool = False, create: bool = False
+    ) -> None:
+        """Open the database at ``path``; only with ``create`` may it be missing (and made)."""
         self.path = path
         self.dim = dim
         self._depth = 0
-        if not path.is_file() and (readonly or path.exists()):
-            raise IndexFormatError(f"{path}: item database is missing")
-        if path.is_file() and path.stat().st_size and (why := truncation(path)):
-            raise IndexFormatError(f"{path}: {why} (try `mmret repair`)")
-        uri = f"file:{path}?mode={'ro' if readonly else 'rwc'}"
+        if create and path.exists():
+            raise IndexFormatError(f"{path}: already exists")
+        if not create:
+            if not path.is_file():
+                raise IndexFormatError(f"{path}: item database is missing (try `mmret repair`)")
+            if why := truncation(path):
+                raise IndexFormatError(f"{path}: {why} (try `mmret repair`)")
+        uri = f"file:{path}?mode={'ro' if readonly else 'rwc' if create else 'rw'}"
         with self._errors():
             self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout = 10000")
             if not readonly:
-                self._db.execute("PRAGMA page_size = 16384")  # only takes on a new database
+                if create:
+                    self._db.execute("PRAGMA page_size = 16384")  # before the first table
                 self._db.execute("PRAGMA journal_mode = WAL")
                 self._db.execute("PRAGMA synchronous = FULL")
+            if create:
                 self._db.executescript(_SCHEMA)
                 epoch = secrets.token_hex(8)
-                self._db.execute("INSERT OR IGNORE INTO state VALUES ('epoch', ?)", (epoch,))
+                self._db.execute("INSERT INTO state VALUES ('epoch', ?)", (epoch,))
             self._db.execute("SELECT count(*) FROM items").fetchone()
 
     def close(self) -> None:
@@ -143,9 +158,11 @@ class ItemStore:
     def _errors(self) -> Iterator[None]:
         try:
             yield
+        except sqlite3.IntegrityError as error:
+            raise InputError(f"{self.path}: {error} (an id already in the index?)") from None
         except sqlite3.DatabaseError as error:
-            if isinstance(error, sqlite3.IntegrityError):
-                raise
+            if "full" in str(error):
+                raise MmretError(f"{self.path}: {error}; nothing of this write was kept") from None
             raise IndexFormatError(
                 f"{self.path}: {error} (run `mmret check` on the index folder)"
             ) from None
@@ -333,27 +350,21 @@ class ItemStore:
             rows = self._db.execute("PRAGMA integrity_check").fetchall()
         return [] if rows == [("ok",)] else [str(row[0]) for row in rows]
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self)
-
-
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or rollback), bumping the generation on commit."""
-
-    def __init__(self, store: ItemStore) -> None:
-        self._store = store
-        self._db = store._db
-
-    def __enter__(self) -> None:
-        with self._store._errors():
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``, bumping the generation; any error rolls back."""
+        with self._errors():
             self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind: object, error: object, trace: object) -> None:
-        with self._store._errors():
-            if kind is not None:
-                self._db.execute("ROLLBACK")
-                return
-            self._db.execute(
-                "UPDATE state SET value = CAST(value AS INTEGER) + 1 WHERE name = 'generation'"
-            )
-            self._db.execute("COMMIT")
+            try:
+                yield
+                self._db.execute(
+                    "UPDATE state SET value = CAST(value AS INTEGER) + 1 WHERE name = 'generation'"
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                # SQLite may have rolled back already (a full disk): only end what is open,
+                # and let the error under way be the one reported.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise
