@@ -35,7 +35,11 @@ def fsync_folder(folder: Path) -> None:
 
 @contextmanager
 def replace_folder(folder: Path) -> Iterator[Path]:
-    """Yield a scratch folder to fill; on success it replaces ``folder``, on error it is removed."""
+    """Yield a scratch folder to fill; on success it replaces ``folder``, on error it is removed.
+
+    For caches only: a crash between removing the old folder and renaming the new one leaves
+    neither (the cache is then rebuilt); index folders use :func:`build_folder`.
+    """
     scratch = folder.with_name(folder.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
