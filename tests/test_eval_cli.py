@@ -41,6 +41,15 @@ def run(*args: str | Path, code: int = 0) -> str:
     return result.output
 
 
+def report_files(folder: Path, stem: str) -> tuple[Path, Path, Path]:
+    """Where a test asks for the JSON, Markdown and PNG reports."""
+    return folder / f"{stem}.json", folder / f"{stem}.md", folder / f"{stem}.png"
+
+
+def report_options(cache: Path, out: Path, markdown: Path, plot: Path) -> list[str | Path]:
+    return ["--cache-dir", cache, "--json", out, "--markdown", markdown, "--plot", plot]
+
+
 def photo(name: str, size: int = 96) -> Image.Image:
     pixels = getattr(samples, name)()
     if pixels.dtype == bool:
@@ -183,19 +192,8 @@ def class_folders(tmp_path: Path) -> Path:
 
 
 def test_zeroshot_with_starter(class_folders: Path, tmp_path: Path, cache: Path) -> None:
-    out, markdown, plot = tmp_path / "z.json", tmp_path / "z.md", tmp_path / "z.png"
-    output = run(
-        "zeroshot",
-        class_folders,
-        "--cache-dir",
-        cache,
-        "--json",
-        out,
-        "--markdown",
-        markdown,
-        "--plot",
-        plot,
-    )
+    out, markdown, plot = report_files(tmp_path, "z")
+    output = run("zeroshot", class_folders, *report_options(cache, out, markdown, plot))
     result = json.loads(out.read_text())
     assert set(result) == {"top1", "top5", "n", "classes", "model"}
     assert result["n"] == 20 and result["classes"] == 4 and result["model"] == "starter"
@@ -233,7 +231,7 @@ def test_ir_end_to_end(photos: Path, tmp_path: Path, cache: Path) -> None:
     queries.write_text("".join(json.dumps(r) + "\n" for r in rows))
     qrels = tmp_path / "qrels.tsv"
     qrels.write_text("q1 0 doc-chelsea 2\nq2 0 doc-astronaut 1\nq3 0 doc-text-only 1\nq9 0 x 1\n")
-    out, markdown, plot = tmp_path / "ir.json", tmp_path / "ir.md", tmp_path / "ir.png"
+    out, markdown, plot = report_files(tmp_path, "ir")
     output = run(
         "ir",
         queries,
@@ -241,14 +239,7 @@ def test_ir_end_to_end(photos: Path, tmp_path: Path, cache: Path) -> None:
         qrels,
         "--model",
         "hash:32",
-        "--cache-dir",
-        cache,
-        "--json",
-        out,
-        "--markdown",
-        markdown,
-        "--plot",
-        plot,
+        *report_options(cache, out, markdown, plot),
     )
     result = json.loads(out.read_text())
     assert set(result) == {
