@@ -198,3 +198,14 @@ def test_exact_search_in_blocks_of_queries_matches_one_block(
     np.testing.assert_array_equal(keys, whole[1])
     np.testing.assert_allclose(scores, whole[0], rtol=1e-6)  # BLAS sums blocks differently
     assert index.search(queries[:0], 5)[0].shape == (0, 5)
+
+
+@pytest.mark.parametrize("threshold", [0, 1 << 40])
+def test_exact_scores_agree_with_one_or_many_blas_threads(
+    threshold: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmret.index import exact
+
+    monkeypatch.setattr(exact, "_ONE_THREAD_BELOW", threshold)
+    queries, vectors = unit(7, seed=1), unit(50, seed=2)
+    np.testing.assert_allclose(exact.scores(queries, vectors), queries @ vectors.T, rtol=1e-6)
