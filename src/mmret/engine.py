@@ -341,7 +341,7 @@ class Retriever:
             try:
                 self._backend.save(self.folder, self._epoch, self._generation)
             except OSError as error:
-                for cache in self.folder.glob(f"{self._backend.name}-cache*"):
+                for cache in self._backend.cache_files(self.folder):
                     cache.unlink(missing_ok=True)
                 warnings.warn(
                     f"{self.folder}: could not save the {self._backend.name} cache ({error}); "

@@ -65,6 +65,10 @@ class VectorIndex(ABC):
         saved at, or ``None`` when there is none, it is unreadable or of another store."""
         return None
 
+    def cache_files(self, folder: Path) -> list[Path]:
+        """The cache files :meth:`save` left in ``folder`` (safe to delete: rebuilt on open)."""
+        return []
+
     def _check(self, queries: np.ndarray, k: int) -> np.ndarray:
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:

@@ -183,6 +183,10 @@ class FaissIndex(VectorIndex):
         )
         write_atomic(folder / CACHE_FILE, buffer.getvalue())
 
+    def cache_files(self, folder: Path) -> list[Path]:
+        path = folder / CACHE_FILE
+        return [path] if path.is_file() else []
+
     def load(self, folder: Path, epoch: str) -> int | None:
         path = folder / CACHE_FILE
         if not path.is_file():

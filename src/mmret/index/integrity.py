@@ -26,7 +26,7 @@ import numpy as np
 
 from mmret._files import fsync_folder, write_atomic
 from mmret.errors import IndexFormatError, MmretError
-from mmret.index.base import new_backend
+from mmret.index.base import INDEXES, new_backend
 from mmret.index.lock import WriterLock
 from mmret.index.manifest import (
     ITEMS_FILE,
@@ -169,7 +169,7 @@ def _check_backend(
                 f"{folder}: the {backend.name} cache holds {len(backend)} vectors, "
                 f"not {report.items} (repair rebuilds it)",
             )
-    elif any(folder.glob(f"{backend.name}-cache*")):
+    elif backend.cache_files(folder):
         report.notices.append(
             f"{folder}: the {backend.name} cache is stale or unreadable; it is updated from "
             f"{ITEMS_FILE} on open"
@@ -229,9 +229,10 @@ def _repair(folder: Path) -> RepairReport:
     finally:
         store.close()
     if "cache" in before.damaged or store_damaged:
-        for cache in folder.glob("*-cache*"):
-            cache.unlink()
-            report.actions.append(f"removed {cache.name} (rebuilt from {ITEMS_FILE} on open)")
+        for name in INDEXES:  # whichever backend wrote it: "auto" may have used either
+            for cache in INDEXES.get(name)(manifest.dim).cache_files(folder):
+                cache.unlink()
+                report.actions.append(f"removed {cache.name} (rebuilt from {ITEMS_FILE} on open)")
     if not report.actions:
         report.actions.append("nothing to repair")
     return report
