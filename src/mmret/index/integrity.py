@@ -122,6 +122,15 @@ def check_index(folder: str | Path) -> CheckReport:
     return report
 
 
+def vector_problem(vector: bytes, dim: int) -> str | None:
+    """What is wrong with a stored vector's bytes for a ``dim``-dimensional index, if anything."""
+    if len(vector) != 4 * dim:
+        return f"vector of {len(vector)} bytes, not {4 * dim}"
+    if not np.isfinite(np.frombuffer(vector, dtype=np.float32)).all():
+        return "vector holds NaN or infinite values"
+    return None
+
+
 def _check_store(store: ItemStore, manifest: IndexManifest, report: CheckReport) -> None:
     name = store.path
     for line in store.integrity_errors()[:_SHOWN]:
@@ -133,10 +142,8 @@ def _check_store(store: ItemStore, manifest: IndexManifest, report: CheckReport)
             bad.append(f"row {key}: its vector is missing")
             continue
         checksum ^= row_digest(id_, text, image, metadata, vector)
-        if len(vector) != 4 * manifest.dim:
-            bad.append(f"row {key}: vector of {len(vector)} bytes, not {4 * manifest.dim}")
-        elif not np.isfinite(np.frombuffer(vector, dtype=np.float32)).all():
-            bad.append(f"row {key}: vector holds NaN or infinite values")
+        if why := vector_problem(vector, manifest.dim):
+            bad.append(f"row {key}: {why}")
     report.items = count
     for line in bad[:_SHOWN]:
         report.problem("items", f"{name}: {line}")
@@ -270,11 +277,7 @@ def _salvage(folder: Path, manifest: IndexManifest, report: RepairReport) -> Non
         batch: list[tuple[StoredItem, bytes]] = []
         for row in _readable_rows(damaged):
             seen += 1
-            vector = row[1]
-            if (
-                len(vector) != 4 * manifest.dim
-                or not np.isfinite(np.frombuffer(vector, dtype=np.float32)).all()
-            ):
+            if vector_problem(row[1], manifest.dim):
                 continue
             batch.append(row)
             if len(batch) >= _SALVAGE_RANGE:
