@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmret._files import replace_folder
+from mmret._files import hash_file_stats, replace_folder
 from mmret._progress import progress
 from mmret.encoders.base import Content, Encoder, batched, l2_normalise
 from mmret.ingest.images import decode_batch
@@ -48,9 +48,7 @@ def encoder_fingerprint(encoder: Encoder) -> str:
 def files_fingerprint(paths: Sequence[Path]) -> str:
     """A hash of each file's path, size and modification time, in order."""
     digest = hashlib.sha256()
-    for path in paths:
-        stat = path.stat()
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    hash_file_stats(digest, paths)
     return digest.hexdigest()[:24]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmret._files import replace_folder
+from mmret._files import hash_file_stats, replace_folder
 from mmret._progress import progress
 from mmret.encoders.base import batched
 from mmret.encoders.towers import IMAGE_SIZE, TOWERS, StarterTowers
@@ -43,9 +43,7 @@ class PairSet:
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(TOWERS.encode())
-        for path in self.images:
-            stat = path.stat()
-            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        hash_file_stats(digest, self.images)
         digest.update("\n".join(self.texts).encode())
         digest.update(self.text_image.tobytes())
         return digest.hexdigest()[:24]
