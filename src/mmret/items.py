@@ -28,6 +28,14 @@ def check_text(what: str, text: object) -> None:
         ) from None
 
 
+def check_metadata(what: str, metadata: Mapping[str, Any]) -> None:
+    """Refuse metadata the store cannot keep as JSON (sets, bytes, NaN, ...)."""
+    try:
+        json.dumps(dict(metadata), allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{what} is not JSON-serialisable ({error})") from None
+
+
 @dataclass(frozen=True)
 class Query:
     """A search query: a text, an image, or both (an image+text query)."""
@@ -65,10 +73,7 @@ class Item:
             check_text(f"item {self.id!r}: text", self.text)
         if isinstance(self.image, str | Path):
             check_text(f"item {self.id!r}: image path", str(self.image))
-        try:
-            json.dumps(dict(self.metadata), allow_nan=False)
-        except (TypeError, ValueError) as error:
-            raise InputError(f"item {self.id!r}: metadata is not JSON ({error})") from None
+        check_metadata(f"item {self.id!r}: metadata", self.metadata)
 
     @property
     def image_path(self) -> str | None:

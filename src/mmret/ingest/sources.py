@@ -20,7 +20,7 @@ from typing import Any
 
 from mmret.errors import InputError
 from mmret.ingest.report import SkipReport
-from mmret.items import Item
+from mmret.items import Item, check_metadata
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -102,10 +102,7 @@ def _validate(row: Any, base: Path) -> Record:
         if not image_path.is_file():
             raise InputError(f"image file not found: {image_path}")
     metadata = {key: value for key, value in row.items() if key not in _RESERVED}
-    try:
-        json.dumps(metadata, allow_nan=False)
-    except (TypeError, ValueError) as error:
-        raise InputError(f"metadata is not JSON-serialisable ({error})") from None
+    check_metadata("metadata", metadata)
     return Record(str(raw_id), image_path, captions, metadata)
 
 
