@@ -39,8 +39,8 @@ class IndexManifest:
         return cls(**data)
 
 
-def _checksum(data: dict[str, Any]) -> str:
-    fields = {key: value for key, value in data.items() if key != "checksum"}
+def _checksum(fields: dict[str, Any]) -> str:
+    """Of the manifest's fields, the checksum itself not among them."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

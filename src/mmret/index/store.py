@@ -48,21 +48,22 @@ _JOINED = (
 _CHUNK = 900  # stays under SQLite's limit on bound parameters in one statement
 SQLITE_HEADER = b"SQLite format 3\x00"
 
+# Run once, when the database is created.
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS items (
+CREATE TABLE items (
     key INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     text TEXT,
     image TEXT,
     metadata TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS vectors (key INTEGER PRIMARY KEY, vector BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS removed (key INTEGER PRIMARY KEY, generation INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS removed_by_generation ON removed (generation);
-INSERT OR IGNORE INTO state VALUES ('generation', '0');
-INSERT OR IGNORE INTO state VALUES ('count', '0');
-INSERT OR IGNORE INTO state VALUES ('checksum', '0000000000000000');
+CREATE TABLE vectors (key INTEGER PRIMARY KEY, vector BLOB NOT NULL);
+CREATE TABLE state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE removed (key INTEGER PRIMARY KEY, generation INTEGER NOT NULL);
+CREATE INDEX removed_by_generation ON removed (generation);
+INSERT INTO state VALUES ('generation', '0');
+INSERT INTO state VALUES ('count', '0');
+INSERT INTO state VALUES ('checksum', '0000000000000000');
 """
 
 
