@@ -48,6 +48,8 @@ def test_sql_is_parameterised() -> None:
         ({"k": {"a": 1}}, "a range takes"),
         ({"k": None}, "expected a string"),
         ({"k": {"gt": float("nan")}}, "NaN"),
+        ({"k": 2**63}, "does not fit in 64 bits"),
+        ({"k": [1, -(2**63) - 1]}, "does not fit in 64 bits"),
     ],
 )
 def test_bad_filters(filter_: dict[str, object], message: str) -> None:

@@ -71,6 +71,8 @@ def _check_scalar(key: str, value: Any, *, numeric: bool) -> None:
         raise InputError(f"filter on {key!r}: expected {kind}, got {value!r}")
     if isinstance(value, float) and value != value:
         raise InputError(f"filter on {key!r}: NaN is not a valid bound")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise InputError(f"filter on {key!r}: {value} does not fit in 64 bits")
 
 
 def parse_filter(expressions: Sequence[str]) -> dict[str, Any]:
