@@ -22,9 +22,10 @@ def test_folder_source_ids_captions_and_subfolders(photo_folder: Path) -> None:
 
 def test_folder_caption_that_is_not_utf8_is_reported(photo_folder: Path) -> None:
     (photo_folder / "red.txt").write_bytes(b"\xff\xfe bad")
-    report = SkipReport()
-    items = {item.id: item for item in read_items(photo_folder, report)}
+    source = read_items(photo_folder)
+    items = {item.id: item for item in source}
     assert items["red"].text is None  # the image is still indexed
+    report = source.skipped
     assert report.skipped == 1 and "red.txt: caption unreadable" in report.reasons[0]
 
 

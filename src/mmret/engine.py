@@ -33,6 +33,7 @@ from mmret.index.manifest import (
 )
 from mmret.index.store import ItemStore, StoredItem
 from mmret.ingest.report import SkipReport
+from mmret.ingest.sources import ItemSource
 from mmret.items import Item, Query
 
 ADD_CHUNK = 256
@@ -254,10 +255,13 @@ class Retriever:
         """Encode and store items, one transaction per chunk of 256.
 
         Items whose id is already indexed, or whose image cannot be decoded, are skipped and
-        reported; everything else is stored.
+        reported in the result (or in ``report``, when given); so are the entries that
+        :func:`~mmret.read_items` skips, when ``items`` is what it returned.
         """
         self._writable()
         result = AddReport(skipped=report if report is not None else SkipReport())
+        if isinstance(items, ItemSource):
+            items = items.read(result.skipped)
         chunks = _chunks(items, ADD_CHUNK)
         n_chunks = None if total is None else -(-total // ADD_CHUNK)
         with ThreadPoolExecutor(max_workers=2) as pool:

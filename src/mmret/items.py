@@ -12,6 +12,9 @@ from PIL import Image
 
 from mmret.errors import InputError
 
+#: How deeply metadata may nest (the metadata mapping itself is the first level).
+MAX_METADATA_DEPTH = 32
+
 #: An image as a caller may hand it over: a path, the encoded file's bytes, or a decoded image.
 ImageInput = str | Path | bytes | Image.Image
 
@@ -29,11 +32,42 @@ def check_text(what: str, text: object) -> None:
 
 
 def check_metadata(what: str, metadata: Mapping[str, Any]) -> None:
-    """Refuse metadata the store cannot keep as JSON (sets, bytes, NaN, ...)."""
+    """Refuse metadata the store cannot keep as JSON and give back intact: sets, bytes, NaN,
+    integers of more than 4,300 digits, lone surrogates, nesting deeper than
+    :data:`MAX_METADATA_DEPTH` levels (SQLite's and Python's JSON readers stop at some depth)."""
+    if _depth(metadata) > MAX_METADATA_DEPTH:
+        raise InputError(f"{what} is nested more than {MAX_METADATA_DEPTH} levels deep")
     try:
-        json.dumps(dict(metadata), allow_nan=False)
-    except (TypeError, ValueError) as error:
+        text = json.dumps(dict(metadata), allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as error:
         raise InputError(f"{what} is not JSON-serialisable ({error})") from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(
+            f"{what} holds text that is not valid Unicode (unpaired surrogate)"
+        ) from None
+
+
+def _depth(value: object) -> int:
+    """How deeply dicts and lists nest in ``value`` (0 for a scalar), counted without
+    recursion and only up to one level past the limit; each container is looked at once, so
+    a structure that contains itself ends the count (JSON then refuses it)."""
+    depth, level, seen = 0, [value], set[int]()
+    while depth <= MAX_METADATA_DEPTH:
+        containers = [
+            v for v in level if isinstance(v, Mapping | list | tuple) and id(v) not in seen
+        ]
+        if not containers:
+            break
+        seen.update(id(container) for container in containers)
+        depth += 1
+        level = [
+            child
+            for container in containers
+            for child in (container.values() if isinstance(container, Mapping) else container)
+        ]
+    return depth
 
 
 @dataclass(frozen=True)

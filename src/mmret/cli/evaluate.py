@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import typer
 
-from mmret.cli.output import console, friendly_errors, print_skips, status
+from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_skips, status
 from mmret.encoders import Encoder, load_encoder
 from mmret.errors import InputError
 from mmret.evaluation import reports
@@ -34,6 +34,7 @@ from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import read_items
 
 eval_app = typer.Typer(
+    cls=ReflowedHelp,
     help="Measure quality: image-text retrieval, zero-shot classification, multimodal IR.",
     no_args_is_help=True,
 )
@@ -295,8 +296,8 @@ def ir(
     spec = resolve_model(model, head)
     report = SkipReport()
     judgements = read_qrels(qrels)
-    query_items = list(read_items(queries, report))
-    doc_items = list(read_items(corpus, report))
+    query_items = list(read_items(queries).read(report))
+    doc_items = list(read_items(corpus).read(report))
     if not query_items or not doc_items:
         raise InputError("need at least one query and one document")
     encoder, load_s = load(spec)

@@ -10,6 +10,7 @@ import typer
 from mmret.cli.evaluate import eval_app
 from mmret.cli.maintain import check, repair
 from mmret.cli.output import (
+    ReflowedHelp,
     console,
     errors,
     friendly_errors,
@@ -24,10 +25,11 @@ from mmret.errors import InputError
 from mmret.index.filters import parse_filter
 from mmret.index.manifest import MANIFEST_FILE
 from mmret.ingest.report import SkipReport
-from mmret.ingest.sources import read_records
+from mmret.ingest.sources import read_items
 from mmret.items import Query
 
 app = typer.Typer(
+    cls=ReflowedHelp,
     help="mmret: index and search images, texts and image+text items.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -57,7 +59,7 @@ def index(
     """Index a folder or manifest into OUT; an existing index gets the new items added."""
     report = SkipReport()
     with status("Reading source..."):
-        records = list(read_records(source, report))
+        items = list(read_items(source).read(report))
     if (out / MANIFEST_FILE).exists():
         retriever = Retriever.open(out, wait=wait)
         if model != "starter" and model != retriever.manifest.encoder:
@@ -66,9 +68,7 @@ def index(
         with status(f"Loading encoder {model}..."):
             retriever = Retriever.create(out, model=model, backend=backend)
     with retriever:
-        result = retriever.add(
-            (r.to_item() for r in records), report=report, show_progress=True, total=len(records)
-        )
+        result = retriever.add(items, report=report, show_progress=True, total=len(items))
         summary = {
             "added": result.added,
             "skipped": report.skipped,

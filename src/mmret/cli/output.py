@@ -7,11 +7,12 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from mmret.engine import SearchResult
 from mmret.errors import MmretError
@@ -36,6 +37,41 @@ def friendly_errors(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+class ReflowedHelp(TyperGroup):
+    """A command group whose help texts, and those of every command under it, are reflowed.
+
+    Typer keeps a docstring's line breaks, so a sentence broke wherever its source line ended
+    ("each caption ranks all / images"); with each paragraph joined into one line, rich wraps
+    it at the terminal's width. A paragraph starting with ``\\b`` keeps its breaks (click's
+    convention for preformatted text).
+    """
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        _reflow_all(self)
+
+
+class _Documented(Protocol):
+    help: str | None
+
+
+def _reflow_all(command: _Documented) -> None:
+    command.help = reflow(command.help)
+    for sub in getattr(command, "commands", {}).values():
+        _reflow_all(sub)
+
+
+def reflow(text: str | None) -> str | None:
+    """``text`` with the line breaks inside each paragraph (blank-line separated) removed."""
+    if text is None:
+        return None
+    paragraphs = text.split("\n\n")
+    return "\n\n".join(
+        p if p.startswith("\b") else " ".join(line.strip() for line in p.splitlines())
+        for p in paragraphs
+    )
 
 
 def print_json(data: Any) -> None:

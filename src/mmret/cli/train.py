@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 import typer
 
-from mmret.cli.output import console, friendly_errors, print_skips
+from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_skips
 from mmret.encoders.towers import StarterTowers
 from mmret.ingest.report import SkipReport
 from mmret.training.align import AlignTrainingConfig, EpochLog, train_alignment
 from mmret.training.features import default_cache_dir, pair_features, read_pairs
 
 train_app = typer.Typer(
-    help="Train the small heads that make retrieval better.", no_args_is_help=True
+    cls=ReflowedHelp, help="Train the small heads that make retrieval better.", no_args_is_help=True
 )
 
 

