@@ -75,7 +75,7 @@ def test_bad_jsonl_lines_are_skipped_with_reasons(tmp_path: Path, manifest: Path
         "bad.jsonl:7: 'captions' must be a list of strings",
         "bad.jsonl:8: expected an object",
         "bad.jsonl:9: duplicate id 'red'",
-        "bad.jsonl:10: metadata is not JSON-serialisable",
+        "bad.jsonl:10: item 'nan': metadata is not JSON-serialisable",
         "bad.jsonl:11: not valid UTF-8",
     ]:
         assert expected in reasons
