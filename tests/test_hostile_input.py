@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import resource
 import struct
 import zlib
 from pathlib import Path
@@ -22,7 +21,7 @@ from mmret.index.filters import parse_filter
 from mmret.ingest.sources import read_records
 
 from .conftest import solid
-from .forking import exit_code, fork
+from .forking import peak_memory_of
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -58,15 +57,6 @@ def zeros_png(width: int, height: int, inflated_bytes: int) -> bytes:
         + png_chunk(b"IDAT", data)
         + png_chunk(b"IEND", b"")
     )
-
-
-def peak_memory_of(work: object) -> int:
-    """Extra peak resident memory, in MB, of running ``work()`` in a forked child."""
-    baseline = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-    pid = fork(work)  # type: ignore[arg-type]
-    assert exit_code(pid) == 0
-    child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return max(child_peak - baseline, 0) >> 20
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from mmret.cli.evaluate import eval_app
 from mmret.cli.maintain import check, repair
@@ -79,8 +80,9 @@ def index(
         print_json(summary)
         return
     print_skips(report)
+    total = summary["items"]
     console.print(
-        f"[green]indexed {result.added} items[/] into {out} ({summary['items']} in total)"
+        f"[green]indexed {result.added} items[/] into {escape(str(out))} ({total} in total)"
     )
 
 

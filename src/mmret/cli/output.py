@@ -11,6 +11,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -33,7 +34,7 @@ def friendly_errors(command: Callable[P, R]) -> Callable[P, R]:
         try:
             return command(*args, **kwargs)
         except MmretError as error:
-            errors.print(f"[bold red]error:[/] {error}", highlight=False)
+            errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -80,11 +81,12 @@ def print_json(data: Any) -> None:
 
 def print_skips(report: SkipReport) -> None:
     if report.skipped:
-        errors.print(f"[yellow]{report.summary()}[/]", highlight=False)
+        # Reasons quote the input: "[/x]" in a file name is text here, not rich markup.
+        errors.print(f"[yellow]{escape(report.summary())}[/]", highlight=False)
 
 
 def results_table(title: str, hits: list[SearchResult]) -> Table:
-    table = Table(title=title, title_justify="left", show_lines=False)
+    table = Table(title=escape(title), title_justify="left", show_lines=False)
     table.add_column("#", justify="right", style="dim")
     table.add_column("score", justify="right")
     table.add_column("id", style="bold")
@@ -93,7 +95,9 @@ def results_table(title: str, hits: list[SearchResult]) -> Table:
         shown = hit.text.replace("\n", " / ") if hit.text else ""
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        table.add_row(str(rank), f"{hit.score:.3f}", hit.id, shown or (hit.image or ""))
+        table.add_row(
+            str(rank), f"{hit.score:.3f}", escape(hit.id), escape(shown or hit.image or "")
+        )
     return table
 
 
