@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from mmret import Retriever, read_items
 from mmret.cli.main import app
+from mmret.encoders.hashing import HashEncoder
 
 runner = CliRunner()
 
@@ -94,3 +96,97 @@ def test_errors_are_one_clear_line(tmp_path: Path, index_dir: Path) -> None:
     assert "unknown encoder" in run(
         "index", tmp_path, "--out", tmp_path / "o2", "--model", "zzz", code=1
     )
+
+
+@pytest.mark.parametrize(
+    ("cwd", "spelling"),
+    [
+        (".", "photos"),
+        (".", "./photos/"),
+        ("elsewhere", "../photos"),
+        ("elsewhere", "{tmp}/photos"),
+    ],
+)
+def test_a_folder_indexes_everything_from_any_working_directory(
+    tmp_path: Path, photo_folder: Path, monkeypatch: pytest.MonkeyPatch, cwd: str, spelling: str
+) -> None:
+    """``mmret index photos --out p.mmret`` once joined the folder onto its images twice."""
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / cwd)
+    summary = json.loads(
+        run(
+            "index",
+            spelling.format(tmp=tmp_path),
+            "--out",
+            "p.mmret",
+            "--model",
+            "hash:32",
+            "--json",
+        )
+    )
+    assert summary["added"] == 5 and summary["skipped"] == 0, summary["reasons"]
+    hits = json.loads(run("search", "p.mmret", "a red square", "--k", "5", "--json"))["results"]
+    assert {Path(hit["image"]) for hit in hits} == {
+        path for path in photo_folder.rglob("*") if path.suffix in {".jpg", ".png"}
+    }
+
+
+def write_manifest(kind: str, jsonl: Path) -> Path:
+    """The JSONL manifest's rows as a ``kind`` manifest beside it (paths stay relative)."""
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    path = jsonl.with_suffix(f".{kind}")
+    if kind == "csv":
+        lines = ["id,image,text,year"] + [
+            f"{row['id']},{row['image']},{row['captions'][0]},{row['year']}" for row in rows
+        ]
+        path.write_text("\n".join(lines) + "\n")
+    elif kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet"])
+@pytest.mark.parametrize(
+    ("cwd", "prefix"), [(".", "data/"), ("data", ""), ("elsewhere", "../data/")]
+)
+def test_manifest_image_paths_are_relative_to_the_manifest_from_any_working_directory(
+    tmp_path: Path,
+    manifest: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    cwd: str,
+    prefix: str,
+) -> None:
+    source = write_manifest(kind, manifest)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / cwd)
+    summary = json.loads(
+        run("index", prefix + source.name, "--out", "m.mmret", "--model", "hash:32", "--json")
+    )
+    assert summary["added"] == 4 and summary["skipped"] == 0, summary["reasons"]
+    results = json.loads(run("search", "m.mmret", "a red square", "--k", "1", "--json"))["results"]
+    assert results[0]["image"] == str(manifest.parent / "images" / "red.png")
+
+
+def test_skips_of_the_source_reach_the_report(
+    tmp_path: Path, photo_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From Python, ``add(read_items(...))`` reports what reading skipped beside its own skips,
+    and a source made in one working directory reads the same from another."""
+    (photo_folder / "broken.jpg").write_bytes(b"nope")
+    (photo_folder / "blue.txt").write_bytes(b"\xff not UTF-8")
+    (photo_folder / "link.jpg").symlink_to(photo_folder / "red.jpg")
+    monkeypatch.chdir(tmp_path)
+    source = read_items("photos/")
+    monkeypatch.chdir(tmp_path.parent)
+    with Retriever.create(tmp_path / "index", encoder=HashEncoder(8)) as retriever:
+        report = retriever.add(source)
+        again = retriever.add(source)
+    assert report.added == 6  # five photos and the link, "blue" without its caption
+    reasons = "\n".join(report.skipped.reasons)
+    assert report.skipped.skipped == 2, reasons
+    assert "blue.txt: caption unreadable" in reasons and "broken: " in reasons
+    assert again.added == 0 and again.skipped.skipped == 8  # 6 in the index, 2 as before

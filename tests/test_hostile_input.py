@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import shutil
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 from mmret import ImageLoadError, InputError, Item, Query, Retriever, SkipReport, load_image
+from mmret.cli.main import app
 from mmret.encoders.hashing import HashEncoder
 from mmret.index.filters import parse_filter
 from mmret.ingest.sources import read_records
@@ -268,3 +275,186 @@ def test_any_filter_searches_or_fails_clearly(
     else:
         assert len(hits) <= 5
     assert len(retriever) == 20
+
+
+# -- the whole `mmret index` path: parsed, checked, encoded, stored ---------------------------
+
+NASTY_TEXT = st.text(
+    st.one_of(
+        st.characters(), st.sampled_from(["\x00", "\ud800", "\udcff", "\udfff", "[", "/", "]"])
+    ),
+    max_size=12,
+)
+NASTY_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=2**63),  # beyond SQLite's integers, stored in the JSON text
+    st.floats(),  # NaN and infinities too: JSON cannot hold them
+    NASTY_TEXT,
+)
+NASTY_VALUES = st.recursive(
+    NASTY_SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(NASTY_TEXT, inner, max_size=3),
+    max_leaves=10,
+)
+NASTY_ROWS = st.builds(
+    lambda known, other: {**other, **known},
+    st.fixed_dictionaries(
+        {"id": st.one_of(NASTY_TEXT, st.integers(), st.floats(), st.booleans(), st.none())},
+        optional={
+            "text": st.one_of(NASTY_TEXT, NASTY_VALUES),
+            "captions": st.lists(NASTY_TEXT, max_size=2),
+            "image": st.sampled_from(["images/ok.png", "images/missing.png", "images/ok.png\x00"]),
+            "kind": NASTY_VALUES,
+            "nested": st.integers(1, 40).map(lambda depth: json.loads("[" * depth + "]" * depth)),
+        },
+    ),
+    st.dictionaries(NASTY_TEXT, NASTY_VALUES, max_size=2),  # any other key is metadata
+)
+NASTY_LINES = st.one_of(
+    NASTY_ROWS.map(lambda row: json.dumps(row).encode()),  # lone surrogates as \ud800 escapes
+    NASTY_ROWS.map(
+        lambda row: json.dumps(row, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    ),
+    st.sampled_from(
+        [
+            b'{"id": "huge", "text": "x", "n": ' + b"9" * 5000 + b"}",  # over Python's digit limit
+            b'{"id": "deep", "text": "x", "n": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+            b'{"id": "d", "text": "\\u0000\\ud800 weird"}',  # the line of the bug report
+        ]
+    ),
+)
+
+
+def stored_rows(index: Path) -> dict[str, tuple[str | None, dict[str, object]]]:
+    """Every stored item's text and metadata, by id."""
+    with Retriever.open(index, readonly=True) as retriever:
+        hits = retriever.search_vectors(np.ones((1, 16), np.float32), k=10**6)[0]
+    return {hit.id: (hit.text, hit.metadata) for hit in hits}
+
+
+@settings(FUZZ, max_examples=60)  # each example is a whole `mmret index` run
+@given(lines=st.lists(NASTY_LINES, min_size=1, max_size=8))
+def test_no_manifest_line_stops_mmret_index(tmp_path: Path, lines: list[bytes]) -> None:
+    """Each line is indexed intact or skipped with a reason naming it; the run always ends
+    well, with every good line indexed, whatever comes before or after it."""
+    folder = tmp_path / "fuzz"
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "images").mkdir(parents=True)
+    solid((10, 20, 30)).save(folder / "images" / "ok.png")
+    good = b'{"id": "good-after", "text": "a good line after the others", "year": 2001}'
+    (folder / "items.jsonl").write_bytes(b"\n".join([*lines, good]) + b"\n")
+    result = CliRunner().invoke(
+        app,
+        [
+            "index",
+            str(folder / "items.jsonl"),
+            "--out",
+            str(folder / "index"),
+            "--model",
+            "hash:16",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["added"] + summary["skipped"] == len(lines) + 1
+    for reason in summary["reasons"]:
+        assert re.match(r"items\.jsonl:\d+: ", reason), reason
+    stored = stored_rows(folder / "index")
+    assert len(stored) == summary["added"] and stored["good-after"][1] == {"year": 2001}
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):
+            continue
+        item_id = str(row.get("id")) if isinstance(row, dict) else None
+        if item_id in stored and f"items.jsonl:{number}: " not in " ".join(summary["reasons"]):
+            metadata = {
+                k: v for k, v in row.items() if k not in {"id", "text", "captions", "image"}
+            }
+            assert stored[item_id][1] == metadata  # stored intact, not mangled
+
+
+def test_unstorable_values_are_skipped_with_reasons_and_the_rest_indexed(tmp_path: Path) -> None:
+    """Valid JSON that cannot be stored, through `mmret index` with the shipped model."""
+    solid((10, 200, 10)).save(tmp_path / "ok.png")
+    rows = [
+        b'{"id": "d", "text": "\\u0000\\ud800 weird"}',
+        b'{"id": "nul", "text": "a NUL \\u0000 inside is kept"}',
+        b'{"id": "path", "image": "ok.png\\u0000.png"}',
+        b'{"id": "huge", "text": "x", "n": ' + b"9" * 5000 + b"}",
+        b'{"id": "big", "text": "an integer beyond 64 bits", "n": 123456789012345678901234567890}',
+        b'{"id": "deep", "text": "x", "n": ' + b"[" * 40 + b"]" * 40 + b"}",
+        b'{"id": "nested", "text": "nested metadata", "n": {"a": [1, {"b": null}]}}',
+        b'{"id": 1.5, "text": "a float id"}',
+        b'{"id": ["a"], "text": "a list id"}',
+        b'{"id": 42, "text": "an integer id"}',
+        b'{"id": "key", "text": "x", "\\udcff": 1}',
+        b'{"id": "[/x]", "image": "[/x].png"}',
+        b'{"id": "last", "image": "ok.png", "text": "the last line"}',
+    ]
+    (tmp_path / "items.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    result = CliRunner().invoke(
+        app, ["index", str(tmp_path / "items.jsonl"), "--out", str(tmp_path / "index")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "indexed 5 items" in result.output
+    for reason in [
+        "items.jsonl:1: item 'd': text is not valid Unicode (unpaired surrogate at position 1)",
+        "items.jsonl:3: image path 'ok.png\\x00.png' cannot be used (embedded null byte)",
+        "items.jsonl:4: invalid JSON (Exceeds the limit (4300 digits)",
+        "items.jsonl:6: item 'deep': metadata is nested more than 32 levels deep",
+        "items.jsonl:8: missing or invalid 'id' (1.5)",
+        "items.jsonl:9: missing or invalid 'id' (['a'])",
+        "items.jsonl:11: item 'key': metadata holds text that is not valid Unicode",
+        "items.jsonl:12: image file not found: ",
+    ]:
+        assert reason in result.output
+    with Retriever.open(tmp_path / "index", readonly=True) as retriever:
+        hits = {hit.id: hit for hit in retriever.search(["nested metadata"], k=10)[0]}
+    assert set(hits) == {"nul", "big", "nested", "42", "last"}
+    assert hits["nul"].text == "a NUL \x00 inside is kept"
+    assert hits["big"].metadata == {"n": 123456789012345678901234567890}
+    assert hits["nested"].metadata == {"n": {"a": [1, {"b": None}]}}
+
+
+def test_bad_csv_and_parquet_rows_are_skipped_and_the_rest_indexed(tmp_path: Path) -> None:
+    (tmp_path / "items.csv").write_bytes(
+        b"id,text,year\n"
+        b"a,fine,2001\n"
+        b"b,not \xff UTF-8,2002\n"
+        b"c," + b"x" * 200_000 + b",2003\n"  # over the csv module's field limit
+        b"d,also fine,2004\n"
+    )
+    table = pa.table({"id": ["e", "f"], "text": ["ok", "ok too"], "blob": [None, b"\x00\x01"]})
+    pq.write_table(table, tmp_path / "items.parquet")
+    for name, added, reasons in [
+        (
+            "items.csv",
+            2,
+            ["items.csv:3: not valid UTF-8", "items.csv:4: not valid CSV (field larger"],
+        ),
+        ("items.parquet", 1, ["items.parquet:row 2: item 'f': metadata is not JSON-serialisable"]),
+    ]:
+        out = tmp_path / f"{name}.mmret"
+        result = CliRunner().invoke(
+            app, ["index", str(tmp_path / name), "--out", str(out), "--model", "hash:8"]
+        )
+        assert result.exit_code == 0, result.output
+        assert f"indexed {added} items" in result.output
+        assert all(reason in result.output for reason in reasons), result.output
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_reported(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    solid((1, 2, 3)).save(folder / "fine.png")
+    solid((1, 2, 3)).save(os.fsdecode(bytes(folder) + b"/caf\xe9 [red].png"))
+    result = CliRunner().invoke(
+        app, ["index", str(folder), "--out", str(tmp_path / "i"), "--model", "hash:8"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "indexed 1 items" in result.output
+    assert "caf\\udce9 [red].png: item id is not valid Unicode" in result.output

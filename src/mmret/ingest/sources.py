@@ -199,9 +199,8 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
             except StopIteration:
                 return
             except csv.Error as error:  # a field over the size limit, a stray quote, ...
+                # The reader has consumed the bad record's lines and goes on after them.
                 yield f"{path.name}:{line + 1}", InputError(f"not valid CSV ({error})")
-                if reader.line_num == line:  # the reader is stuck: nothing more can be read
-                    return
                 continue
             where = f"{path.name}:{reader.line_num}"
             if any(_undecodable(cell) for cell in [*row.keys(), *row.values()]):
