@@ -190,3 +190,30 @@ def test_skips_of_the_source_reach_the_report(
     assert report.skipped.skipped == 2, reasons
     assert "blue.txt: caption unreadable" in reasons and "broken: " in reasons
     assert again.added == 0 and again.skipped.skipped == 8  # 6 in the index, 2 as before
+
+
+def command_paths(command: object, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The argument paths of every command and group under ``command`` (the root is ``()``)."""
+    paths = [path]
+    for name, sub in getattr(command, "commands", {}).items():
+        paths += command_paths(sub, (*path, name))
+    return paths
+
+
+def test_every_help_text_keeps_its_sentences_whole() -> None:
+    """Typer kept docstring line breaks, so help broke mid-sentence ("ranks all / images")."""
+    import typer.main
+
+    root = typer.main.get_command(app)
+    paths = command_paths(root)
+    assert ("eval", "retrieval") in paths and ("index",) in paths
+    for path in paths:
+        command = root
+        for name in path:
+            command = command.commands[name]  # type: ignore[attr-defined]
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "400"})
+        assert result.exit_code == 0, result.output
+        lines = [line.strip() for line in result.output.splitlines()]
+        for paragraph in (command.help or "").split("\n\n"):
+            assert "\n" not in paragraph.strip(), (path, paragraph)
+            assert paragraph.strip() in lines, (path, paragraph)
