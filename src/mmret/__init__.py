@@ -13,7 +13,7 @@ from mmret.errors import ImageLoadError, IndexFormatError, InputError, MmretErro
 from mmret.index.filters import parse_filter
 from mmret.ingest.images import load_image
 from mmret.ingest.report import SkipReport
-from mmret.ingest.sources import read_items
+from mmret.ingest.sources import ItemSource, read_items
 from mmret.items import Item, Query
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "IndexFormatError",
     "InputError",
     "Item",
+    "ItemSource",
     "MmretError",
     "Query",
     "Retriever",
