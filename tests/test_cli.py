@@ -127,7 +127,7 @@ def test_a_folder_indexes_everything_from_any_working_directory(
     assert summary["added"] == 5 and summary["skipped"] == 0, summary["reasons"]
     hits = json.loads(run("search", "p.mmret", "a red square", "--k", "5", "--json"))["results"]
     assert {Path(hit["image"]) for hit in hits} == {
-        path for path in photo_folder.rglob("*") if path.suffix in {".jpg", ".png"}
+        path.resolve() for path in photo_folder.rglob("*") if path.suffix in {".jpg", ".png"}
     }
 
 
@@ -168,7 +168,7 @@ def test_manifest_image_paths_are_relative_to_the_manifest_from_any_working_dire
     )
     assert summary["added"] == 4 and summary["skipped"] == 0, summary["reasons"]
     results = json.loads(run("search", "m.mmret", "a red square", "--k", "1", "--json"))["results"]
-    assert results[0]["image"] == str(manifest.parent / "images" / "red.png")
+    assert results[0]["image"] == str((manifest.parent / "images" / "red.png").resolve())
 
 
 def test_skips_of_the_source_reach_the_report(
