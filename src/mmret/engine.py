@@ -22,6 +22,7 @@ from mmret.encoders import Encoder, load_encoder
 from mmret.encoders.base import l2_normalise
 from mmret.errors import ImageLoadError, IndexFormatError, InputError
 from mmret.index.base import VectorIndex, new_backend
+from mmret.index.columns import MetadataColumns
 from mmret.index.filters import Filter
 from mmret.index.lock import WriterLock
 from mmret.index.manifest import (
@@ -93,6 +94,7 @@ class Retriever:
         self._writer_lock = lock
         # One connection serves every thread: calls take turns so transactions never mix.
         self._mutex = threading.RLock()
+        self._columns = MetadataColumns()
         self._backend, self._generation = self._load_backend()
 
     # -- opening --------------------------------------------------------------------------
@@ -402,7 +404,7 @@ class Retriever:
         # One snapshot: the vectors searched, the filter and the rows returned agree even while
         # another process writes.
         with self._mutex, self._store.snapshot():
-            allowed = self._store.filter_keys(filter) if filter else None
+            allowed = self._columns.matching_keys(self._store, filter) if filter else None
             scores, keys = self._current_backend().search(vectors, k, allowed)
             rows = self._store.rows(np.unique(keys[keys >= 0]).tolist())
         results = []
