@@ -17,7 +17,8 @@ DIM = 16
 
 BACKENDS: dict[str, Callable[[], VectorIndex]] = {
     "exact": lambda: ExactIndex(DIM),
-    # exact_below=0 forces the approximate structures even for tiny filtered searches.
+    # exact_below=0 sends every filter allowing 5 % of the items or more through the
+    # approximate structures (below that, every backend scores the allowed rows directly).
     "faiss-hnsw": lambda: FaissIndex(DIM, kind="hnsw", exact_below=0, ef_search=256),
     "faiss-ivf": lambda: FaissIndex(DIM, kind="ivf", exact_below=0, nprobe=64),
     "faiss-filtered-exact": lambda: FaissIndex(DIM, kind="hnsw"),
@@ -110,6 +111,25 @@ def test_filtered_search(filled: tuple[VectorIndex, np.ndarray, np.ndarray]) -> 
     assert overlap(found, brute_force(vectors[mask], keys[mask], queries, 5)) >= 0.9
 
 
+@pytest.mark.parametrize("share", [0.01, 0.04, 0.3, 0.9])
+def test_filtered_search_at_every_selectivity(
+    filled: tuple[VectorIndex, np.ndarray, np.ndarray], share: float
+) -> None:
+    """Selective filters (scored directly) are exact; looser ones (the structure searched with
+    the allowed set: a masked full pass for exact, an ID selector for FAISS) keep recall."""
+    index, keys, vectors = filled
+    allowed = np.sort(np.random.default_rng(7).choice(keys, int(share * len(keys)), False))
+    queries = unit(10, seed=8)
+    _scores, found = index.search(queries, 10, allowed)
+    mask = np.isin(keys, allowed)
+    expected = brute_force(vectors[mask], keys[mask], queries, 10)
+    assert set(found.ravel()) <= set(allowed.tolist())
+    if share < 0.05 or isinstance(index, ExactIndex):
+        np.testing.assert_array_equal(found, expected)
+    else:
+        assert overlap(found, expected) >= 0.9
+
+
 def test_k_larger_than_candidates_is_padded(backend: VectorIndex) -> None:
     backend.add(np.array([1, 2, 3]), unit(3))
     scores, found = backend.search(unit(2, seed=4), 5)
@@ -118,6 +138,10 @@ def test_k_larger_than_candidates_is_padded(backend: VectorIndex) -> None:
     assert set(found[:, :3].ravel()) == {1, 2, 3}
     _, none = backend.search(unit(1), 3, allowed=np.array([], dtype=np.int64))
     assert (none == -1).all()
+    scores, two = backend.search(unit(1), 5, allowed=np.array([1, 3]))  # most items allowed
+    assert (
+        set(two[0, :2]) == {1, 3} and (two[0, 2:] == -1).all() and np.isneginf(scores[0, 2:]).all()
+    )
 
 
 def test_empty_index(backend: VectorIndex) -> None:

@@ -151,6 +151,19 @@ def top_k(scores: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return out_scores, out_keys
 
 
+def scores_allowed_directly(allowed: int, total: int, *, up_to: int, below_share: float) -> bool:
+    """How a filtered search runs, decided per query from how many items the filter allows:
+    ``True`` to score those rows directly (exact, costs O(allowed)), ``False`` to search the
+    backend's whole structure restricted to them (costs about the same whatever the filter).
+
+    Every backend asks here, with its own two crossovers: ``up_to`` rows are always cheaper
+    to score than a structure search, and below ``below_share`` of the items the structure
+    loses (HNSW with an ID selector walks a graph mostly made of excluded items and misses
+    neighbours: recall@10 0.38 at 1 % of 100,000 items, 0.98 at 10 %).
+    """
+    return allowed <= up_to or allowed < below_share * total
+
+
 #: name -> factory ``(dim, **options) -> VectorIndex``
 INDEXES: Registry[Callable[..., VectorIndex]] = Registry("index backend")
 

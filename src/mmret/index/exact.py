@@ -8,13 +8,24 @@ from typing import Any
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from mmret.index.base import INDEXES, GrowableArray, VectorIndex, check_vectors, rows_of, top_k
+from mmret.index.base import (
+    INDEXES,
+    GrowableArray,
+    VectorIndex,
+    check_vectors,
+    rows_of,
+    scores_allowed_directly,
+    top_k,
+)
 
 _SCORES_PER_BLOCK = 1 << 25  # 128 MB of float32 scores
 #: Below this many multiply-adds one BLAS thread is faster than waking several, and it leaves
 #: no idle BLAS threads spinning on the cores the text encoder needs next (measured: a text
 #: query over 1,000 photos took 36 ms end to end with threaded BLAS, 11 ms with one thread).
 _ONE_THREAD_BELOW = 1 << 24
+#: A filter allowing more than this share of the items scores every row and drops the others:
+#: gathering that many scattered rows moves more memory than one pass over all of them.
+_GATHER_BELOW_SHARE = 0.25
 
 
 @functools.cache
@@ -68,14 +79,37 @@ class ExactIndex(VectorIndex):
     ) -> tuple[np.ndarray, np.ndarray]:
         queries = self._check(queries, k)
         keys, vectors = self._keys.view, self._vectors.view
+        excluded = None
         if allowed is not None:
             rows = rows_of(keys, np.asarray(allowed, dtype=np.int64))
-            keys, vectors = keys[rows], vectors[rows]
+            if scores_allowed_directly(
+                len(rows), len(keys), up_to=0, below_share=_GATHER_BELOW_SHARE
+            ):
+                keys, vectors = keys[rows], vectors[rows]
+            else:
+                excluded = np.ones(len(keys), dtype=bool)
+                excluded[rows] = False
         # Score a block of queries at a time: 1,000 queries against a million items would
         # otherwise need a 4 GB score matrix (and as much again to rank it).
         block = max(1, _SCORES_PER_BLOCK // max(len(keys), 1))
         parts = [
-            top_k(scores(queries[start : start + block], vectors), keys, k)
+            self._best(queries[start : start + block], vectors, keys, k, excluded)
             for start in range(0, len(queries), block)
         ] or [top_k(np.zeros((0, len(keys)), np.float32), keys, k)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    @staticmethod
+    def _best(
+        queries: np.ndarray,
+        vectors: np.ndarray,
+        keys: np.ndarray,
+        k: int,
+        excluded: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        block = scores(queries, vectors)
+        if excluded is None:
+            return top_k(block, keys, k)
+        block[:, excluded] = -np.inf
+        best_scores, best_keys = top_k(block, keys, k)
+        best_keys[np.isneginf(best_scores)] = -1  # fewer than k allowed: pad as top_k does
+        return best_scores, best_keys
