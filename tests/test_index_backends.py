@@ -233,3 +233,43 @@ def test_exact_scores_agree_with_one_or_many_blas_threads(
     monkeypatch.setattr(exact, "_ONE_THREAD_BELOW", threshold)
     queries, vectors = unit(7, seed=1), unit(50, seed=2)
     np.testing.assert_allclose(exact.scores(queries, vectors), queries @ vectors.T, rtol=1e-6)
+
+
+def test_a_loaded_cache_is_mapped_and_still_takes_writes(
+    filled: tuple[VectorIndex, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """Caches are memory-mapped on load; adding or removing afterwards copies what it must."""
+    index, keys, vectors = filled
+    index.save(tmp_path, "epoch", generation=1)
+    index.save(tmp_path, "epoch", generation=2)  # replaces the data file, leaves no orphan
+    assert len(index.cache_files(tmp_path)) == 2  # the record and one data file
+    loaded = same_kind(index)
+    assert loaded.load(tmp_path, "epoch") == 2
+    extra = unit(30, seed=11)
+    loaded.add(np.arange(30) + keys[-1] + 1, extra)
+    loaded.remove(keys[:5])
+    _, found = loaded.search(np.concatenate([extra[:2], vectors[5:6]]), 1)
+    assert found[:, 0].tolist() == [keys[-1] + 1, keys[-1] + 2, keys[5]]
+    assert len(loaded) == len(keys) + 30 - 5
+
+
+def test_a_faiss_cache_in_the_old_single_file_layout_still_loads(tmp_path: Path) -> None:
+    import io
+
+    import faiss
+
+    index = FaissIndex(DIM)
+    index.add(np.arange(50), unit(50))
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        index=faiss.serialize_index(index._index),
+        keys=np.arange(50),
+        alive=np.ones(50, bool),
+        epoch=np.str_("epoch"),
+        generation=np.int64(3),
+    )
+    (tmp_path / "faiss-cache.npz").write_bytes(buffer.getvalue())
+    old = FaissIndex(DIM)
+    assert old.load(tmp_path, "epoch") == 3 and len(old) == 50 and old.cache_outdated
+    assert old.search(unit(50)[7:8], 1)[1][0, 0] == 7

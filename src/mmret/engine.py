@@ -216,8 +216,8 @@ class Retriever:
         with self._store.snapshot():
             generation, epoch = self._store.generation, self._store.epoch
             manifest = self.manifest
-            backend = new_backend(
-                manifest.backend, manifest.backend_options, manifest.dim, len(self._store)
+            backend = new_backend(  # the recorded count: counting the rows reads the table
+                manifest.backend, manifest.backend_options, manifest.dim, self._store.recorded_count
             )
             cached = backend.load(self.folder, epoch)
             if cached is None or cached > generation:
@@ -226,6 +226,8 @@ class Retriever:
                 cached = -1
             else:
                 self._catch_up(backend, cached)
+                if backend.cache_outdated:
+                    cached = -1  # a writer's flush saves it in the current layout
         self._epoch = epoch
         self._saved_generation = cached  # what the cache file holds: flush() rewrites it
         return backend, generation

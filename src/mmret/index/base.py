@@ -23,6 +23,8 @@ class VectorIndex(ABC):
     """
 
     name: str
+    #: Set by :meth:`load` when the cache it read is in an older layout: a writer saves it anew.
+    cache_outdated = False
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
@@ -47,6 +49,11 @@ class VectorIndex(ABC):
 
     @abstractmethod
     def __len__(self) -> int: ...
+
+    @abstractmethod
+    def stored_keys(self) -> np.ndarray:
+        """The ``(len(self),)`` keys present, ascending (``mmret check`` compares them with the
+        store's)."""
 
     @property
     @abstractmethod
@@ -88,6 +95,14 @@ class GrowableArray:
         self._buffer = np.empty((0, *self._shape_tail), dtype=dtype)
         self._n = 0
 
+    @classmethod
+    def wrapping(cls, array: np.ndarray) -> GrowableArray:
+        """Over ``array`` as it is, without copying (it may be a read-only memory map): the
+        first change copies it into memory of its own."""
+        grown = cls(array.dtype.type, array.shape[1] if array.ndim == 2 else None)
+        grown._buffer, grown._n = array, len(array)
+        return grown
+
     def __len__(self) -> int:
         return self._n
 
@@ -96,6 +111,8 @@ class GrowableArray:
         return self._buffer[: self._n]
 
     def append(self, rows: np.ndarray) -> None:
+        if not len(rows):
+            return
         needed = self._n + len(rows)
         if needed > len(self._buffer):
             grown = np.empty(
@@ -108,7 +125,10 @@ class GrowableArray:
 
     def keep(self, mask: np.ndarray) -> None:
         kept = self.view[mask]
-        self._buffer[: len(kept)] = kept
+        if self._buffer.flags.writeable:
+            self._buffer[: len(kept)] = kept
+        else:
+            self._buffer = kept
         self._n = len(kept)
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -17,6 +18,7 @@ from mmret.index.base import (
     scores_allowed_directly,
     top_k,
 )
+from mmret.index.cache import CacheFiles, CacheMissingError
 
 _SCORES_PER_BLOCK = 1 << 25  # 128 MB of float32 scores
 #: Below this many multiply-adds one BLAS thread is faster than waking several, and it leaves
@@ -56,6 +58,9 @@ class ExactIndex(VectorIndex):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def stored_keys(self) -> np.ndarray:
+        return self._keys.view.copy()
+
     @property
     def last_key(self) -> int:
         return int(self._keys.view[-1]) if len(self) else -1
@@ -71,8 +76,35 @@ class ExactIndex(VectorIndex):
 
     def remove(self, keys: np.ndarray) -> None:
         keep = ~np.isin(self._keys.view, keys)
+        if keep.all():
+            return  # nothing to drop: leave a memory-mapped cache mapped, not copied
         self._keys.keep(keep)
         self._vectors.keep(keep)
+
+    def save(self, folder: Path, epoch: str, generation: int) -> None:
+        vectors = self._vectors.view
+
+        def write(path: Path) -> None:
+            with path.open("wb") as handle:
+                np.save(handle, vectors, allow_pickle=False)
+
+        CacheFiles(folder, "exact", "npy").save(epoch, generation, write, {"keys": self._keys.view})
+
+    def cache_files(self, folder: Path) -> list[Path]:
+        return CacheFiles(folder, "exact", "npy").files()
+
+    def load(self, folder: Path, epoch: str) -> int | None:
+        """Memory-maps the cached vectors: the first search reads them from the page cache
+        instead of every row from SQLite."""
+        try:
+            cache, mapped = CacheFiles(folder, "exact", "npy").load(epoch, _map_vectors)
+        except CacheMissingError:
+            return None
+        vectors, keys = cast(np.ndarray | None, mapped), cache.arrays.get("keys")
+        if vectors is None or keys is None or vectors.shape != (len(keys), self.dim):
+            return None
+        self._keys, self._vectors = GrowableArray.wrapping(keys), GrowableArray.wrapping(vectors)
+        return cache.generation
 
     def search(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
@@ -113,3 +145,10 @@ class ExactIndex(VectorIndex):
         best_scores, best_keys = top_k(block, keys, k)
         best_keys[np.isneginf(best_scores)] = -1  # fewer than k allowed: pad as top_k does
         return best_scores, best_keys
+
+
+def _map_vectors(path: Path) -> np.ndarray:
+    vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    if vectors.dtype != np.float32 or vectors.ndim != 2:
+        raise ValueError(f"{path}: not a float32 matrix")
+    return np.asarray(vectors)  # a plain array over the map (results are no memmaps)

@@ -10,16 +10,13 @@ selector, HNSW with a search list widened as the filter narrows, to keep recall
 
 from __future__ import annotations
 
-import io
 import math
-import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faiss as _faiss
 import numpy as np
 
-from mmret._files import write_atomic
 from mmret.errors import InputError
 from mmret.index.base import (
     INDEXES,
@@ -30,10 +27,12 @@ from mmret.index.base import (
     scores_allowed_directly,
     top_k,
 )
+from mmret.index.cache import CacheFiles, CacheMissingError
 
 # faiss's SWIG-generated stubs disagree with its runtime API (keyword arguments, classes).
 faiss: Any = _faiss
 
+#: The cache's record (its data file is ``faiss-<token>.index``, memory-mapped on load).
 CACHE_FILE = "faiss-cache.npz"
 _KINDS = ("auto", "hnsw", "ivf")
 #: Below this share of the items a filter is answered by scoring its rows (see
@@ -69,6 +68,7 @@ class FaissIndex(VectorIndex):
         self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
         self.nprobe, self.ivf_above, self.exact_below = nprobe, ivf_above, exact_below
         self._index: Any = None
+        self._mapped: np.ndarray | None = None  # the cache file, while the index maps it
         self._keys = GrowableArray(np.int64)
         self._alive = GrowableArray(np.bool_)
         self._dead = 0
@@ -94,6 +94,10 @@ class FaissIndex(VectorIndex):
     def __len__(self) -> int:
         return len(self._keys) - self._dead
 
+    def stored_keys(self) -> np.ndarray:
+        keys: np.ndarray = self._keys.view[self._alive.view]
+        return keys
+
     @property
     def last_key(self) -> int:
         return int(self._keys.view[-1]) if len(self._keys) else -1
@@ -106,6 +110,7 @@ class FaissIndex(VectorIndex):
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if self._index is None:
             self._index = self._new_index(vectors)
+        self._own()
         self._index.add(vectors)
         self._keys.append(keys)
         self._alive.append(np.ones(len(keys), dtype=np.bool_))
@@ -189,46 +194,51 @@ class FaissIndex(VectorIndex):
             if len(rows)
             else np.zeros((0, self.dim), np.float32)
         )
-        self._index = None
+        self._index, self._mapped = None, None
         self._keys, self._alive, self._dead = GrowableArray(np.int64), GrowableArray(np.bool_), 0
         self.add(keys, vectors)
 
     def save(self, folder: Path, epoch: str, generation: int) -> None:
-        if self._index is None:
+        index = self._index
+        if index is None:
             return
-        buffer = io.BytesIO()
-        np.savez(
-            buffer,
-            index=faiss.serialize_index(self._index),
-            keys=self._keys.view,
-            alive=self._alive.view,
-            epoch=np.str_(epoch),
-            generation=np.int64(generation),
+        CacheFiles(folder, "faiss", "index").save(
+            epoch,
+            generation,
+            lambda path: faiss.write_index(index, str(path)),
+            {"keys": self._keys.view, "alive": self._alive.view},
         )
-        write_atomic(folder / CACHE_FILE, buffer.getvalue())
 
     def cache_files(self, folder: Path) -> list[Path]:
-        path = folder / CACHE_FILE
-        return [path] if path.is_file() else []
+        return CacheFiles(folder, "faiss", "index").files()
 
     def load(self, folder: Path, epoch: str) -> int | None:
-        path = folder / CACHE_FILE
-        if not path.is_file():
-            return None
+        """Memory-maps the cached structure: opening reads the graph and the keys, and the
+        vectors' pages are read as searches touch them."""
         try:
-            with np.load(path, allow_pickle=False) as data:
-                if str(data["epoch"]) != epoch:
-                    return None
-                generation = int(data["generation"])
-                index = faiss.deserialize_index(data["index"])
-                keys, alive = data["keys"], data["alive"]
-        except (OSError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile):
+            cache, mapped = CacheFiles(folder, "faiss", "index").load(epoch, _map_index)
+            if cache.data is None:  # written by mmret 0.x before data files: all in the record
+                index, raw = faiss.deserialize_index(cache.arrays["index"]), None
+            else:
+                raw, index = cast(tuple[np.ndarray, Any], mapped)
+            keys, alive = cache.arrays["keys"], cache.arrays["alive"]
+        except (CacheMissingError, KeyError, RuntimeError):
             return None  # a damaged cache is only a cache: the caller rebuilds from the store
-        if index.d != self.dim or index.ntotal != len(keys):
+        if index.d != self.dim or index.ntotal != len(keys) or len(alive) != len(keys):
             return None
-        self._index = index
-        self._keys, self._alive = GrowableArray(np.int64), GrowableArray(np.bool_)
-        self._keys.append(keys)
-        self._alive.append(alive)
+        self._index, self._mapped = index, raw
+        self.cache_outdated = raw is None
+        self._keys, self._alive = GrowableArray.wrapping(keys), GrowableArray.wrapping(alive)
         self._dead = int((~alive).sum())
-        return generation
+        return cache.generation
+
+    def _own(self) -> None:
+        """A memory-mapped structure cannot grow (FAISS aborts): the first add copies it."""
+        if self._mapped is not None:
+            self._index = faiss.deserialize_index(self._mapped)
+            self._mapped = None
+
+
+def _map_index(path: Path) -> tuple[np.ndarray, Any]:
+    raw = np.memmap(path, dtype=np.uint8, mode="r")  # FileNotFoundError if replaced just now
+    return raw, faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
