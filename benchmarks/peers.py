@@ -17,9 +17,10 @@ returning ids and metadata. Per system, each in a child process of its own
 * search: single queries (one call per query) and one batched call, unfiltered, ``tag = x``
   (10 % of the items) and ``n = 7`` (1 %); q/s are medians over ``--repeats`` passes, the
   systems timed in turns (order rotating every round) so load from other processes hits all
-  alike. Each pass runs as many of the queries as take about ``--budget`` seconds (at least 3,
-  at most ``--queries``), so the slowest peers finish; recall@10 against exact search over
-  the matching items, on the queries run.
+  alike. After a warm-up call, a probe sizes the passes: single queries, as many as take
+  about ``--budget`` seconds (at least 3, at most ``--queries``), so the slowest peers
+  finish; batches, one size for every system (what the slowest fits in the budget, at least
+  10). Recall@10 against exact search over the matching items, on the queries run.
 """
 
 from __future__ import annotations
@@ -142,11 +143,13 @@ def measure_searches(
             label = f"{mode} {FILTERS[filter_]}"
             probe = 1 if mode == "single" else 10
             counts = {}
-            for name, server in servers.items():  # one probe pass sizes the timed passes
-                seconds = server.ask_line({"mode": mode, "filter": filter_, "count": probe})[
-                    "seconds"
-                ]
+            for name, server in servers.items():  # a warm-up, then a probe sizing the passes
+                command = {"mode": mode, "filter": filter_, "count": probe}
+                server.ask_line(command)
+                seconds = server.ask_line(command)["seconds"]
                 counts[name] = int(np.clip(args.budget * probe / seconds, 3, args.queries))
+            if mode == "batch":  # one batch size for all: per-call costs weigh alike
+                counts = dict.fromkeys(counts, max(10, min(counts.values())))
             times: dict[str, list[float]] = {name: [] for name in servers}
             last: dict[str, list[list[int]]] = {}
             names = list(servers)
@@ -180,7 +183,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--budget", type=float, default=2.0, help="seconds per timed pass")
+    parser.add_argument("--budget", type=float, default=4.0, help="seconds per timed pass")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument(
         "--baseline",

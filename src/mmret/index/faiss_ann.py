@@ -28,6 +28,7 @@ from mmret.index.base import (
     top_k,
 )
 from mmret.index.cache import CacheFiles, CacheMissingError
+from mmret.index.exact import scores as inner_products
 
 # faiss's SWIG-generated stubs disagree with its runtime API (keyword arguments, classes).
 faiss: Any = _faiss
@@ -139,17 +140,25 @@ class FaissIndex(VectorIndex):
         if rows is not None and scores_allowed_directly(
             len(rows), len(self), up_to=self.exact_below, below_share=_DIRECT_BELOW_SHARE
         ):
-            candidates = (
-                self._index.reconstruct_batch(rows)
-                if len(rows)
-                else np.zeros((0, self.dim), np.float32)
-            )
-            return top_k(queries @ candidates.T, all_keys[rows], k)
+            return top_k(inner_products(queries, self._vectors_at(rows)), all_keys[rows], k)
         params = self._search_parameters(k, rows)
         scores, positions = self._index.search(queries, k, params=params)
         found = positions >= 0
         out_keys = np.where(found, all_keys[np.maximum(positions, 0)], -1)
         return np.where(found, scores, -np.inf).astype(np.float32), out_keys
+
+    def _vectors_at(self, rows: np.ndarray) -> np.ndarray:
+        """``(len(rows), dim)`` stored vectors: gathered straight from HNSW's flat storage (a
+        view, memory-mapped or not; FAISS's ``reconstruct_batch`` took 2.5x as long), else
+        reconstructed by FAISS."""
+        if not len(rows):
+            return np.zeros((0, self.dim), np.float32)
+        if self.structure == "hnsw":
+            storage = faiss.downcast_index(self._index.storage)
+            flat = faiss.rev_swig_ptr(storage.get_xb(), self._index.ntotal * self.dim)
+            gathered: np.ndarray = flat.reshape(-1, self.dim)[rows]
+            return gathered
+        return self._index.reconstruct_batch(rows)  # type: ignore[no-any-return]
 
     def _search_parameters(self, k: int, rows: np.ndarray | None) -> Any:
         selector = None
@@ -189,11 +198,7 @@ class FaissIndex(VectorIndex):
         assert self._index is not None
         rows = np.flatnonzero(self._alive.view)
         keys = self._keys.view[rows]
-        vectors = (
-            self._index.reconstruct_batch(rows)
-            if len(rows)
-            else np.zeros((0, self.dim), np.float32)
-        )
+        vectors = self._vectors_at(rows)
         self._index, self._mapped = None, None
         self._keys, self._alive, self._dead = GrowableArray(np.int64), GrowableArray(np.bool_), 0
         self.add(keys, vectors)
