@@ -17,7 +17,8 @@ DIM = 16
 
 BACKENDS: dict[str, Callable[[], VectorIndex]] = {
     "exact": lambda: ExactIndex(DIM),
-    # exact_below=0 forces the approximate structures even for tiny filtered searches.
+    # exact_below=0 sends every filter allowing 5 % of the items or more through the
+    # approximate structures (below that, every backend scores the allowed rows directly).
     "faiss-hnsw": lambda: FaissIndex(DIM, kind="hnsw", exact_below=0, ef_search=256),
     "faiss-ivf": lambda: FaissIndex(DIM, kind="ivf", exact_below=0, nprobe=64),
     "faiss-filtered-exact": lambda: FaissIndex(DIM, kind="hnsw"),
@@ -110,6 +111,25 @@ def test_filtered_search(filled: tuple[VectorIndex, np.ndarray, np.ndarray]) -> 
     assert overlap(found, brute_force(vectors[mask], keys[mask], queries, 5)) >= 0.9
 
 
+@pytest.mark.parametrize("share", [0.01, 0.04, 0.3, 0.9])
+def test_filtered_search_at_every_selectivity(
+    filled: tuple[VectorIndex, np.ndarray, np.ndarray], share: float
+) -> None:
+    """Selective filters (scored directly) are exact; looser ones (the structure searched with
+    the allowed set: a masked full pass for exact, an ID selector for FAISS) keep recall."""
+    index, keys, vectors = filled
+    allowed = np.sort(np.random.default_rng(7).choice(keys, int(share * len(keys)), False))
+    queries = unit(10, seed=8)
+    _scores, found = index.search(queries, 10, allowed)
+    mask = np.isin(keys, allowed)
+    expected = brute_force(vectors[mask], keys[mask], queries, 10)
+    assert set(found.ravel()) <= set(allowed.tolist())
+    if share < 0.05 or isinstance(index, ExactIndex):
+        np.testing.assert_array_equal(found, expected)
+    else:
+        assert overlap(found, expected) >= 0.9
+
+
 def test_k_larger_than_candidates_is_padded(backend: VectorIndex) -> None:
     backend.add(np.array([1, 2, 3]), unit(3))
     scores, found = backend.search(unit(2, seed=4), 5)
@@ -118,6 +138,10 @@ def test_k_larger_than_candidates_is_padded(backend: VectorIndex) -> None:
     assert set(found[:, :3].ravel()) == {1, 2, 3}
     _, none = backend.search(unit(1), 3, allowed=np.array([], dtype=np.int64))
     assert (none == -1).all()
+    scores, two = backend.search(unit(1), 5, allowed=np.array([1, 3]))  # most items allowed
+    assert (
+        set(two[0, :2]) == {1, 3} and (two[0, 2:] == -1).all() and np.isneginf(scores[0, 2:]).all()
+    )
 
 
 def test_empty_index(backend: VectorIndex) -> None:
@@ -209,3 +233,43 @@ def test_exact_scores_agree_with_one_or_many_blas_threads(
     monkeypatch.setattr(exact, "_ONE_THREAD_BELOW", threshold)
     queries, vectors = unit(7, seed=1), unit(50, seed=2)
     np.testing.assert_allclose(exact.scores(queries, vectors), queries @ vectors.T, rtol=1e-6)
+
+
+def test_a_loaded_cache_is_mapped_and_still_takes_writes(
+    filled: tuple[VectorIndex, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """Caches are memory-mapped on load; adding or removing afterwards copies what it must."""
+    index, keys, vectors = filled
+    index.save(tmp_path, "epoch", generation=1)
+    index.save(tmp_path, "epoch", generation=2)  # replaces the data file, leaves no orphan
+    assert len(index.cache_files(tmp_path)) == 2  # the record and one data file
+    loaded = same_kind(index)
+    assert loaded.load(tmp_path, "epoch") == 2
+    extra = unit(30, seed=11)
+    loaded.add(np.arange(30) + keys[-1] + 1, extra)
+    loaded.remove(keys[:5])
+    _, found = loaded.search(np.concatenate([extra[:2], vectors[5:6]]), 1)
+    assert found[:, 0].tolist() == [keys[-1] + 1, keys[-1] + 2, keys[5]]
+    assert len(loaded) == len(keys) + 30 - 5
+
+
+def test_a_faiss_cache_in_the_old_single_file_layout_still_loads(tmp_path: Path) -> None:
+    import io
+
+    import faiss
+
+    index = FaissIndex(DIM)
+    index.add(np.arange(50), unit(50))
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        index=faiss.serialize_index(index._index),
+        keys=np.arange(50),
+        alive=np.ones(50, bool),
+        epoch=np.str_("epoch"),
+        generation=np.int64(3),
+    )
+    (tmp_path / "faiss-cache.npz").write_bytes(buffer.getvalue())
+    old = FaissIndex(DIM)
+    assert old.load(tmp_path, "epoch") == 3 and len(old) == 50 and old.cache_outdated
+    assert old.search(unit(50)[7:8], 1)[1][0, 0] == 7

@@ -228,3 +228,43 @@ def test_bad_backend_options_leave_nothing_behind(tmp_path: Path) -> None:
             backend_options={"nonsense": 1},
         )
     assert not (tmp_path / "index").exists()
+
+
+def test_a_cache_in_the_old_layout_opens_and_the_next_writer_rewrites_it(folder: Path) -> None:
+    import io
+
+    import faiss
+
+    from mmret.index.faiss_ann import FaissIndex
+
+    record = np.load(folder / CACHE_FILE)
+    index = faiss.read_index(str(folder / str(record["data"])))
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        index=faiss.serialize_index(index),
+        keys=record["keys"],
+        alive=record["alive"],
+        epoch=record["epoch"],
+        generation=record["generation"],
+    )
+    for path in FaissIndex(DIM).cache_files(folder):
+        path.unlink()
+    (folder / CACHE_FILE).write_bytes(buffer.getvalue())
+    with Retriever.open(folder, readonly=True) as reader:
+        assert reader.search_vectors(unit(N)[3:4], k=1)[0][0].id == "item-3"
+    assert not list(folder.glob("faiss-*.index"))  # a reader writes nothing
+    with Retriever.open(folder, encoder=HashEncoder(DIM)):
+        pass
+    assert len(list(folder.glob("faiss-*.index"))) == 1
+    assert check_index(folder).ok
+
+
+def test_a_cache_that_holds_other_items_is_found(folder: Path) -> None:
+    db = sqlite3.connect(folder / ITEMS_FILE)
+    db.execute("UPDATE items SET key = 10000 WHERE key = 5")  # the cache still holds key 5
+    db.execute("UPDATE vectors SET key = 10000 WHERE key = 5")
+    db.commit()
+    db.close()
+    report = check_index(folder)
+    assert any("holds other items" in problem for problem in report.problems)

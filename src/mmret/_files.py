@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,16 @@ def hash_file_stats(digest: Any, paths: Iterable[Path]) -> None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary sibling, flush it to disk, then rename it over ``path``."""
+    write_atomic_with(path, lambda scratch: scratch.write_bytes(data))
+
+
+def write_atomic_with(path: Path, write: Callable[[Path], object]) -> None:
+    """Like :func:`write_atomic` for content that ``write`` puts in the file it is given (a
+    large array or index streamed to disk rather than built in memory first)."""
     scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with scratch.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
+        write(scratch)
+        with scratch.open("rb") as handle:
             os.fsync(handle.fileno())
         scratch.replace(path)
     except BaseException:

@@ -22,6 +22,7 @@ from mmret.encoders import Encoder, load_encoder
 from mmret.encoders.base import l2_normalise
 from mmret.errors import ImageLoadError, IndexFormatError, InputError
 from mmret.index.base import VectorIndex, new_backend
+from mmret.index.columns import MetadataColumns
 from mmret.index.filters import Filter
 from mmret.index.lock import WriterLock
 from mmret.index.manifest import (
@@ -94,6 +95,7 @@ class Retriever:
         self._writer_lock = lock
         # One connection serves every thread: calls take turns so transactions never mix.
         self._mutex = threading.RLock()
+        self._columns = MetadataColumns()
         self._backend, self._generation = self._load_backend()
 
     # -- opening --------------------------------------------------------------------------
@@ -215,8 +217,8 @@ class Retriever:
         with self._store.snapshot():
             generation, epoch = self._store.generation, self._store.epoch
             manifest = self.manifest
-            backend = new_backend(
-                manifest.backend, manifest.backend_options, manifest.dim, len(self._store)
+            backend = new_backend(  # the recorded count: counting the rows reads the table
+                manifest.backend, manifest.backend_options, manifest.dim, self._store.recorded_count
             )
             cached = backend.load(self.folder, epoch)
             if cached is None or cached > generation:
@@ -225,6 +227,8 @@ class Retriever:
                 cached = -1
             else:
                 self._catch_up(backend, cached)
+                if backend.cache_outdated:
+                    cached = -1  # a writer's flush saves it in the current layout
         self._epoch = epoch
         self._saved_generation = cached  # what the cache file holds: flush() rewrites it
         return backend, generation
@@ -406,7 +410,7 @@ class Retriever:
         # One snapshot: the vectors searched, the filter and the rows returned agree even while
         # another process writes.
         with self._mutex, self._store.snapshot():
-            allowed = self._store.filter_keys(filter) if filter else None
+            allowed = self._columns.matching_keys(self._store, filter) if filter else None
             scores, keys = self._current_backend().search(vectors, k, allowed)
             rows = self._store.rows(np.unique(keys[keys >= 0]).tolist())
         results = []

@@ -3,29 +3,47 @@
 FAISS ids here are row positions; a key array maps positions to item keys and removed rows are
 tombstoned (HNSW cannot delete), then compacted once they exceed a quarter of the rows.
 Filtered searches over few candidates skip the approximate structure and score those rows
-exactly, which is both faster and lossless.
+exactly, which is both faster and lossless; looser filters search the structure with an ID
+selector, HNSW with a search list widened as the filter narrows, to keep recall
+(:func:`~mmret.index.base.scores_allowed_directly` decides which).
 """
 
 from __future__ import annotations
 
-import io
 import math
-import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faiss as _faiss
 import numpy as np
 
-from mmret._files import write_atomic
 from mmret.errors import InputError
-from mmret.index.base import INDEXES, GrowableArray, VectorIndex, check_vectors, rows_of, top_k
+from mmret.index.base import (
+    INDEXES,
+    GrowableArray,
+    VectorIndex,
+    check_vectors,
+    rows_of,
+    scores_allowed_directly,
+    top_k,
+)
+from mmret.index.cache import CacheFiles, CacheMissingError
+from mmret.index.exact import scores as inner_products
 
 # faiss's SWIG-generated stubs disagree with its runtime API (keyword arguments, classes).
 faiss: Any = _faiss
 
+#: The cache's record (its data file is ``faiss-<token>.index``, memory-mapped on load).
 CACHE_FILE = "faiss-cache.npz"
 _KINDS = ("auto", "hnsw", "ivf")
+#: Below this share of the items a filter is answered by scoring its rows (see
+#: ``scores_allowed_directly``); above it, HNSW's search list grows by ``_WIDEN_AT / share``
+#: (at most ``_MAX_WIDEN`` times). Measured at 100,000 clustered items, 200 queries: recall@10
+#: 0.991 at 5 %, 0.994 at 6 % and 8 %, 0.998 at 10 %, 0.999 at 30 % (with half this widening,
+#: 0.983 at 6 % and 0.988 at 8 %).
+_DIRECT_BELOW_SHARE = 0.05
+_WIDEN_AT = 0.5
+_MAX_WIDEN = 10.0
 
 
 @INDEXES.register("faiss")
@@ -43,7 +61,7 @@ class FaissIndex(VectorIndex):
         ef_search: int = 128,
         nprobe: int = 32,
         ivf_above: int = 1_000_000,
-        exact_below: int = 20_000,
+        exact_below: int = 2_000,
     ) -> None:
         super().__init__(dim)
         if kind not in _KINDS:
@@ -52,6 +70,7 @@ class FaissIndex(VectorIndex):
         self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
         self.nprobe, self.ivf_above, self.exact_below = nprobe, ivf_above, exact_below
         self._index: Any = None
+        self._mapped: np.ndarray | None = None  # the cache file, while the index maps it
         self._keys = GrowableArray(np.int64)
         self._alive = GrowableArray(np.bool_)
         self._dead = 0
@@ -77,6 +96,10 @@ class FaissIndex(VectorIndex):
     def __len__(self) -> int:
         return len(self._keys) - self._dead
 
+    def stored_keys(self) -> np.ndarray:
+        keys: np.ndarray = self._keys.view[self._alive.view]
+        return keys
+
     @property
     def last_key(self) -> int:
         return int(self._keys.view[-1]) if len(self._keys) else -1
@@ -89,6 +112,7 @@ class FaissIndex(VectorIndex):
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if self._index is None:
             self._index = self._new_index(vectors)
+        self._own()
         self._index.add(vectors)
         self._keys.append(keys)
         self._alive.append(np.ones(len(keys), dtype=np.bool_))
@@ -114,18 +138,28 @@ class FaissIndex(VectorIndex):
             rows = rows[self._alive.view[rows]]
         elif self._dead:
             rows = np.flatnonzero(self._alive.view)
-        if rows is not None and len(rows) <= self.exact_below:
-            candidates = (
-                self._index.reconstruct_batch(rows)
-                if len(rows)
-                else np.zeros((0, self.dim), np.float32)
-            )
-            return top_k(queries @ candidates.T, all_keys[rows], k)
+        if rows is not None and scores_allowed_directly(
+            len(rows), len(self), up_to=self.exact_below, below_share=_DIRECT_BELOW_SHARE
+        ):
+            return top_k(inner_products(queries, self._vectors_at(rows)), all_keys[rows], k)
         params = self._search_parameters(k, rows)
         scores, positions = self._index.search(queries, k, params=params)
         found = positions >= 0
         out_keys = np.where(found, all_keys[np.maximum(positions, 0)], -1)
         return np.where(found, scores, -np.inf).astype(np.float32), out_keys
+
+    def _vectors_at(self, rows: np.ndarray) -> np.ndarray:
+        """``(len(rows), dim)`` stored vectors: gathered straight from HNSW's flat storage (a
+        view, memory-mapped or not; FAISS's ``reconstruct_batch`` took 2.5x as long), else
+        reconstructed by FAISS."""
+        if not len(rows):
+            return np.zeros((0, self.dim), np.float32)
+        if self.structure == "hnsw":
+            storage = faiss.downcast_index(self._index.storage)
+            flat = faiss.rev_swig_ptr(storage.get_xb(), self._index.ntotal * self.dim)
+            gathered: np.ndarray = flat.reshape(-1, self.dim)[rows]
+            return gathered
+        return self._index.reconstruct_batch(rows)  # type: ignore[no-any-return]
 
     def _search_parameters(self, k: int, rows: np.ndarray | None) -> Any:
         selector = None
@@ -136,7 +170,12 @@ class FaissIndex(VectorIndex):
             selector = faiss.IDSelectorBitmap(len(self._bitmap), faiss.swig_ptr(self._bitmap))
         if self.structure == "ivf":
             return faiss.SearchParametersIVF(nprobe=self.nprobe, sel=selector)
-        return faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k), sel=selector)
+        widen = 1.0
+        if rows is not None and len(rows):
+            widen = min(_MAX_WIDEN, max(1.0, _WIDEN_AT * len(self) / len(rows)))
+        return faiss.SearchParametersHNSW(
+            efSearch=int(max(self.ef_search, k) * widen), sel=selector
+        )
 
     def _new_index(self, first: np.ndarray) -> Any:
         kind = self.kind
@@ -160,51 +199,52 @@ class FaissIndex(VectorIndex):
         assert self._index is not None
         rows = np.flatnonzero(self._alive.view)
         keys = self._keys.view[rows]
-        vectors = (
-            self._index.reconstruct_batch(rows)
-            if len(rows)
-            else np.zeros((0, self.dim), np.float32)
-        )
-        self._index = None
+        vectors = self._vectors_at(rows)
+        self._index, self._mapped = None, None
         self._keys, self._alive, self._dead = GrowableArray(np.int64), GrowableArray(np.bool_), 0
         self.add(keys, vectors)
 
     def save(self, folder: Path, epoch: str, generation: int) -> None:
-        if self._index is None:
+        index = self._index
+        if index is None:
             return
-        buffer = io.BytesIO()
-        np.savez(
-            buffer,
-            index=faiss.serialize_index(self._index),
-            keys=self._keys.view,
-            alive=self._alive.view,
-            epoch=np.str_(epoch),
-            generation=np.int64(generation),
+        CacheFiles(folder, "faiss", "index").save(
+            epoch,
+            generation,
+            lambda path: faiss.write_index(index, str(path)),
+            {"keys": self._keys.view, "alive": self._alive.view},
         )
-        write_atomic(folder / CACHE_FILE, buffer.getvalue())
 
     def cache_files(self, folder: Path) -> list[Path]:
-        path = folder / CACHE_FILE
-        return [path] if path.is_file() else []
+        return CacheFiles(folder, "faiss", "index").files()
 
     def load(self, folder: Path, epoch: str) -> int | None:
-        path = folder / CACHE_FILE
-        if not path.is_file():
-            return None
+        """Memory-maps the cached structure: opening reads the graph and the keys, and the
+        vectors' pages are read as searches touch them."""
         try:
-            with np.load(path, allow_pickle=False) as data:
-                if str(data["epoch"]) != epoch:
-                    return None
-                generation = int(data["generation"])
-                index = faiss.deserialize_index(data["index"])
-                keys, alive = data["keys"], data["alive"]
-        except (OSError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile):
+            cache, mapped = CacheFiles(folder, "faiss", "index").load(epoch, _map_index)
+            if cache.data is None:  # written by mmret 0.x before data files: all in the record
+                index, raw = faiss.deserialize_index(cache.arrays["index"]), None
+            else:
+                raw, index = cast(tuple[np.ndarray, Any], mapped)
+            keys, alive = cache.arrays["keys"], cache.arrays["alive"]
+        except (CacheMissingError, KeyError, RuntimeError):
             return None  # a damaged cache is only a cache: the caller rebuilds from the store
-        if index.d != self.dim or index.ntotal != len(keys):
+        if index.d != self.dim or index.ntotal != len(keys) or len(alive) != len(keys):
             return None
-        self._index = index
-        self._keys, self._alive = GrowableArray(np.int64), GrowableArray(np.bool_)
-        self._keys.append(keys)
-        self._alive.append(alive)
+        self._index, self._mapped = index, raw
+        self.cache_outdated = raw is None
+        self._keys, self._alive = GrowableArray.wrapping(keys), GrowableArray.wrapping(alive)
         self._dead = int((~alive).sum())
-        return generation
+        return cache.generation
+
+    def _own(self) -> None:
+        """A memory-mapped structure cannot grow (FAISS aborts): the first add copies it."""
+        if self._mapped is not None:
+            self._index = faiss.deserialize_index(self._mapped)
+            self._mapped = None
+
+
+def _map_index(path: Path) -> tuple[np.ndarray, Any]:
+    raw = np.memmap(path, dtype=np.uint8, mode="r")  # FileNotFoundError if replaced just now
+    return raw, faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)

@@ -1,4 +1,4 @@
-"""Metadata filters, evaluated by SQLite over each item's JSON metadata.
+"""Metadata filters over each item's JSON metadata, with SQLite's semantics.
 
 A filter maps a metadata key to a condition; all conditions must hold:
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from mmret.errors import InputError
@@ -27,14 +28,23 @@ _EXPRESSION = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|=|>|<)\s*(.*?)\s*$")
 _CLI_RANGE = {">": "gt", ">=": "gte", "<": "lt", "<=": "lte"}
 
 
-def to_sql(filter_: Filter) -> tuple[str, list[Any]]:
-    """A ``WHERE`` clause over column ``metadata`` and its parameters."""
-    clauses: list[str] = []
-    params: list[Any] = []
+@dataclass(frozen=True)
+class Condition:
+    """One test on one metadata key: ``op`` is ``"in"`` (equality is a set of one) or a range
+    operator (``gt``, ``gte``, ``lt``, ``lte``); ``values`` are as SQLite compares them
+    (booleans as 1 and 0, which is how ``json_extract`` reads JSON ``true`` and ``false``)."""
+
+    key: str
+    op: str
+    values: tuple[Any, ...]
+
+
+def conditions(filter_: Filter) -> list[Condition]:
+    """Validate a filter and split it into conditions, all of which must hold."""
+    found: list[Condition] = []
     for key, condition in filter_.items():
         if not isinstance(key, str) or not _KEY.match(key):
             raise InputError(f"filter key {key!r}: use letters, digits, '_', '-' and '.'")
-        path = f"json_extract(metadata, '$.\"{key}\"')"
         if isinstance(condition, Mapping):
             if not condition or set(condition) - set(_RANGE_SQL):
                 raise InputError(
@@ -42,20 +52,38 @@ def to_sql(filter_: Filter) -> tuple[str, list[Any]]:
                 )
             for op, bound in condition.items():
                 _check_scalar(key, bound, numeric=True)
-                clauses.append(f"{path} {_RANGE_SQL[op]} ?")
-                params.append(bound)
+                found.append(Condition(key, op, (bound,)))
         elif isinstance(condition, Sequence) and not isinstance(condition, str | bytes):
             values = list(condition)
             if not values:
                 raise InputError(f"filter on {key!r}: empty set of allowed values")
             for value in values:
                 _check_scalar(key, value, numeric=False)
-            clauses.append(f"{path} IN ({', '.join('?' * len(values))})")
-            params.extend(_sql_value(v) for v in values)
+            found.append(Condition(key, "in", tuple(_sql_value(v) for v in values)))
         else:
             _check_scalar(key, condition, numeric=False)
-            clauses.append(f"{path} = ?")
-            params.append(_sql_value(condition))
+            found.append(Condition(key, "in", (_sql_value(condition),)))
+    return found
+
+
+def json_path(key: str) -> str:
+    """The ``json_extract`` path of a top-level metadata key (dots in it are no nesting)."""
+    return f'$."{key}"'
+
+
+def to_sql(filter_: Filter) -> tuple[str, list[Any]]:
+    """A ``WHERE`` clause over column ``metadata`` and its parameters: the reference semantics,
+    which :mod:`mmret.index.columns` evaluates from its in-memory copy."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for condition in conditions(filter_):
+        path = f"json_extract(metadata, '{json_path(condition.key)}')"
+        if condition.op == "in":
+            marks = ", ".join("?" * len(condition.values))
+            clauses.append(f"{path} IN ({marks})")
+        else:
+            clauses.append(f"{path} {_RANGE_SQL[condition.op]} ?")
+        params.extend(condition.values)
     return " AND ".join(clauses) or "1", params
 
 

@@ -113,8 +113,8 @@ def check_index(folder: str | Path) -> CheckReport:
         return report
     try:
         with store.snapshot():
-            _check_store(store, manifest, report)
-            _check_backend(store, manifest, folder, report)
+            keys = _check_store(store, manifest, report)
+            _check_backend(store, manifest, folder, report, keys)
     except IndexFormatError as error:
         report.problem("items", str(error))
     finally:
@@ -131,13 +131,15 @@ def vector_problem(vector: bytes, dim: int) -> str | None:
     return None
 
 
-def _check_store(store: ItemStore, manifest: IndexManifest, report: CheckReport) -> None:
+def _check_store(store: ItemStore, manifest: IndexManifest, report: CheckReport) -> np.ndarray:
+    """Checks the database; returns the keys of its items."""
     name = store.path
     for line in store.integrity_errors()[:_SHOWN]:
         report.problem("items", f"{name}: {line}")
-    count, checksum, bad = 0, 0, []
+    count, checksum, bad, keys = 0, 0, [], []
     for key, id_, text, image, metadata, vector in store.scan():
         count += 1
+        keys.append(key)
         if vector is None:
             bad.append(f"row {key}: its vector is missing")
             continue
@@ -157,10 +159,11 @@ def _check_store(store: ItemStore, manifest: IndexManifest, report: CheckReport)
         report.notices.append(f"{name}: holds no copy of the manifest (repair records one)")
     elif store.manifest_copy != manifest_text(manifest):
         report.problem("manifest", f"{name}: its copy of the manifest differs from {MANIFEST_FILE}")
+    return np.asarray(keys, dtype=np.int64)
 
 
 def _check_backend(
-    store: ItemStore, manifest: IndexManifest, folder: Path, report: CheckReport
+    store: ItemStore, manifest: IndexManifest, folder: Path, report: CheckReport, keys: np.ndarray
 ) -> None:
     try:
         backend = new_backend(
@@ -175,6 +178,12 @@ def _check_backend(
                 "cache",
                 f"{folder}: the {backend.name} cache holds {len(backend)} vectors, "
                 f"not {report.items} (repair rebuilds it)",
+            )
+        elif not np.array_equal(backend.stored_keys(), keys):
+            report.problem(
+                "cache",
+                f"{folder}: the {backend.name} cache holds other items than {ITEMS_FILE} "
+                "(repair rebuilds it)",
             )
     elif backend.cache_files(folder):
         report.notices.append(

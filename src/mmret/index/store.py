@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from mmret.errors import IndexFormatError, InputError, MmretError
-from mmret.index.filters import Filter, to_sql
+from mmret.index.filters import Filter, json_path, to_sql
 
 T = TypeVar("T")
 _JOINED = (
@@ -320,11 +320,29 @@ class ItemStore:
             rows = self._db.execute(
                 "SELECT key, vector FROM vectors WHERE key > ? ORDER BY key", (last_key,)
             ).fetchall()
-            removed = self._db.execute(
+            removed = self.removed_since(generation)
+        keys, vectors = self._unpack(rows)
+        return keys, vectors, removed
+
+    def removed_since(self, generation: int) -> np.ndarray:
+        """Sorted keys that writes after ``generation`` removed."""
+        with self._errors():
+            rows = self._db.execute(
                 "SELECT key FROM removed WHERE generation > ? ORDER BY key", (generation,)
             ).fetchall()
-        keys, vectors = self._unpack(rows)
-        return keys, vectors, np.asarray([row[0] for row in removed], dtype=np.int64)
+        return np.asarray([row[0] for row in rows], dtype=np.int64)
+
+    def metadata_values(self, key: str, after: int) -> tuple[np.ndarray, list[Any]]:
+        """Sorted ``(N,)`` keys above ``after`` and each item's value of metadata ``key`` as
+        SQLite's ``json_extract`` reads it: int, float, str (objects and arrays as JSON text)
+        or ``None`` where absent or null."""
+        with self._errors():
+            rows = self._db.execute(
+                "SELECT key, json_extract(metadata, ?) FROM items WHERE key > ? ORDER BY key",
+                (json_path(key), after),
+            ).fetchall()
+        keys = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+        return keys, [row[1] for row in rows]
 
     def _unpack(self, rows: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         keys = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
