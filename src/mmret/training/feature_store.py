@@ -186,42 +186,44 @@ def layer_feature_set(
 
 
 class _RaggedWriter:
-    """Appends ``(T, D)`` token blocks to ``tokens.npy`` without knowing the total up front."""
+    """Streams ``(T, D)`` token blocks and pooled rows to disk; the ``.npy`` headers are written
+    at the end, when the totals are known, so nothing is held in memory."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.handle = (folder / "tokens.bin").open("wb")
+        self.tokens = (folder / "tokens.bin").open("wb")
+        self.pooled = (folder / "pooled.bin").open("wb")
         self.offsets = [0]
-        self.pooled: list[np.ndarray] = []
         self.width = 0
 
     def add(self, tokens: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor) -> None:
+        """``(B, T, D)`` tokens, their ``(B, T)`` mask and ``(B, D)`` pooled features."""
         self.width = tokens.shape[-1]
-        half = tokens.to(torch.float16).numpy()
-        for row, keep in zip(half, mask.numpy(), strict=True):
-            real = row[keep]
-            self.handle.write(np.ascontiguousarray(real).tobytes())
-            self.offsets.append(self.offsets[-1] + len(real))
-        self.pooled.append(pooled.to(torch.float16).numpy())
+        # Boolean indexing keeps row-major order: each input's real tokens, one input after
+        # the other, which is exactly the ragged layout.
+        self.tokens.write(tokens.to(torch.float16)[mask].numpy().tobytes())
+        for length in mask.sum(dim=1).tolist():
+            self.offsets.append(self.offsets[-1] + length)
+        self.pooled.write(pooled.to(torch.float16).contiguous().numpy().tobytes())
 
     def finish(self) -> None:
-        self.handle.close()
-        shape = (self.offsets[-1], self.width)
-        # Prepend a .npy header: the data was streamed, so only now is its shape known.
-        with (self.folder / "tokens.npy").open("wb") as out:
-            np.lib.format.write_array_header_1_0(
-                out, {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": shape}
-            )
-            with (self.folder / "tokens.bin").open("rb") as data:
-                while chunk := data.read(1 << 24):
-                    out.write(chunk)
-        (self.folder / "tokens.bin").unlink()
+        self.tokens.close()
+        self.pooled.close()
+        _to_npy(self.folder / "tokens.bin", (self.offsets[-1], self.width))
+        _to_npy(self.folder / "pooled.bin", (len(self.offsets) - 1, self.width))
         np.save(self.folder / "offsets.npy", np.asarray(self.offsets, dtype=np.int64))
-        pooled = (
-            np.concatenate(self.pooled) if self.pooled else np.zeros((0, self.width), np.float16)
-        )
-        np.save(self.folder / "pooled.npy", pooled)
         (self.folder / "done").write_text("")
+
+
+def _to_npy(raw: Path, shape: tuple[int, int]) -> None:
+    """Turn a file of raw float16 rows into ``.npy`` of ``shape`` (header first, then data)."""
+    with raw.with_suffix(".npy").open("wb") as out:
+        header = {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(out, header)
+        with raw.open("rb") as data:
+            while chunk := data.read(1 << 24):
+                out.write(chunk)
+    raw.unlink()
 
 
 def _decoded_images(
