@@ -188,3 +188,12 @@ def test_train_hat_cli_end_to_end(manifest: Path, backbone: Encoder, tmp_path: P
     bad = CliRunner().invoke(app, [*args[:-2], "--image-layers", "1,x"])
     message = " ".join(bad.output.replace("│", " ").split())
     assert bad.exit_code != 0 and "comma-separated list of layer numbers" in message
+
+
+def test_the_shipped_head_serves_offline() -> None:
+    encoder = load_encoder("hat")
+    assert encoder.spec == "hat" and encoder.dim == 512
+    vectors = encoder.encode_texts(["a dog runs on the beach", "two children play"])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    image = encoder.encode_images(images()[:1])
+    assert image.shape == (1, 512)
