@@ -1,6 +1,6 @@
 """HAT on Flickr8k: levels and level weights against the starter, quality and encoding speed.
 
-    python benchmarks/hat_levels.py [--variants L1,L3] [--images 64] [--texts 512]
+    python benchmarks/hat_levels.py [--variants L1,L3] [--images 64] [--texts 512] [--quick]
 
 Every variant trains on the stored layer features of Flickr8k train (extracted once, then
 reused; see ``mmret.training.feature_store``) with dev-RSUM epoch selection, exactly as
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -68,7 +69,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--speed-variant", default="L3")
     parser.add_argument("--out", type=Path, default=RESULTS / "hat_levels.json")
+    parser.add_argument("--quick", action="store_true", help="one 1-epoch variant, tiny timing")
     args = parser.parse_args()
+    if args.quick:
+        VARIANTS["L1"] = replace(VARIANTS["L1"], epochs=1)
+        args.variants, args.speed_variant, args.heads = "L1", "L1", Path(tempfile.mkdtemp())
+        args.images, args.texts, args.repeats = 8, 32, 1
     chosen = args.variants.split(",")
     starter = load_encoder("starter")
     assert isinstance(starter, StarterEncoder)
