@@ -32,7 +32,7 @@ from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
 from mmret.training.features import read_pairs
 from mmret.training.hat import HatTrainingConfig, embed_set, train_hat
 
-BASE = HatTrainingConfig()
+BASE = HatTrainingConfig(learn_weights=True)
 VARIANTS = {
     "L1": replace(BASE, image_layers=(8,), text_layers=(6,)),
     "L2": replace(BASE, image_layers=(7, 8), text_layers=(4, 6)),
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="for the speed test")
     parser.add_argument("--texts", type=int, default=512, help="for the speed test")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--speed-variant", default="L3")
+    parser.add_argument("--speed-variant", default="L2-fixed")
     parser.add_argument("--out", type=Path, default=RESULTS / "hat_levels.json")
     parser.add_argument("--quick", action="store_true", help="one 1-epoch variant, tiny timing")
     args = parser.parse_args()
