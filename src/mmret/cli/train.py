@@ -1,22 +1,39 @@
-"""``mmret train align``: train the starter model's alignment projections."""
+"""``mmret train align`` and ``mmret train hat``: train the heads on frozen tower features."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import typer
 
 from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_skips
+from mmret.encoders import load_encoder
+from mmret.encoders.layers import resolve_layers
 from mmret.encoders.towers import StarterTowers
+from mmret.evaluation.retrieval import RetrievalReport
 from mmret.ingest.report import SkipReport
 from mmret.training.align import AlignTrainingConfig, EpochLog, train_alignment
+from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
 from mmret.training.features import default_cache_dir, pair_features, read_pairs
+from mmret.training.hat import HatEpochLog, HatTrainingConfig, train_hat
 
 train_app = typer.Typer(
     cls=ReflowedHelp, help="Train the small heads that make retrieval better.", no_args_is_help=True
 )
+
+
+def epoch_line(epoch: int, loss: float, dev: RetrievalReport | None) -> str:
+    line = f"epoch {epoch:3d}  loss {loss:.4f}"
+    if dev is not None:
+        t2i, i2t = dev.text_to_image, dev.image_to_text
+        line += (
+            f"  dev t2i R@1 {t2i['R@1']:.1f} R@10 {t2i['R@10']:.1f}"
+            f"  i2t R@1 {i2t['R@1']:.1f}  RSUM {dev.rsum:.1f}"
+        )
+    return line
 
 
 @train_app.command("align")
@@ -71,14 +88,7 @@ def align(
     print_skips(report)
 
     def show(log: EpochLog) -> None:
-        line = f"epoch {log.epoch:3d}  loss {log.loss:.4f}"
-        if log.dev is not None:
-            t2i, i2t = log.dev.text_to_image, log.dev.image_to_text
-            line += (
-                f"  dev t2i R@1 {t2i['R@1']:.1f} R@10 {t2i['R@10']:.1f}"
-                f"  i2t R@1 {i2t['R@1']:.1f}  RSUM {log.dev.rsum:.1f}"
-            )
-        console.print(line, highlight=False)
+        console.print(epoch_line(log.epoch, log.loss, log.dev), highlight=False)
 
     head, logs = train_alignment(train, dev_features, config, on_epoch=show)
     head.save(out, dtype=torch.float16 if float16 else None)
@@ -98,3 +108,117 @@ def align(
         )
     )
     console.print(f"[green]saved alignment head to {out}[/] (use it with --model starter:{out})")
+
+
+def parse_layers(text: str, option: str) -> tuple[int, ...]:
+    """``"5,7,-1"`` -> ``(5, 7, -1)``."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not a comma-separated list of layer numbers (e.g. 5,7,8)",
+            param_hint=option,
+        ) from None
+
+
+@train_app.command("hat")
+@friendly_errors
+def hat(
+    manifest: Path = typer.Argument(
+        ..., help="JSONL/CSV/Parquet manifest of images with captions."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Folder for the head (and its per-epoch checkpoint)."
+    ),
+    dev: Path | None = typer.Option(None, help="Dev manifest: report each epoch, keep the best."),
+    backbone: str = typer.Option("starter", help="Encoder whose layer features HAT aligns."),
+    image_layers: str = typer.Option(
+        ",".join(map(str, HatTrainingConfig.image_layers)),
+        help="Image layer of each level, comma-separated (0 = stem, -1 = last).",
+    ),
+    text_layers: str = typer.Option(
+        ",".join(map(str, HatTrainingConfig.text_layers)),
+        help="Text layer of each level, comma-separated (0 = embeddings, -1 = last).",
+    ),
+    learn_weights: bool = typer.Option(
+        HatTrainingConfig.learn_weights, help="Learn the level weights (else uniform)."
+    ),
+    level_loss: float = typer.Option(
+        HatTrainingConfig.level_loss, min=0.0, help="Weight of the per-level losses."
+    ),
+    epochs: int = typer.Option(HatTrainingConfig.epochs, min=1),
+    embed_dim: int = typer.Option(HatTrainingConfig.embed_dim, min=8, help="Width per level."),
+    hidden_dim: int = typer.Option(HatTrainingConfig.hidden_dim, min=0, help="0: linear."),
+    dropout: float = typer.Option(HatTrainingConfig.dropout, min=0.0, max=0.9),
+    weight_decay: float = typer.Option(HatTrainingConfig.weight_decay, min=0.0),
+    batch_size: int = typer.Option(HatTrainingConfig.batch_size, min=2),
+    learning_rate: float = typer.Option(HatTrainingConfig.learning_rate, min=0.0),
+    seed: int = typer.Option(HatTrainingConfig.seed),
+    cache_dir: Path | None = typer.Option(
+        None, help="Layer feature store (default ~/.cache/mmret/layers)."
+    ),
+    float16: bool = typer.Option(False, help="Store weights in float16 (half the file size)."),
+) -> None:
+    """Train a HAT hierarchical alignment head on stored layer features (resumable)."""
+    config = HatTrainingConfig(
+        image_layers=parse_layers(image_layers, "--image-layers"),
+        text_layers=parse_layers(text_layers, "--text-layers"),
+        embed_dim=embed_dim,
+        hidden_dim=hidden_dim,
+        dropout=dropout,
+        learn_weights=learn_weights,
+        level_loss=level_loss,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        seed=seed,
+    )
+    encoder = load_encoder(backbone)
+    # Stored layers are numbered from 0, so -1 and friends are resolved once, here.
+    config = replace(
+        config,
+        image_layers=resolve_layers(config.image_layers, encoder.image_layer_count, "image"),
+        text_layers=resolve_layers(config.text_layers, encoder.text_layer_count, "text"),
+    )
+    report = SkipReport()
+
+    def stored(path: Path) -> LayerFeatureSet:
+        return layer_feature_set(
+            read_pairs(path, report),
+            encoder,
+            config.image_layers,
+            config.text_layers,
+            cache_dir=cache_dir,
+            report=report,
+            show_progress=True,
+        )
+
+    train_set = stored(manifest)
+    dev_set = stored(dev) if dev is not None else None
+    print_skips(report)
+
+    def show(log: HatEpochLog) -> None:
+        weights = " ".join(f"{w:.2f}" for w in log.weights)
+        console.print(f"{epoch_line(log.epoch, log.loss, log.dev)}  weights {weights}")
+
+    head, history = train_hat(
+        train_set,
+        dev_set,
+        config,
+        backbone=backbone,
+        layer_source=encoder.layer_source,
+        checkpoint_dir=out / "checkpoint",
+        on_epoch=show,
+        show_progress=True,
+    )
+    head.save(out, dtype=torch.float16 if float16 else None)
+    document = {
+        "manifest": str(manifest),
+        "dev": str(dev) if dev else None,
+        "backbone": backbone,
+        "config": config.to_dict(),
+        "history": history,
+    }
+    (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
+    console.print(f"[green]saved HAT head to {out}[/] (use it with --model hat:{out})")

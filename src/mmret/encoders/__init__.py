@@ -8,19 +8,21 @@ spec                               encoder
 ``hf:NAME_OR_DIR``                 a Hugging Face CLIP or SigLIP model
 ``open_clip:MODEL/PRETRAINED``     an open_clip model (``open_clip:MODEL`` for random init,
                                    ``open_clip:MODEL/path/to/checkpoint.pt`` for a file)
+``hat``                            HAT: hierarchical alignment of several layers of the
+                                   starter towers (``hat:DIR`` for one trained into DIR)
 ``hash:DIM``                       weightless and deterministic, for tests (not aligned)
 =================================  ====================================================
 """
 
 from __future__ import annotations
 
-from mmret.encoders import hashing, hf_clip, open_clip_backend, starter
+from mmret.encoders import hashing, hat, hf_clip, open_clip_backend, starter
 from mmret.encoders.base import Encoder
 from mmret.encoders.registry import ENCODERS
 
 __all__ = ["ENCODERS", "Encoder", "load_encoder"]
 
-_LOADED = (hashing, hf_clip, open_clip_backend, starter)  # imported for their registrations
+_LOADED = (hashing, hat, hf_clip, open_clip_backend, starter)  # imported for their registrations
 
 
 def load_encoder(spec: str) -> Encoder:

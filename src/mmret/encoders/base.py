@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from mmret._progress import progress
+from mmret.encoders.layers import LayerFeatures, resolve_layers
+from mmret.errors import InputError
 from mmret.ingest.images import load_image
 from mmret.items import ImageInput
 
@@ -65,6 +67,48 @@ class Encoder(ABC):
     @abstractmethod
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """``(B, dim)`` embeddings of texts (normalisation not required)."""
+
+    @property
+    def image_layer_count(self) -> int:
+        """How many layers follow the image tower's layer 0 (0: no layer features)."""
+        return 0
+
+    @property
+    def text_layer_count(self) -> int:
+        """How many layers follow the text tower's layer 0 (0: no layer features)."""
+        return 0
+
+    @property
+    def layer_source(self) -> str:
+        """What layer features depend on (an encoder whose head sits on frozen towers names
+        the towers, so every head over them shares one stored feature set)."""
+        return self.spec
+
+    def image_layer_features(
+        self, images: Sequence[ImageInput], layers: Sequence[int]
+    ) -> LayerFeatures:
+        """Token features of ``layers`` of the image tower for a batch (see
+        :mod:`mmret.encoders.layers` for numbering and shapes)."""
+        chosen = resolve_layers(layers, self._layer_count(self.image_layer_count), "image")
+        with torch.inference_mode():
+            return self._image_layers([self.load(image) for image in images], chosen)
+
+    def text_layer_features(self, texts: Sequence[str], layers: Sequence[int]) -> LayerFeatures:
+        """Token features of ``layers`` of the text tower for a batch of texts."""
+        chosen = resolve_layers(layers, self._layer_count(self.text_layer_count), "text")
+        with torch.inference_mode():
+            return self._text_layers([text[:MAX_TEXT_CHARS] for text in texts], chosen)
+
+    def _layer_count(self, count: int) -> int:
+        if count == 0:
+            raise InputError(f"encoder {self.spec!r} exposes no layer features")
+        return count
+
+    def _image_layers(self, images: list[Image.Image], layers: tuple[int, ...]) -> LayerFeatures:
+        raise InputError(f"encoder {self.spec!r} exposes no layer features")
+
+    def _text_layers(self, texts: list[str], layers: tuple[int, ...]) -> LayerFeatures:
+        raise InputError(f"encoder {self.spec!r} exposes no layer features")
 
     def load(self, image: ImageInput) -> Image.Image:
         """Decode an image input at the resolution this encoder needs."""

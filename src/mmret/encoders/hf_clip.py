@@ -14,6 +14,7 @@ from PIL import Image
 
 from mmret._progress import quiet_weight_loading
 from mmret.encoders.base import Encoder
+from mmret.encoders.layers import LayerFeatures, hidden_state_features
 from mmret.encoders.registry import ENCODERS
 from mmret.errors import InputError
 
@@ -54,6 +55,31 @@ class HuggingFaceEncoder(Encoder):
         return _features(self.model.get_image_features(pixel_values=pixels))
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        return _features(self.model.get_text_features(**self._tokens(texts)))
+
+    @property
+    def image_layer_count(self) -> int:
+        return int(self.model.config.vision_config.num_hidden_layers)
+
+    @property
+    def text_layer_count(self) -> int:
+        return int(self.model.config.text_config.num_hidden_layers)
+
+    def _image_layers(self, images: list[Image.Image], layers: tuple[int, ...]) -> LayerFeatures:
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        output = self.model.vision_model(pixel_values=pixels, output_hidden_states=True)
+        vision = self.model.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        # CLIP puts a CLS token before the patches, SigLIP does not: keeping the last
+        # ``patches`` tokens gives the patch grid for both.
+        return hidden_state_features(output.hidden_states, layers, keep_last=patches)
+
+    def _text_layers(self, texts: list[str], layers: tuple[int, ...]) -> LayerFeatures:
+        tokens = self._tokens(texts)
+        output = self.model.text_model(**tokens, output_hidden_states=True)
+        return hidden_state_features(output.hidden_states, layers, tokens.get("attention_mask"))
+
+    def _tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(
             texts,
             padding=self._padding,
@@ -62,8 +88,7 @@ class HuggingFaceEncoder(Encoder):
             return_tensors="pt",
         )
         wanted = {"input_ids", "attention_mask"}
-        inputs = {key: value for key, value in tokens.items() if key in wanted}
-        return _features(self.model.get_text_features(**inputs))
+        return {key: value for key, value in tokens.items() if key in wanted}
 
 
 @ENCODERS.register("hf")

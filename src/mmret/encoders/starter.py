@@ -13,8 +13,14 @@ import torch
 from PIL import Image
 
 from mmret.encoders.base import Encoder
+from mmret.encoders.layers import (
+    LayerFeatures,
+    efficientnet_features,
+    efficientnet_layer_count,
+    hidden_state_features,
+)
 from mmret.encoders.registry import ENCODERS
-from mmret.encoders.towers import IMAGE_SIZE, TOWERS, StarterTowers
+from mmret.encoders.towers import IMAGE_SIZE, MAX_TEXT_TOKENS, TOWERS, StarterTowers
 from mmret.errors import InputError
 from mmret.heads.alignment import AlignmentHead
 
@@ -53,6 +59,28 @@ class StarterEncoder(Encoder):
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         projected: torch.Tensor = self.head.text(self.towers.text_features(texts))
         return projected
+
+    @property
+    def layer_source(self) -> str:
+        return TOWERS  # the towers are frozen: every alignment head sees the same layers
+
+    @property
+    def image_layer_count(self) -> int:
+        return efficientnet_layer_count(self.towers.image_model)
+
+    @property
+    def text_layer_count(self) -> int:
+        return int(self.towers.text_model.config.num_hidden_layers)
+
+    def _image_layers(self, images: list[Image.Image], layers: tuple[int, ...]) -> LayerFeatures:
+        return efficientnet_features(self.towers.image_model, self.towers.pixels(images), layers)
+
+    def _text_layers(self, texts: list[str], layers: tuple[int, ...]) -> LayerFeatures:
+        tokens = self.towers.tokenizer(
+            texts, padding=True, truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt"
+        )
+        output = self.towers.text_model(**tokens, output_hidden_states=True)
+        return hidden_state_features(output.hidden_states, layers, tokens["attention_mask"])
 
 
 @ENCODERS.register("starter")

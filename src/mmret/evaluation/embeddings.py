@@ -36,8 +36,13 @@ class PairEmbeddings:
 
 def encoder_fingerprint(encoder: Encoder) -> str:
     """The spec, plus a hash of any weight files it names (a retrained head changes the key)."""
-    digest = hashlib.sha256(encoder.spec.encode())
-    _, _, location = encoder.spec.partition(":")
+    return spec_fingerprint(encoder.spec)
+
+
+def spec_fingerprint(spec: str) -> str:
+    """``spec`` plus a hash of the weight files in the folder it names, if it names one."""
+    digest = hashlib.sha256(spec.encode())
+    _, _, location = spec.partition(":")
     path = Path(location)
     if location and path.is_dir():
         for file in sorted(path.glob("*.safetensors")):
