@@ -1,0 +1,1 @@
+"""RECO: refine embeddings at inference time with a memory of image-text pairs."""
