@@ -15,7 +15,7 @@ from mmret.training.reco import RecoTrainingConfig, reco_data, train_reco
 
 from .test_memory import DIM, synthetic_memory, unit
 
-FAST = RecoTrainingConfig(k=4, heads=4, ff_dim=16, epochs=3, batch_size=64, learning_rate=3e-3)
+FAST = RecoTrainingConfig(k=4, heads=4, ff_dim=16, epochs=3, batch_size=32, learning_rate=3e-3)
 
 
 def training_set(memory: Memory) -> tuple[PairEmbeddings, np.ndarray]:

@@ -40,7 +40,7 @@ class RecoTrainingConfig:
     heads: int = 8
     ff_dim: int = 512
     dropout: float = 0.1
-    epochs: int = 8
+    epochs: int = 12
     batch_size: int = 512
     learning_rate: float = 5e-4
     weight_decay: float = 0.05
@@ -183,7 +183,12 @@ def train_reco(
     optimiser = torch.optim.AdamW(
         fusion.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    steps_per_epoch = max(1, len(text) // config.batch_size)
+    # An epoch shows every image once, with one of its captions drawn at random: RECO trains
+    # on image-text pairs, and a batch then never holds two captions of one image.
+    by_image = torch.argsort(owner, stable=True)
+    counts = torch.bincount(owner, minlength=len(image))
+    starts = torch.cumsum(counts, 0) - counts
+    steps_per_epoch = max(1, len(image) // config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser,
         max_lr=config.learning_rate,
@@ -197,7 +202,9 @@ def train_reco(
         state = _TrainingState.load(checkpoint_dir, config, fusion, optimiser, schedule, generator)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         fusion.train()
-        order = torch.randperm(len(text), generator=generator)
+        order = torch.randperm(len(image), generator=generator)
+        draw = torch.rand(len(image), generator=generator)
+        caption = by_image[starts + (draw * counts).long().clamp(max=counts - 1)]
         total = 0.0
         steps = progress(
             range(steps_per_epoch),
@@ -206,8 +213,8 @@ def train_reco(
             enabled=show_progress,
         )
         for step in steps:
-            batch = order[step * config.batch_size : (step + 1) * config.batch_size]
-            images = owner[batch]
+            images = order[step * config.batch_size : (step + 1) * config.batch_size]
+            batch = caption[images]
             plain_v, plain_t = image[images], text[batch]
             texts_of_v, valid_v = partners.gather(image_rows[images], "text")
             images_of_t, valid_t = partners.gather(text_rows[batch], "image")
