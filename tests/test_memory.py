@@ -196,3 +196,16 @@ def test_an_index_whose_memory_is_gone(tmp_path: Path, manifest: Path) -> None:
     shutil.rmtree(tmp_path / "m1")
     with pytest.raises(Exception, match="which is gone"):
         Retriever.open(tmp_path / "index", readonly=True)
+
+
+def test_first_captions_keeps_the_first_of_each_image(manifest: Path) -> None:
+    from mmret.memory.embedding import first_captions
+    from mmret.training.features import read_pairs
+
+    pairs = read_pairs(manifest)
+    kept = first_captions(pairs, 1)
+    assert kept.texts == ["a red square", "a green square", "a blue square", "a yellow square"]
+    assert kept.text_image.tolist() == [0, 1, 2, 3]
+    assert first_captions(pairs, None) is pairs
+    with pytest.raises(InputError, match="at least 1"):
+        first_captions(pairs, 0)

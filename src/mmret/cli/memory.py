@@ -16,7 +16,7 @@ from mmret.encoders import load_encoder
 from mmret.errors import InputError
 from mmret.evaluation.embeddings import PairEmbeddings, embed_pairs
 from mmret.ingest.report import SkipReport
-from mmret.memory.embedding import embed_pair_set
+from mmret.memory.embedding import embed_pair_set, first_captions
 from mmret.memory.refine import Refiner, load_refiner
 from mmret.memory.store import Memory, build_memory
 from mmret.training.features import read_pairs
@@ -69,6 +69,9 @@ def build(
         "auto", help="Index backend: auto, exact or faiss (auto: exact below 100k pairs)."
     ),
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
+    max_captions: int | None = typer.Option(
+        None, min=1, help="Use only the first N captions of each entry (default: all)."
+    ),
 ) -> None:
     """Embed every image-caption pair of MANIFEST with both towers and store them as a memory.
 
@@ -86,6 +89,7 @@ def build(
         cache_dir=cache_dir,
         report=report,
         show_progress=True,
+        max_captions=max_captions,
     )
     print_skips(report)
     with Memory.open(out) as memory:
@@ -134,6 +138,9 @@ def train(
     learning_rate: float = typer.Option(RecoTrainingConfig.learning_rate, min=0.0),
     weight_decay: float = typer.Option(RecoTrainingConfig.weight_decay, min=0.0),
     seed: int = typer.Option(RecoTrainingConfig.seed),
+    max_captions: int | None = typer.Option(
+        None, min=1, help="Train on the first N captions of each image only (default: all)."
+    ),
     resume: bool = typer.Option(False, help="Continue the unfinished run saved in OUT."),
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
     float16: bool = typer.Option(False, help="Store weights in float16 (half the file size)."),
@@ -171,7 +178,7 @@ def train(
             encoder = load_encoder(opened.manifest.encoder)
         embedded = embed_pair_set(
             encoder,
-            read_pairs(manifest, report),
+            first_captions(read_pairs(manifest, report), max_captions),
             cache_dir=cache_dir,
             report=report,
             show_progress=True,

@@ -32,7 +32,7 @@ from mmret.engine import Retriever
 from mmret.errors import IndexFormatError, InputError
 from mmret.ingest.report import SkipReport
 from mmret.items import Item
-from mmret.memory.embedding import embed_pair_set
+from mmret.memory.embedding import embed_pair_set, first_captions
 from mmret.training.features import read_pairs
 
 Modality = Literal["image", "text"]
@@ -248,17 +248,19 @@ def build_memory(
     cache_dir: Path | None = None,
     report: SkipReport | None = None,
     show_progress: bool = False,
+    max_captions: int | None = None,
 ) -> Path:
     """Embed the image-caption pairs of ``source`` (a manifest) and write a memory to ``out``.
 
     Embeddings are cached (``~/.cache/mmret``), so building a memory from a training set that
-    was already embedded for training or evaluation costs no encoding.
+    was already embedded for training or evaluation costs no encoding. ``max_captions`` keeps
+    only the first captions of each entry (None: all).
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: already exists and is not empty")
     report = report if report is not None else SkipReport()
-    pairs = read_pairs(source, report)
+    pairs = first_captions(read_pairs(source, report), max_captions)
     encoder = encoder or load_encoder(model)
     embedded = embed_pair_set(
         encoder, pairs, cache_dir=cache_dir, report=report, show_progress=show_progress
