@@ -102,12 +102,19 @@ class Refiner:
             threshold=self.options.threshold,
             exclude=exclude,
         )
-        gathered = self.memory.gather(found.rows, other(modality))
+        return self.fuse_rows(vectors, modality, found.rows)
+
+    def fuse_rows(self, vectors: np.ndarray, modality: str, rows: np.ndarray) -> np.ndarray:
+        """Refined ``(N, D)`` unit vectors of unit ``vectors`` given the memory ``rows (N, k)``
+        of their neighbours (-1: none), as :meth:`refine` finds them; for studies that reuse
+        one neighbour search across fusions and smaller k."""
+        modality = check_modality(modality)
+        gathered = self.memory.gather(rows, other(modality))
         with torch.inference_mode():
             refined = self.fusion.fuse(
-                torch.from_numpy(vectors),
+                torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)),
                 torch.from_numpy(gathered),
-                torch.from_numpy(found.valid),
+                torch.from_numpy(rows >= 0),
                 modality,
             )
         return l2_normalise(refined.float().numpy())
