@@ -14,7 +14,7 @@ import typer
 from mmret.cli.output import console, friendly_errors, print_json, print_skips, status
 from mmret.encoders import load_encoder
 from mmret.errors import InputError
-from mmret.evaluation.embeddings import PairEmbeddings, embed_pairs
+from mmret.evaluation.embeddings import PairEmbeddings
 from mmret.ingest.report import SkipReport
 from mmret.memory.embedding import embed_pair_set, first_captions
 from mmret.memory.refine import Refiner, load_refiner
@@ -139,7 +139,7 @@ def train(
     weight_decay: float = typer.Option(RecoTrainingConfig.weight_decay, min=0.0),
     seed: int = typer.Option(RecoTrainingConfig.seed),
     max_captions: int | None = typer.Option(
-        None, min=1, help="Train on the first N captions of each image only (default: all)."
+        None, min=1, help="Use the first N captions of each training and dev image (default: all)."
     ),
     resume: bool = typer.Option(False, help="Continue the unfinished run saved in OUT."),
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
@@ -189,15 +189,15 @@ def train(
             )
         dev_data = None
         if dev is not None:
-            dev_embeddings = embed_pairs(
+            dev_embedded = embed_pair_set(
                 encoder,
-                read_pairs(dev, report),
+                first_captions(read_pairs(dev, report), max_captions),
                 cache_dir=cache_dir,
                 report=report,
                 show_progress=True,
             )
             with status("Searching the memory for every dev image and caption..."):
-                dev_data = reco_data(dev_embeddings, opened, config)
+                dev_data = reco_data(dev_embedded.embeddings, opened, config)
         print_skips(report)
 
         def show(log: RecoEpochLog) -> None:
