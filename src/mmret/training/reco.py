@@ -40,7 +40,7 @@ class RecoTrainingConfig:
     heads: int = 8
     ff_dim: int = 512
     dropout: float = 0.1
-    epochs: int = 5
+    epochs: int = 3
     batch_size: int = 256
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
