@@ -209,3 +209,15 @@ def test_first_captions_keeps_the_first_of_each_image(manifest: Path) -> None:
     assert first_captions(pairs, None) is pairs
     with pytest.raises(InputError, match="at least 1"):
         first_captions(pairs, 0)
+
+
+def test_the_shipped_fusion_is_for_the_starter_model_only() -> None:
+    from mmret.heads.reco import SHIPPED_FUSIONS
+
+    folder = SHIPPED_FUSIONS["starter"]
+    fusion = load_fusion("transformer", "starter")
+    assert isinstance(fusion, TransformerFusion) and fusion.config.encoder == "starter"
+    assert (folder / "MODEL_CARD.md").is_file()
+    assert (folder / "model.safetensors").stat().st_size < 8 * 2**20  # float16
+    with pytest.raises(InputError, match="trained for encoder 'starter'.*'starter-v2'"):
+        load_fusion(folder, "starter-v2")
