@@ -219,5 +219,5 @@ def test_the_shipped_fusion_is_for_the_starter_model_only() -> None:
     assert isinstance(fusion, TransformerFusion) and fusion.config.encoder == "starter"
     assert (folder / "MODEL_CARD.md").is_file()
     assert (folder / "model.safetensors").stat().st_size < 8 * 2**20  # float16
-    with pytest.raises(InputError, match="trained for encoder 'starter'.*'starter-v2'"):
+    with pytest.raises(InputError, match=r"trained for encoder 'starter'.*'starter-v2'"):
         load_fusion(folder, "starter-v2")
