@@ -26,14 +26,19 @@ CLASSES = (
 )  # fmt: skip
 
 
+def _read(path: Path) -> bytes:
+    with gzip.open(path) as handle:
+        return handle.read()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path)
     parser.add_argument("--per-class", type=int, default=100)
     args = parser.parse_args()
-    raw = gzip.open(SOURCE / "train-images-idx3-ubyte.gz").read()
-    images = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)
-    labels = np.frombuffer(gzip.open(SOURCE / "train-labels-idx1-ubyte.gz").read(), np.uint8, 8)
+    images = np.frombuffer(_read(SOURCE / "train-images-idx3-ubyte.gz"), np.uint8, offset=16)
+    images = images.reshape(-1, 28, 28)
+    labels = np.frombuffer(_read(SOURCE / "train-labels-idx1-ubyte.gz"), np.uint8, offset=8)
     (args.out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for label, name in enumerate(CLASSES):
