@@ -12,6 +12,7 @@ import torch
 import typer
 
 from mmret.cli.output import console, friendly_errors, print_json, print_skips, status
+from mmret.cli.train import show_epoch
 from mmret.encoders import load_encoder
 from mmret.errors import InputError
 from mmret.evaluation.embeddings import PairEmbeddings
@@ -22,7 +23,6 @@ from mmret.memory.store import Memory, build_memory
 from mmret.training.features import read_pairs
 from mmret.training.reco import (
     CHECKPOINT,
-    RecoEpochLog,
     RecoTrainingConfig,
     reco_data,
     train_reco,
@@ -200,16 +200,6 @@ def train(
                 dev_data = reco_data(dev_embedded.embeddings, opened, config)
         print_skips(report)
 
-        def show(log: RecoEpochLog) -> None:
-            line = f"epoch {log.epoch:3d}  loss {log.loss:.4f}"
-            if log.dev is not None:
-                t2i, i2t = log.dev.text_to_image, log.dev.image_to_text
-                line += (
-                    f"  dev t2i R@1 {t2i['R@1']:.1f} R@10 {t2i['R@10']:.1f}"
-                    f"  i2t R@1 {i2t['R@1']:.1f}  RSUM {log.dev.rsum:.1f}"
-                )
-            console.print(line, highlight=False)
-
         fusion, logs = train_reco(
             train_data,
             opened,
@@ -217,7 +207,7 @@ def train(
             config,
             checkpoint_dir=checkpoint,
             resume=resume,
-            on_epoch=show,
+            on_epoch=show_epoch,
             show_progress=True,
         )
         own_excluded = int(np.sum(opened.rows_of(embedded.image_ids) >= 0))

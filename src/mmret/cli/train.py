@@ -13,10 +13,23 @@ from mmret.encoders.towers import StarterTowers
 from mmret.ingest.report import SkipReport
 from mmret.training.align import AlignTrainingConfig, EpochLog, train_alignment
 from mmret.training.features import default_cache_dir, pair_features, read_pairs
+from mmret.training.reco import RecoEpochLog
 
 train_app = typer.Typer(
     help="Train the small heads that make retrieval better.", no_args_is_help=True
 )
+
+
+def show_epoch(log: EpochLog | RecoEpochLog) -> None:
+    """One line per training epoch: the loss and, with a dev set, its recalls and RSUM."""
+    line = f"epoch {log.epoch:3d}  loss {log.loss:.4f}"
+    if log.dev is not None:
+        t2i, i2t = log.dev.text_to_image, log.dev.image_to_text
+        line += (
+            f"  dev t2i R@1 {t2i['R@1']:.1f} R@10 {t2i['R@10']:.1f}"
+            f"  i2t R@1 {i2t['R@1']:.1f}  RSUM {log.dev.rsum:.1f}"
+        )
+    console.print(line, highlight=False)
 
 
 @train_app.command("align")
@@ -70,17 +83,7 @@ def align(
         )
     print_skips(report)
 
-    def show(log: EpochLog) -> None:
-        line = f"epoch {log.epoch:3d}  loss {log.loss:.4f}"
-        if log.dev is not None:
-            t2i, i2t = log.dev.text_to_image, log.dev.image_to_text
-            line += (
-                f"  dev t2i R@1 {t2i['R@1']:.1f} R@10 {t2i['R@10']:.1f}"
-                f"  i2t R@1 {i2t['R@1']:.1f}  RSUM {log.dev.rsum:.1f}"
-            )
-        console.print(line, highlight=False)
-
-    head, logs = train_alignment(train, dev_features, config, on_epoch=show)
+    head, logs = train_alignment(train, dev_features, config, on_epoch=show_epoch)
     head.save(out, dtype=torch.float16 if float16 else None)
     history = [
         {"epoch": log.epoch, "loss": log.loss, "dev": log.dev.to_dict() if log.dev else None}
