@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -36,6 +36,9 @@ from mmret.index.store import ItemStore, StoredItem
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import ItemSource
 from mmret.items import Item, Query
+
+if TYPE_CHECKING:
+    from mmret.memory.refine import Refiner
 
 ADD_CHUNK = 256
 
@@ -86,12 +89,15 @@ class Retriever:
         encoder: Encoder | None = None,
         readonly: bool = False,
         lock: WriterLock | None = None,
+        refiner: Refiner | None = None,
     ) -> None:
         self.folder = folder
         self.manifest = manifest
         self.readonly = readonly
         self._store = store
-        self._encoder = encoder
+        self.refiner = refiner
+        self._owns_refiner = False  # set by open() for a memory it reopened itself
+        self._encoder = encoder if refiner is None or encoder is None else refiner.wrap(encoder)
         self._writer_lock = lock
         # One connection serves every thread: calls take turns so transactions never mix.
         self._mutex = threading.RLock()
@@ -109,9 +115,12 @@ class Retriever:
         encoder: Encoder | None = None,
         backend: str = "auto",
         backend_options: dict[str, Any] | None = None,
+        refiner: Refiner | None = None,
     ) -> Retriever:
         """Create an empty index folder for ``model`` (or an already built ``encoder``).
 
+        With a ``refiner`` (:func:`mmret.memory.load_refiner`), items and queries are refined
+        with its memory (RECO), and the index records which memory and fusion it was built with.
         The folder is built aside and renamed into place, so a crash leaves no half-made index.
         """
         folder = Path(folder)
@@ -123,6 +132,7 @@ class Retriever:
             dim=encoder.dim,
             backend=backend,
             backend_options=dict(backend_options or {}),
+            refiner=refiner.record() if refiner is not None else None,
         )
         try:  # fail on a bad backend or option before creating anything
             new_backend(backend, manifest.backend_options, manifest.dim, 0)
@@ -134,7 +144,7 @@ class Retriever:
             store.record_manifest(manifest_text(manifest))
             store.close()
             write_manifest(scratch, manifest)
-        return cls.open(folder, encoder=encoder)
+        return cls.open(folder, encoder=encoder, refiner=refiner)
 
     @classmethod
     def open(
@@ -144,11 +154,14 @@ class Retriever:
         readonly: bool = False,
         encoder: Encoder | None = None,
         wait: float = 10.0,
+        refiner: Refiner | None = None,
     ) -> Retriever:
         """Open an existing index; its encoder is loaded the first time something is encoded.
 
         Any number of readers may have an index open while one writer adds to it; a second
         writer waits up to ``wait`` seconds for the first to close, then fails clearly.
+        An index built with a memory reopens it from the recorded path unless ``refiner`` is
+        given, and refuses a ``refiner`` with another memory, fusion or options.
         """
         folder = Path(folder)
         manifest = read_manifest(folder)
@@ -156,6 +169,11 @@ class Retriever:
             raise InputError(
                 f"{folder} was built with encoder {manifest.encoder!r}, not {encoder.spec!r}"
             )
+        owns_refiner = refiner is None and manifest.refiner is not None
+        if refiner is not None or manifest.refiner is not None:
+            from mmret.memory.refine import refiner_for_index  # the memory is built on Retriever
+
+            refiner = refiner_for_index(folder, manifest.refiner, refiner)
         lock = None
         if not readonly:
             lock = WriterLock(folder)
@@ -163,8 +181,20 @@ class Retriever:
         store = None
         try:
             store = ItemStore(folder / ITEMS_FILE, manifest.dim, readonly=readonly)
-            return cls(folder, manifest, store, encoder=encoder, readonly=readonly, lock=lock)
+            retriever = cls(
+                folder,
+                manifest,
+                store,
+                encoder=encoder,
+                readonly=readonly,
+                lock=lock,
+                refiner=refiner,
+            )
+            retriever._owns_refiner = owns_refiner
+            return retriever
         except BaseException:
+            if owns_refiner and refiner is not None:
+                refiner.close()
             if store is not None:
                 store.close()
             if lock is not None:
@@ -179,6 +209,9 @@ class Retriever:
                     self.flush()
             finally:
                 self._store.close()
+                if self._owns_refiner and self.refiner is not None:
+                    self.refiner.close()
+                    self._owns_refiner = False
                 if self._writer_lock is not None:
                     self._writer_lock.release()
                     self._writer_lock = None
@@ -197,7 +230,8 @@ class Retriever:
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = load_encoder(self.manifest.encoder)
+            encoder = load_encoder(self.manifest.encoder)
+            self._encoder = encoder if self.refiner is None else self.refiner.wrap(encoder)
         return self._encoder
 
     @property
@@ -433,6 +467,7 @@ class Retriever:
             "dim": self.manifest.dim,
             "backend": self.manifest.backend,
             "backend_in_use": backend.name,
+            "memory": self.manifest.refiner,
             "format_version": self.manifest.format_version,
             "mmret_version": self.manifest.mmret_version,
         }

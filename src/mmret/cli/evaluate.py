@@ -15,6 +15,15 @@ from typing import Any
 import numpy as np
 import typer
 
+from mmret.cli.memory import (
+    FUSION_HELP,
+    MEMORY_HELP,
+    MEMORY_K_HELP,
+    SEARCH_HELP,
+    open_refiner,
+    refine_pairs,
+    refined_label,
+)
 from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_skips, status
 from mmret.encoders import Encoder, load_encoder
 from mmret.errors import InputError
@@ -123,6 +132,10 @@ def retrieval(
     markdown_out: Path | None = typer.Option(None, "--markdown", help=MARKDOWN_HELP),
     plot: Path | None = typer.Option(None, help="Write Recall@K curves (K=1..50) as PNG here."),
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
+    memory: Path | None = typer.Option(None, "--memory", help=MEMORY_HELP),
+    fusion: str = typer.Option("transformer", "--fusion", help=FUSION_HELP),
+    memory_k: int = typer.Option(10, "--memory-k", min=1, help=MEMORY_K_HELP),
+    memory_search: str = typer.Option("uni", "--memory-search", help=SEARCH_HELP),
 ) -> None:
     """Image-text retrieval: Recall@1/5/10 both ways, RSUM and median ranks.
 
@@ -137,10 +150,15 @@ def retrieval(
     pairs = load_pairs(manifest, split=split, images=images, report=report)
     if folds > len(pairs.images):
         raise InputError(f"--folds {folds}: more folds than the {len(pairs.images)} images")
+    refiner = open_refiner(memory, fusion, memory_k, memory_search)
     encoder, load_s = load(spec)
+    if refiner is not None:
+        refiner.check_encoder(encoder.spec)
     encoding = time.perf_counter()
     embeddings = embed_pairs(encoder, pairs, cache_dir=cache_dir, report=report, show_progress=True)
+    embeddings = refine_pairs(refiner, embeddings)
     encode_s = time.perf_counter() - encoding
+    label = refined_label(encoder.spec, refiner)
     scoring = time.perf_counter()
     arrays = (embeddings.image, embeddings.text, embeddings.text_image)
     metrics = folded_metrics(*arrays, folds) if folds > 1 else retrieval_metrics(*arrays)
@@ -153,7 +171,8 @@ def retrieval(
         "rsum": round(metrics.rsum, 4),
         "n_images": metrics.n_images,
         "n_texts": metrics.n_texts,
-        "model": encoder.spec,
+        "model": label,
+        **({"memory": refiner.record()} if refiner else {}),
         "seconds": round(seconds, 3),
     }
     per_fold = f" per fold, mean of {folds} folds" if folds > 1 else ""
@@ -163,7 +182,7 @@ def retrieval(
         ("image→text", metrics.image_to_text, metrics.median_rank_image_to_text),
     )
     table = MetricTable(
-        f"{title} ({encoder.spec})",
+        f"{title} ({label})",
         ("direction", "R@1", "R@5", "R@10", "median rank"),
         tuple((name, *(percent(v) for v in r.values()), f"{m:g}") for name, r, m in rows),
         (
@@ -177,9 +196,7 @@ def retrieval(
             "text→image": recall_curve(metrics.ranks_text_to_image),
             "image→text": recall_curve(metrics.ranks_image_to_text),
         }
-        reports.plot_recall_curves(
-            plot, curves, f"{title}\n{encoder.spec}, RSUM {metrics.rsum:.1f}"
-        )
+        reports.plot_recall_curves(plot, curves, f"{title}\n{label}, RSUM {metrics.rsum:.1f}")
 
 
 @eval_app.command("zeroshot")
@@ -201,6 +218,10 @@ def zeroshot(
     markdown_out: Path | None = typer.Option(None, "--markdown", help=MARKDOWN_HELP),
     plot: Path | None = typer.Option(None, help="Write the confusion matrix as PNG here."),
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
+    memory: Path | None = typer.Option(None, "--memory", help=MEMORY_HELP),
+    fusion: str = typer.Option("transformer", "--fusion", help=FUSION_HELP),
+    memory_k: int = typer.Option(10, "--memory-k", min=1, help=MEMORY_K_HELP),
+    memory_search: str = typer.Option("uni", "--memory-search", help=SEARCH_HELP),
 ) -> None:
     """Zero-shot classification: top-1, top-5 and per-class accuracy from class-name prompts.
 
@@ -212,6 +233,7 @@ def zeroshot(
     spec = resolve_model(model, head)
     report = SkipReport()
     data = read_class_folders(folder, report)
+    refiner = open_refiner(memory, fusion, memory_k, memory_search)
     encoder, load_s = load(spec)
     encoding = time.perf_counter()
     image, ok = embed_images(
@@ -220,6 +242,10 @@ def zeroshot(
     if not ok.any():
         raise InputError(f"{folder}: no image could be decoded")
     prompts = tuple(templates) or DEFAULT_TEMPLATES
+    label = refined_label(encoder.spec, refiner)
+    if refiner is not None:  # each prompt is refined before the ensemble mean, as RECO does
+        image[ok] = refiner.refine(image[ok], "image")
+        encoder = refiner.wrap(encoder)
     classes = class_embeddings(encoder, data.classes, prompts)
     encode_s = time.perf_counter() - encoding
     metrics = zero_shot_metrics(image[ok] @ classes.T, data.labels[ok], data.classes)
@@ -230,11 +256,12 @@ def zeroshot(
         "top5": round(metrics.top5, 4),
         "n": metrics.n,
         "classes": len(data.classes),
-        "model": encoder.spec,
+        "model": label,
+        **({"memory": refiner.record()} if refiner else {}),
     }
     top_k = min(5, len(data.classes))
     summary = MetricTable(
-        f"{folder.name}: {metrics.n} images, {len(data.classes)} classes ({encoder.spec})",
+        f"{folder.name}: {metrics.n} images, {len(data.classes)} classes ({label})",
         ("metric", "value"),
         (
             ("top-1 accuracy", percent(metrics.top1)),
@@ -266,7 +293,7 @@ def zeroshot(
     )
     publish([summary, per_class], record, "Zero-shot classification", json_out, markdown_out)
     if plot is not None:
-        title = f"{folder.name}: top-1 {metrics.top1:.1f}% ({encoder.spec})"
+        title = f"{folder.name}: top-1 {metrics.top1:.1f}% ({label})"
         reports.plot_confusion(plot, metrics.confusion, data.classes, title)
 
 
@@ -284,6 +311,10 @@ def ir(
     markdown_out: Path | None = typer.Option(None, "--markdown", help=MARKDOWN_HELP),
     plot: Path | None = typer.Option(None, help="Write the Recall@K curve (K=1..50) as PNG here."),
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
+    memory: Path | None = typer.Option(None, "--memory", help=MEMORY_HELP),
+    fusion: str = typer.Option("transformer", "--fusion", help=FUSION_HELP),
+    memory_k: int = typer.Option(10, "--memory-k", min=1, help=MEMORY_K_HELP),
+    memory_search: str = typer.Option("uni", "--memory-search", help=SEARCH_HELP),
 ) -> None:
     """Multimodal retrieval (M-BEIR / M2KR style): R@1/5/10, MRR@10 and nDCG@10, in percent.
 
@@ -300,10 +331,17 @@ def ir(
     doc_items = list(read_items(corpus).read(report))
     if not query_items or not doc_items:
         raise InputError("need at least one query and one document")
+    refiner = open_refiner(memory, fusion, memory_k, memory_search)
     encoder, load_s = load(spec)
+    label = refined_label(encoder.spec, refiner)
     encoding = time.perf_counter()
-    query_vectors = embed_items(encoder, query_items, cache_dir=cache_dir, show_progress=True)
-    doc_vectors = embed_items(encoder, doc_items, cache_dir=cache_dir, show_progress=True)
+    if refiner is not None:  # refined per modality, then combined: not from the plain cache
+        encoder = refiner.wrap(encoder)
+        query_vectors = encoder.encode(query_items, show_progress=True)
+        doc_vectors = encoder.encode(doc_items, show_progress=True)
+    else:
+        query_vectors = embed_items(encoder, query_items, cache_dir=cache_dir, show_progress=True)
+        doc_vectors = embed_items(encoder, doc_items, cache_dir=cache_dir, show_progress=True)
     encode_s = time.perf_counter() - encoding
     query_ids = [item.id for item in query_items]
     metrics = ir_metrics(
@@ -319,12 +357,13 @@ def ir(
         **rounded(scores),
         "n_queries": metrics.n_queries,
         "n_docs": metrics.n_docs,
-        "model": encoder.spec,
+        "model": label,
+        **({"memory": refiner.record()} if refiner else {}),
         "seconds": round(seconds, 3),
     }
     title = f"{queries.name} → {corpus.name}: {metrics.n_queries} queries, {metrics.n_docs} docs"
     table = MetricTable(
-        f"{title} ({encoder.spec})",
+        f"{title} ({label})",
         ("queries", *scores),
         ((queries.stem, *(percent(value) for value in scores.values())),),
         (timings(encoder=load_s, embeddings=encode_s, total=seconds),),
@@ -332,4 +371,4 @@ def ir(
     publish([table], record, "Multimodal retrieval", json_out, markdown_out)
     if plot is not None:
         curves = {queries.stem: recall_curve(metrics.ranks)}
-        reports.plot_recall_curves(plot, curves, f"{title}\n{encoder.spec}")
+        reports.plot_recall_curves(plot, curves, f"{title}\n{label}")

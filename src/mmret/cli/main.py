@@ -10,6 +10,15 @@ from rich.markup import escape
 
 from mmret.cli.evaluate import eval_app
 from mmret.cli.maintain import check, repair
+from mmret.cli.memory import (
+    FUSION_HELP,
+    MEMORY_HELP,
+    MEMORY_K_HELP,
+    SEARCH_HELP,
+    memory_app,
+    open_refiner,
+)
+from mmret.cli.memory import train as train_reco
 from mmret.cli.output import (
     ReflowedHelp,
     console,
@@ -37,6 +46,8 @@ app = typer.Typer(
 )
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
+app.add_typer(memory_app, name="memory")
+train_app.command("reco")(train_reco)
 app.command()(check)
 app.command()(repair)
 
@@ -56,18 +67,23 @@ def index(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
     wait: float = typer.Option(10.0, help="Seconds to wait if another writer has OUT open."),
+    memory: Path | None = typer.Option(None, "--memory", help=MEMORY_HELP),
+    fusion: str = typer.Option("transformer", "--fusion", help=FUSION_HELP),
+    memory_k: int = typer.Option(10, "--memory-k", min=1, help=MEMORY_K_HELP),
+    memory_search: str = typer.Option("uni", "--memory-search", help=SEARCH_HELP),
 ) -> None:
     """Index a folder or manifest into OUT; an existing index gets the new items added."""
     report = SkipReport()
     with status("Reading source..."):
         items = list(read_items(source).read(report))
+    refiner = open_refiner(memory, fusion, memory_k, memory_search)
     if (out / MANIFEST_FILE).exists():
-        retriever = Retriever.open(out, wait=wait)
+        retriever = Retriever.open(out, wait=wait, refiner=refiner)
         if model != "starter" and model != retriever.manifest.encoder:
             raise InputError(f"{out} uses encoder {retriever.manifest.encoder!r}, not {model!r}")
     else:
         with status(f"Loading encoder {model}..."):
-            retriever = Retriever.create(out, model=model, backend=backend)
+            retriever = Retriever.create(out, model=model, backend=backend, refiner=refiner)
     with retriever:
         result = retriever.add(items, report=report, show_progress=True, total=len(items))
         summary = {
@@ -95,12 +111,21 @@ def search(
     k: int = typer.Option(10, "--k", "-k", min=1, help="Number of results."),
     filters: list[str] = typer.Option([], "--filter", "-f", help="key=value, key=a,b, key>=n ..."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
+    memory: Path | None = typer.Option(None, "--memory", help=MEMORY_HELP),
+    fusion: str = typer.Option("transformer", "--fusion", help=FUSION_HELP),
+    memory_k: int = typer.Option(10, "--memory-k", min=1, help=MEMORY_K_HELP),
+    memory_search: str = typer.Option("uni", "--memory-search", help=SEARCH_HELP),
 ) -> None:
-    """Search an index with a text, an image, or both."""
+    """Search an index with a text, an image, or both.
+
+    An index built with --memory refines its queries with the same memory (its recorded path
+    unless --memory is given; another memory is refused).
+    """
     if text is None and image is None:
         raise InputError("give a text query, --image PATH, or both")
     query = Query(text=text, image=image)
-    with Retriever.open(index_dir, readonly=True) as retriever:
+    refiner = open_refiner(memory, fusion, memory_k, memory_search)
+    with Retriever.open(index_dir, readonly=True, refiner=refiner) as retriever:
         hits = retriever.search([query], k=k, filter=parse_filter(filters) or None)[0]
     if as_json:
         print_json({"results": [hit.to_dict() for hit in hits]})

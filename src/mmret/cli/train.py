@@ -19,6 +19,7 @@ from mmret.training.align import AlignTrainingConfig, EpochLog, train_alignment
 from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
 from mmret.training.features import default_cache_dir, pair_features, read_pairs
 from mmret.training.hat import HatEpochLog, HatTrainingConfig, train_hat
+from mmret.training.reco import RecoEpochLog
 
 train_app = typer.Typer(
     cls=ReflowedHelp, help="Train the small heads that make retrieval better.", no_args_is_help=True
@@ -34,6 +35,11 @@ def epoch_line(epoch: int, loss: float, dev: RetrievalReport | None) -> str:
             f"  i2t R@1 {i2t['R@1']:.1f}  RSUM {dev.rsum:.1f}"
         )
     return line
+
+
+def show_epoch(log: EpochLog | RecoEpochLog) -> None:
+    """One line per training epoch: the loss and, with a dev set, its recalls and RSUM."""
+    console.print(epoch_line(log.epoch, log.loss, log.dev), highlight=False)
 
 
 @train_app.command("align")
@@ -87,10 +93,7 @@ def align(
         )
     print_skips(report)
 
-    def show(log: EpochLog) -> None:
-        console.print(epoch_line(log.epoch, log.loss, log.dev), highlight=False)
-
-    head, logs = train_alignment(train, dev_features, config, on_epoch=show)
+    head, logs = train_alignment(train, dev_features, config, on_epoch=show_epoch)
     head.save(out, dtype=torch.float16 if float16 else None)
     history = [
         {"epoch": log.epoch, "loss": log.loss, "dev": log.dev.to_dict() if log.dev else None}

@@ -27,6 +27,8 @@ class IndexManifest:
     dim: int
     backend: str = "auto"
     backend_options: dict[str, Any] = field(default_factory=dict)
+    #: The RECO memory and fusion the stored vectors were refined with (None: not refined).
+    refiner: dict[str, Any] | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     mmret_version: str = __version__

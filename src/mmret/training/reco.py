@@ -1,0 +1,354 @@
+"""Training the RECO fusion on frozen, cached embeddings (``mmret train reco``).
+
+The encoder stays frozen: training images and captions are embedded once (cached), their
+memory neighbours are searched once (the memory never returns a training item's own pair nor
+its near-duplicates), and only the fusion learns, with RECO's loss
+``NCE(refined V, refined T) + NCE(refined V, T) + NCE(V, refined T)``. Every epoch writes a
+checkpoint (weights, optimiser, random state, best dev state) to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmret._progress import progress
+from mmret.errors import InputError
+from mmret.evaluation.embeddings import PairEmbeddings
+from mmret.evaluation.retrieval import RetrievalReport, retrieval_metrics
+from mmret.heads.reco import FusionConfig, TransformerFusion
+from mmret.memory.store import Memory
+from mmret.training.losses import symmetric_info_nce
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass(frozen=True)
+class RecoTrainingConfig:
+    """Hyper-parameters of :func:`train_reco`: the shipped fusion's recipe (see its card)."""
+
+    k: int = 10
+    search: Literal["uni", "cross"] = "uni"
+    threshold: float = 0.95
+    heads: int = 8
+    ff_dim: int = 512
+    dropout: float = 0.1
+    epochs: int = 3
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecoTrainingConfig:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class RecoData:
+    """Embeddings with their memory neighbours: ``image (N, D)``, ``text (T, D)``,
+    ``text_image (T,)``, and for each image / text the ``(N, k)`` / ``(T, k)`` memory rows
+    whose partners refine it (-1: none)."""
+
+    image: np.ndarray
+    text: np.ndarray
+    text_image: np.ndarray
+    image_neighbours: np.ndarray
+    text_neighbours: np.ndarray
+
+
+def reco_data(
+    embeddings: PairEmbeddings,
+    memory: Memory,
+    config: RecoTrainingConfig,
+    *,
+    own_rows: np.ndarray | None = None,
+) -> RecoData:
+    """Search the memory for every image and caption of ``embeddings``.
+
+    ``own_rows (N,)``: each image's own pair in the memory (-1: none), excluded from the
+    neighbours of the image and of its captions (when the memory is the training set).
+    """
+    options = {"search": config.search, "threshold": config.threshold}
+    image_found = memory.neighbours(
+        embeddings.image,
+        "image",
+        config.k,
+        exclude=own_rows,
+        **options,  # type: ignore[arg-type]
+    )
+    text_exclude = None if own_rows is None else own_rows[embeddings.text_image]
+    text_found = memory.neighbours(
+        embeddings.text,
+        "text",
+        config.k,
+        exclude=text_exclude,
+        **options,  # type: ignore[arg-type]
+    )
+    return RecoData(
+        np.asarray(embeddings.image, dtype=np.float32),
+        np.asarray(embeddings.text, dtype=np.float32),
+        np.asarray(embeddings.text_image, dtype=np.int64),
+        image_found.rows,
+        text_found.rows,
+    )
+
+
+class _Partners:
+    """The memory's vectors as tensors, and gathering ``(B, k)`` rows into ``(B, k, D)``."""
+
+    def __init__(self, memory: Memory) -> None:
+        self.vectors = {
+            modality: torch.from_numpy(np.array(memory.vectors[modality], dtype=np.float32))
+            for modality in ("image", "text")
+        }
+
+    def gather(self, rows: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = rows >= 0
+        return self.vectors[modality][rows.clamp_min(0)] * valid.unsqueeze(-1), valid
+
+
+def refine_all(
+    fusion: TransformerFusion, data: RecoData, partners: _Partners
+) -> tuple[np.ndarray, np.ndarray]:
+    """Refined unit ``(N, D)`` images and ``(T, D)`` texts of ``data``."""
+    fusion.eval()
+    out = []
+    with torch.inference_mode():
+        for vectors, rows, modality, partner in (
+            (data.image, data.image_neighbours, "image", "text"),
+            (data.text, data.text_neighbours, "text", "image"),
+        ):
+            parts = []
+            for start in range(0, len(vectors), 2048):
+                gathered, valid = partners.gather(
+                    torch.from_numpy(rows[start : start + 2048]), partner
+                )
+                query = torch.from_numpy(vectors[start : start + 2048])
+                parts.append(fusion.fuse(query, gathered, valid, modality).numpy())
+            out.append(np.concatenate(parts))
+    return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class RecoEpochLog:
+    epoch: int
+    loss: float
+    dev: RetrievalReport | None
+
+
+def train_reco(
+    train: RecoData,
+    memory: Memory,
+    dev: RecoData | None = None,
+    config: RecoTrainingConfig | None = None,
+    *,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[RecoEpochLog], None] | None = None,
+    show_progress: bool = False,
+) -> tuple[TransformerFusion, list[RecoEpochLog]]:
+    """Train a fusion with RECO's three-term loss; with ``dev``, keep the epoch of best RSUM
+    (refined images against refined captions). Seeded: the same inputs give the same fusion,
+    resumed or not."""
+    config = config or RecoTrainingConfig()
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    dim = train.image.shape[1]
+    fusion = TransformerFusion(
+        FusionConfig(
+            dim=dim,
+            heads=config.heads,
+            ff_dim=config.ff_dim,
+            dropout=config.dropout,
+            encoder=memory.manifest.encoder,
+        )
+    )
+    partners = _Partners(memory)
+    image = torch.from_numpy(train.image)
+    text = torch.from_numpy(train.text)
+    owner = torch.from_numpy(train.text_image)
+    image_rows = torch.from_numpy(train.image_neighbours)
+    text_rows = torch.from_numpy(train.text_neighbours)
+    optimiser = torch.optim.AdamW(
+        fusion.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    # An epoch shows every image once, with one of its captions drawn at random: RECO trains
+    # on image-text pairs, and a batch then never holds two captions of one image.
+    by_image = torch.argsort(owner, stable=True)
+    counts = torch.bincount(owner, minlength=len(image))
+    starts = torch.cumsum(counts, 0) - counts
+    steps_per_epoch = max(1, len(image) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser,
+        max_lr=config.learning_rate,
+        total_steps=config.epochs * steps_per_epoch,
+        pct_start=0.1,
+    )
+    state = _TrainingState(config)
+    if resume:
+        if checkpoint_dir is None:
+            raise InputError("resuming needs the checkpoint folder")
+        state = _TrainingState.load(checkpoint_dir, config, fusion, optimiser, schedule, generator)
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        fusion.train()
+        order = torch.randperm(len(image), generator=generator)
+        draw = torch.rand(len(image), generator=generator)
+        caption = by_image[starts + (draw * counts).long().clamp(max=counts - 1)]
+        total = 0.0
+        steps = progress(
+            range(steps_per_epoch),
+            total=steps_per_epoch,
+            description=f"Epoch {epoch}/{config.epochs}",
+            enabled=show_progress,
+        )
+        for step in steps:
+            images = order[step * config.batch_size : (step + 1) * config.batch_size]
+            batch = caption[images]
+            plain_v, plain_t = image[images], text[batch]
+            texts_of_v, valid_v = partners.gather(image_rows[images], "text")
+            images_of_t, valid_t = partners.gather(text_rows[batch], "image")
+            refined_v = fusion.fuse(plain_v, texts_of_v, valid_v, "image")
+            refined_t = fusion.fuse(plain_t, images_of_t, valid_t, "text")
+            scale = fusion.logit_scale
+            loss = (
+                symmetric_info_nce(refined_v, refined_t, images, scale)
+                + symmetric_info_nce(refined_v, plain_t, images, scale)
+                + symmetric_info_nce(plain_v, refined_t, images, scale)
+            )
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += float(loss.detach())
+        metrics = None
+        if dev is not None:
+            metrics = retrieval_metrics(*refine_all(fusion, dev, partners), dev.text_image)
+            if metrics.rsum > state.best_rsum:
+                state.best_rsum = metrics.rsum
+                state.best = {k: v.detach().clone() for k, v in fusion.state_dict().items()}
+        log = RecoEpochLog(epoch, total / steps_per_epoch, metrics)
+        state.epoch = epoch
+        state.history.append(_log_dict(log))
+        if checkpoint_dir is not None:
+            state.save(checkpoint_dir, fusion, optimiser, schedule, generator)
+        if on_epoch is not None:
+            on_epoch(log)
+    if state.best is not None:
+        fusion.load_state_dict(state.best)
+    return fusion.eval(), [_log_from_dict(entry) for entry in state.history]
+
+
+def _log_dict(log: RecoEpochLog) -> dict[str, Any]:
+    return {"epoch": log.epoch, "loss": log.loss, "dev": log.dev.to_dict() if log.dev else None}
+
+
+def _log_from_dict(entry: dict[str, Any]) -> RecoEpochLog:
+    dev = entry["dev"]
+    report = None
+    if dev is not None:
+        empty = np.zeros(0, dtype=np.int64)
+        report = RetrievalReport(
+            dev["text_to_image"],
+            dev["image_to_text"],
+            dev["median_rank"]["text_to_image"],
+            dev["median_rank"]["image_to_text"],
+            dev["n_images"],
+            dev["n_texts"],
+            empty,
+            empty,
+        )
+    return RecoEpochLog(entry["epoch"], entry["loss"], report)
+
+
+class _TrainingState:
+    """Everything needed to continue a run after its last finished epoch, saved as
+    ``state.json`` + ``tensors.safetensors`` (no pickle)."""
+
+    def __init__(self, config: RecoTrainingConfig) -> None:
+        self.config = config
+        self.epoch = 0
+        self.best_rsum = -1.0
+        self.best: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def save(
+        self,
+        folder: Path,
+        fusion: TransformerFusion,
+        optimiser: torch.optim.Optimizer,
+        schedule: torch.optim.lr_scheduler.LRScheduler,
+        generator: torch.Generator,
+    ) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"model.{k}": v.detach().contiguous() for k, v in fusion.state_dict().items()}
+        if self.best is not None:
+            tensors |= {f"best.{k}": v.contiguous() for k, v in self.best.items()}
+        optimiser_state = optimiser.state_dict()
+        for slot, values in optimiser_state["state"].items():
+            for name, value in values.items():
+                tensors[f"optimiser.{slot}.{name}"] = torch.as_tensor(value).contiguous()
+        tensors["generator"] = generator.get_state()
+        tensors["torch_rng"] = torch.get_rng_state()
+        save_file(tensors, str(folder / "tensors.safetensors.tmp"))
+        (folder / "tensors.safetensors.tmp").replace(folder / "tensors.safetensors")
+        document = {
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            "best_rsum": self.best_rsum,
+            "history": self.history,
+            "schedule": schedule.state_dict(),
+            "param_groups": optimiser_state["param_groups"],
+        }
+        (folder / "state.json.tmp").write_text(json.dumps(document, indent=2))
+        (folder / "state.json.tmp").replace(folder / "state.json")
+
+    @classmethod
+    def load(
+        cls,
+        folder: Path,
+        config: RecoTrainingConfig,
+        fusion: TransformerFusion,
+        optimiser: torch.optim.Optimizer,
+        schedule: torch.optim.lr_scheduler.LRScheduler,
+        generator: torch.Generator,
+    ) -> _TrainingState:
+        if not (folder / "state.json").is_file():
+            raise InputError(f"{folder}: no checkpoint to resume from")
+        document = json.loads((folder / "state.json").read_text())
+        if document["config"] != config.to_dict():
+            raise InputError(
+                f"{folder}: the checkpoint was made with other settings "
+                f"({document['config']}); resume with the same ones"
+            )
+        tensors = load_file(str(folder / "tensors.safetensors"))
+        fusion.load_state_dict(_prefixed(tensors, "model."))
+        slots: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in _prefixed(tensors, "optimiser.").items():
+            slot, name = key.split(".", 1)
+            slots.setdefault(int(slot), {})[name] = value
+        optimiser.load_state_dict({"state": slots, "param_groups": document["param_groups"]})
+        schedule.load_state_dict(document["schedule"])
+        generator.set_state(tensors["generator"])
+        torch.set_rng_state(tensors["torch_rng"])
+        state = cls(config)
+        state.epoch = document["epoch"]
+        state.best_rsum = document["best_rsum"]
+        state.history = document["history"]
+        best = _prefixed(tensors, "best.")
+        state.best = best or None
+        return state
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
