@@ -16,7 +16,7 @@ import numpy as np
 import typer
 
 from mmret.cli.output import console, friendly_errors, print_skips, status
-from mmret.encoders import Encoder, load_encoder
+from mmret.encoders import DEFAULT_MODEL, Encoder, load_encoder
 from mmret.errors import InputError
 from mmret.evaluation import reports
 from mmret.evaluation.classification import (
@@ -38,7 +38,9 @@ eval_app = typer.Typer(
     no_args_is_help=True,
 )
 
-MODEL_HELP = "Encoder spec: starter, starter:DIR, hf:NAME, open_clip:MODEL/TAG, hash:DIM."
+MODEL_HELP = (
+    "Encoder spec: starter-v2, starter, starter:DIR, hf:NAME, open_clip:MODEL/TAG, hash:DIM."
+)
 HEAD_HELP = "Alignment head folder from `mmret train align` (same as --model starter:DIR)."
 JSON_HELP = "Write the numbers as JSON here."
 MARKDOWN_HELP = "Write the tables as Markdown here."
@@ -49,7 +51,7 @@ def resolve_model(model: str, head: Path | None) -> str:
     """The encoder spec for ``--model`` and ``--head`` (a head only goes with the starter)."""
     if head is None:
         return model
-    if model != "starter":
+    if model not in ("starter", DEFAULT_MODEL):
         raise InputError(
             f"--head is an alignment head for the starter model; it cannot be combined with "
             f"--model {model!r} (give --head DIR alone, or --model starter:DIR)"
@@ -107,7 +109,7 @@ def retrieval(
         help="Test set: a JSONL/CSV/Parquet manifest of images with captions, a Karpathy "
         "split file (dataset_flickr30k.json, dataset_coco.json) or a COCO captions_*.json.",
     ),
-    model: str = typer.Option("starter", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     head: Path | None = typer.Option(None, help=HEAD_HELP),
     split: str | None = typer.Option(
         None, help="Karpathy split: train, restval, val or test (default test)."
@@ -187,7 +189,7 @@ def zeroshot(
     folder: Path = typer.Argument(
         ..., help="One sub-folder of images per class; the class name is the folder's, _ as space."
     ),
-    model: str = typer.Option("starter", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     head: Path | None = typer.Option(None, help=HEAD_HELP),
     templates: list[str] = typer.Option(
         [],
@@ -277,7 +279,7 @@ def ir(
     qrels: Path = typer.Argument(
         ..., help="Judgements: TREC 'qid 0 docid rel' or 3 columns 'qid docid rel' (BEIR)."
     ),
-    model: str = typer.Option("starter", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     head: Path | None = typer.Option(None, help=HEAD_HELP),
     json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
     markdown_out: Path | None = typer.Option(None, "--markdown", help=MARKDOWN_HELP),

@@ -3,8 +3,9 @@
 =================================  ====================================================
 spec                               encoder
 =================================  ====================================================
-``starter``                        offline default: EfficientNet-Lite0 + MiniLM, aligned
-``starter:DIR``                    the same towers with an alignment trained into DIR
+``starter-v2``                     offline default (see ``mmret/weights/starter-v2``)
+``starter``                        the first offline model: EfficientNet-Lite0 + MiniLM
+``starter:DIR``                    an alignment trained into DIR, on the towers it names
 ``hf:NAME_OR_DIR``                 a Hugging Face CLIP or SigLIP model
 ``open_clip:MODEL/PRETRAINED``     an open_clip model (``open_clip:MODEL`` for random init,
                                    ``open_clip:MODEL/path/to/checkpoint.pt`` for a file)
@@ -17,8 +18,9 @@ from __future__ import annotations
 from mmret.encoders import hashing, hf_clip, open_clip_backend, starter
 from mmret.encoders.base import Encoder
 from mmret.encoders.registry import ENCODERS
+from mmret.encoders.starter import DEFAULT_MODEL
 
-__all__ = ["ENCODERS", "Encoder", "load_encoder"]
+__all__ = ["DEFAULT_MODEL", "ENCODERS", "Encoder", "load_encoder"]
 
 _LOADED = (hashing, hf_clip, open_clip_backend, starter)  # imported for their registrations
 

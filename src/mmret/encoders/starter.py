@@ -1,7 +1,9 @@
-"""The offline starter model: frozen EfficientNet-Lite0 + MiniLM towers and mmret's alignment.
+"""The offline starter models: frozen pretrained towers and mmret's alignment on top.
 
-``load_encoder("starter")`` uses the alignment shipped in ``mmret/weights/starter``;
-``load_encoder("starter:/path/to/head")`` uses one trained by ``mmret train align``.
+``load_encoder("starter")`` uses the alignment shipped in ``mmret/weights/starter``
+(EfficientNet-Lite0 + MiniLM); ``load_encoder("starter-v2")`` the one in
+``mmret/weights/starter-v2``; ``load_encoder("starter:/path/to/head")`` one trained by
+``mmret train align``. A head names the tower pair it was trained on, and is served by it.
 """
 
 from __future__ import annotations
@@ -14,27 +16,37 @@ from PIL import Image
 
 from mmret.encoders.base import Encoder
 from mmret.encoders.registry import ENCODERS
-from mmret.encoders.towers import IMAGE_SIZE, TOWERS, StarterTowers
-from mmret.errors import InputError
+from mmret.encoders.towers import TOWERS, StarterTowers, TowerPair
+from mmret.errors import InputError, RegistryError
 from mmret.heads.alignment import AlignmentHead
 
-SHIPPED_HEAD = Path(__file__).resolve().parent.parent / "weights" / "starter"
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+SHIPPED_HEAD = WEIGHTS / "starter"
+SHIPPED_HEAD_V2 = WEIGHTS / "starter-v2"
+#: The encoder new indexes, evaluations and the CLI use when none is named.
+DEFAULT_MODEL = "starter"
 
 
 @cache
-def shared_towers() -> StarterTowers:
-    """The towers are frozen and stateless, so every starter encoder in a process shares them."""
-    return StarterTowers()
+def shared_towers(pair: str = TOWERS) -> StarterTowers:
+    """Towers are frozen and stateless, so the starter encoders of a process share each pair."""
+    return StarterTowers(pair)
 
 
 class StarterEncoder(Encoder):
-    image_size = IMAGE_SIZE
-
     def __init__(self, head: AlignmentHead, spec: str, towers: StarterTowers | None = None) -> None:
-        if head.config.towers != TOWERS:
+        try:
+            self.pair = TowerPair.from_name(head.config.towers)
+        except (InputError, RegistryError) as error:
             raise InputError(
-                f"alignment head was trained for towers {head.config.towers!r}, not {TOWERS!r}"
+                f"alignment head was trained for towers {head.config.towers!r}, "
+                f"which mmret cannot load ({error})"
+            ) from None
+        if towers is not None and towers.name != self.pair.name:
+            raise InputError(
+                f"alignment head was trained for towers {self.pair.name!r}, not {towers.name!r}"
             )
+        self.image_size = self.pair.image.image_size
         self.head = head.eval()
         self.spec = spec
         self.dim = head.config.embed_dim
@@ -43,7 +55,7 @@ class StarterEncoder(Encoder):
     @property
     def towers(self) -> StarterTowers:
         if self._towers is None:
-            self._towers = shared_towers()
+            self._towers = shared_towers(self.pair.name)
         return self._towers
 
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
@@ -60,3 +72,12 @@ def load_starter(head_dir: str) -> StarterEncoder:
     folder = Path(head_dir) if head_dir else SHIPPED_HEAD
     spec = f"starter:{folder.resolve()}" if head_dir else "starter"
     return StarterEncoder(AlignmentHead.load(folder), spec)
+
+
+@ENCODERS.register("starter-v2")
+def load_starter_v2(rest: str) -> StarterEncoder:
+    if rest:
+        raise InputError(
+            f"starter-v2 takes no argument, got {rest!r} (a trained head is --model starter:DIR)"
+        )
+    return StarterEncoder(AlignmentHead.load(SHIPPED_HEAD_V2), "starter-v2")
