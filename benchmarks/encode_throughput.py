@@ -1,6 +1,6 @@
 """Encoding throughput of starter encoders, each next to a plain loop over the same model.
 
-    python benchmarks/encode_throughput.py [--models starter starter-v2] [--images 256]
+    python benchmarks/encode_throughput.py [--models starter starter:DIR] [--images 256]
         [--texts 2048] [--quick]
 
 The reference decodes each image with PIL and calls the towers and the alignment head
@@ -84,7 +84,7 @@ def timed_runs(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["starter", "starter-v2"])
+    parser.add_argument("--models", nargs="+", default=["starter"])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--texts", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)

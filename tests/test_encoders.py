@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mmret import Encoder, InputError, Query, load_encoder
-from mmret.encoders.starter import DEFAULT_MODEL, StarterEncoder, shared_towers
+from mmret.encoders.starter import StarterEncoder, shared_towers
 from mmret.encoders.towers import IMAGE_DIM, TEXT_DIM, TOWERS
 from mmret.errors import RegistryError
 from mmret.heads.alignment import AlignmentConfig, AlignmentHead
@@ -173,9 +173,3 @@ def test_starter_head_loads_the_towers_it_names(tmp_path: Path) -> None:
     assert vectors.shape == (1, 8)
     with pytest.raises(InputError, match="trained for towers 'efficientnet-lite2"):
         StarterEncoder(AlignmentHead.load(tmp_path), "x", towers=shared_towers())
-
-
-def test_starter_v2_is_the_default_and_takes_no_argument() -> None:
-    assert DEFAULT_MODEL in ("starter", "starter-v2")
-    with pytest.raises(InputError, match="starter-v2 takes no argument"):
-        load_encoder("starter-v2:/some/dir")

@@ -48,7 +48,7 @@ def index(
     out: Path = typer.Option(..., "--out", "-o", help="Index folder (created, or added to)."),
     model: str | None = typer.Option(
         None,
-        help=f"Encoder spec: starter-v2, starter, hf:NAME, open_clip:MODEL/TAG. Default: the "
+        help=f"Encoder spec: starter, starter:DIR, hf:NAME, open_clip:MODEL/TAG. Default: the "
         f"index's own encoder, or {DEFAULT_MODEL} for a new index.",
     ),
     backend: str = typer.Option(

@@ -3,8 +3,7 @@
 =================================  ====================================================
 spec                               encoder
 =================================  ====================================================
-``starter-v2``                     offline default (see ``mmret/weights/starter-v2``)
-``starter``                        the first offline model: EfficientNet-Lite0 + MiniLM
+``starter``                        offline default: EfficientNet-Lite0 + MiniLM, aligned
 ``starter:DIR``                    an alignment trained into DIR, on the towers it names
 ``hf:NAME_OR_DIR``                 a Hugging Face CLIP or SigLIP model
 ``open_clip:MODEL/PRETRAINED``     an open_clip model (``open_clip:MODEL`` for random init,

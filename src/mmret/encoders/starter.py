@@ -1,8 +1,7 @@
 """The offline starter models: frozen pretrained towers and mmret's alignment on top.
 
 ``load_encoder("starter")`` uses the alignment shipped in ``mmret/weights/starter``
-(EfficientNet-Lite0 + MiniLM); ``load_encoder("starter-v2")`` the one in
-``mmret/weights/starter-v2``; ``load_encoder("starter:/path/to/head")`` one trained by
+(EfficientNet-Lite0 + MiniLM); ``load_encoder("starter:/path/to/head")`` one trained by
 ``mmret train align``. A head names the tower pair it was trained on, and is served by it.
 """
 
@@ -22,8 +21,9 @@ from mmret.heads.alignment import AlignmentHead
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 SHIPPED_HEAD = WEIGHTS / "starter"
-SHIPPED_HEAD_V2 = WEIGHTS / "starter-v2"
-#: The encoder new indexes, evaluations and the CLI use when none is named.
+#: The encoder new indexes, evaluations and the CLI use when none is named. A stronger default
+#: gets a new spec name (e.g. ``starter-v2``) so every existing index keeps opening with the
+#: model that built it.
 DEFAULT_MODEL = "starter"
 
 
@@ -72,12 +72,3 @@ def load_starter(head_dir: str) -> StarterEncoder:
     folder = Path(head_dir) if head_dir else SHIPPED_HEAD
     spec = f"starter:{folder.resolve()}" if head_dir else "starter"
     return StarterEncoder(AlignmentHead.load(folder), spec)
-
-
-@ENCODERS.register("starter-v2")
-def load_starter_v2(rest: str) -> StarterEncoder:
-    if rest:
-        raise InputError(
-            f"starter-v2 takes no argument, got {rest!r} (a trained head is --model starter:DIR)"
-        )
-    return StarterEncoder(AlignmentHead.load(SHIPPED_HEAD_V2), "starter-v2")

@@ -48,7 +48,7 @@ def classifier_logits(towers: StarterTowers, image_features: np.ndarray) -> np.n
     one linear layer on exactly these features, so no image is decoded again."""
     classifier = towers.image_model._fc
     with torch.inference_mode():
-        logits = classifier(torch.from_numpy(np.asarray(image_features, dtype=np.float32)))
+        logits = classifier(torch.from_numpy(np.array(image_features, dtype=np.float32)))
     result: np.ndarray = logits.numpy()
     return result
 
