@@ -173,3 +173,13 @@ def test_starter_head_loads_the_towers_it_names(tmp_path: Path) -> None:
     assert vectors.shape == (1, 8)
     with pytest.raises(InputError, match="trained for towers 'efficientnet-lite2"):
         StarterEncoder(AlignmentHead.load(tmp_path), "x", towers=shared_towers())
+
+
+def test_starter_v2_ships_its_head_and_takes_no_argument() -> None:
+    encoder = load_encoder("starter-v2")
+    assert isinstance(encoder, StarterEncoder)
+    assert encoder.spec == "starter-v2" and encoder.dim == 512 and encoder.pair.name == TOWERS
+    vectors = encoder.encode_texts(["a dog runs on the beach"])
+    assert vectors.shape == (1, 512)
+    with pytest.raises(InputError, match="starter-v2 takes no argument"):
+        load_encoder("starter-v2:/some/dir")

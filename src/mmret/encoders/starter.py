@@ -21,6 +21,7 @@ from mmret.heads.alignment import AlignmentHead
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 SHIPPED_HEAD = WEIGHTS / "starter"
+SHIPPED_HEAD_V2 = WEIGHTS / "starter-v2"
 #: The encoder new indexes, evaluations and the CLI use when none is named. A stronger default
 #: gets a new spec name (e.g. ``starter-v2``) so every existing index keeps opening with the
 #: model that built it.
@@ -72,3 +73,13 @@ def load_starter(head_dir: str) -> StarterEncoder:
     folder = Path(head_dir) if head_dir else SHIPPED_HEAD
     spec = f"starter:{folder.resolve()}" if head_dir else "starter"
     return StarterEncoder(AlignmentHead.load(folder), spec)
+
+
+@ENCODERS.register("starter-v2")
+def load_starter_v2(rest: str) -> StarterEncoder:
+    """The starter towers with an alignment that also distilled the ImageNet classifier."""
+    if rest:
+        raise InputError(
+            f"starter-v2 takes no argument, got {rest!r} (a trained head is --model starter:DIR)"
+        )
+    return StarterEncoder(AlignmentHead.load(SHIPPED_HEAD_V2), "starter-v2")
