@@ -1,11 +1,14 @@
-"""Encoding throughput of the starter encoder next to a plain loop over the same model.
+"""Encoding throughput of starter encoders, each next to a plain loop over the same model.
 
-    python benchmarks/encode_throughput.py [--images 256] [--texts 2048] [--quick]
+    python benchmarks/encode_throughput.py [--models starter starter:DIR] [--images 256]
+        [--texts 2048] [--quick]
 
 The reference decodes each image with PIL and calls the towers and the alignment head
 directly, batch by batch, with none of mmret's machinery; mmret's number is
 ``Encoder.encode_images`` / ``encode_texts`` on the same inputs (both take image paths, so
-both include JPEG decoding). The two are timed in turns, medians over ``--repeats``. Images
+both include JPEG decoding). All runs of one input kind are timed in turns, medians over
+``--repeats``, so the models' numbers are comparable even on a busy machine. ``--models``
+takes any starter spec (``starter:DIR`` for a trained head, whose towers it names). Images
 are Flickr8k dev photos when ``../shared/data`` is present, else scikit-image's sample photos
 repeated.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +47,44 @@ def inputs(n_images: int, n_texts: int, scratch: Path) -> tuple[list[Path], list
     return repeat(images, n_images), repeat(texts, n_texts), source
 
 
+def timed_runs(
+    spec: str, images: list[Path], texts: list[str]
+) -> dict[str, dict[str, Callable[[], object]]]:
+    """``{"images"|"texts": {"SPEC reference"|"SPEC mmret": run}}`` for one starter encoder."""
+    encoder = load_encoder(spec)
+    assert isinstance(encoder, StarterEncoder), f"{spec} is not a starter model"
+    towers, head = encoder.towers, encoder.head
+
+    def reference_images() -> None:
+        with torch.inference_mode():
+            for start in range(0, len(images), encoder.batch_size):
+                batch = [
+                    Image.open(p).convert("RGB") for p in images[start : start + encoder.batch_size]
+                ]
+                head.image(towers.image_features(batch))
+
+    def reference_texts() -> None:
+        with torch.inference_mode():
+            for start in range(0, len(texts), encoder.batch_size):
+                head.text(towers.text_features(texts[start : start + encoder.batch_size]))
+
+    check = encoder.encode_texts(texts[:4])
+    assert np.allclose(np.linalg.norm(check, axis=1), 1, atol=1e-5)
+    return {
+        "images": {
+            f"{spec} reference": reference_images,
+            f"{spec} mmret": lambda: encoder.encode_images(images),
+        },
+        "texts": {
+            f"{spec} reference": reference_texts,
+            f"{spec} mmret": lambda: encoder.encode_texts(texts),
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["starter"])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--texts", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
@@ -53,39 +93,20 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.images, args.texts, args.repeats = 32, 128, 1
-    encoder = load_encoder("starter")
-    assert isinstance(encoder, StarterEncoder)
-    towers, head = encoder.towers, encoder.head
     with tempfile.TemporaryDirectory() as scratch:
         images, texts, source = inputs(args.images, args.texts, Path(scratch))
-
-        def reference_images() -> None:
-            with torch.inference_mode():
-                for start in range(0, len(images), encoder.batch_size):
-                    batch = [
-                        Image.open(p).convert("RGB")
-                        for p in images[start : start + encoder.batch_size]
-                    ]
-                    head.image(towers.image_features(batch))
-
-        def reference_texts() -> None:
-            with torch.inference_mode():
-                for start in range(0, len(texts), encoder.batch_size):
-                    head.text(towers.text_features(texts[start : start + encoder.batch_size]))
-
+        runs = [timed_runs(spec, images, texts) for spec in args.models]
         rows = []
-        for kind, n, reference, ours in (
-            ("images", len(images), reference_images, lambda: encoder.encode_images(images)),
-            ("texts", len(texts), reference_texts, lambda: encoder.encode_texts(texts)),
-        ):
-            medians = interleaved_medians({"reference": reference, "mmret": ours}, args.repeats)
-            reference_s, ours_s = medians["reference"], medians["mmret"]
-            rows.append([kind, n, n / reference_s, n / ours_s, reference_s / ours_s])
-        check = encoder.encode_texts(texts[:4])
-        assert np.allclose(np.linalg.norm(check, axis=1), 1, atol=1e-5)
+        for kind, n in (("images", len(images)), ("texts", len(texts))):
+            medians = interleaved_medians(
+                {name: run for model in runs for name, run in model[kind].items()}, args.repeats
+            )
+            for spec in args.models:
+                reference_s, ours_s = medians[f"{spec} reference"], medians[f"{spec} mmret"]
+                rows.append([spec, kind, n, n / reference_s, n / ours_s, reference_s / ours_s])
     report(
-        f"Encoding throughput, starter model ({source}, batch {encoder.batch_size})",
-        ["inputs", "n", "reference per s", "mmret per s", "mmret / reference"],
+        f"Encoding throughput, starter models ({source}, batch {StarterEncoder.batch_size})",
+        ["model", "inputs", "n", "reference per s", "mmret per s", "mmret / reference"],
         rows,
         args.out,
         {"source": source, "args": {k: str(v) for k, v in vars(args).items()}},

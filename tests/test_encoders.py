@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from mmret import Encoder, InputError, Query, load_encoder
+from mmret.encoders.starter import StarterEncoder, shared_towers
 from mmret.encoders.towers import IMAGE_DIM, TEXT_DIM, TOWERS
 from mmret.errors import RegistryError
 from mmret.heads.alignment import AlignmentConfig, AlignmentHead
@@ -160,3 +161,25 @@ def test_starter_head_for_other_towers_is_refused(tmp_path: Path) -> None:
     AlignmentHead(AlignmentConfig(IMAGE_DIM, TEXT_DIM, embed_dim=8, towers="other")).save(tmp_path)
     with pytest.raises(InputError, match="trained for towers 'other'"):
         load_encoder(f"starter:{tmp_path}")
+
+
+def test_starter_head_loads_the_towers_it_names(tmp_path: Path) -> None:
+    pair = "efficientnet-lite2+all-MiniLM-L6-v2"
+    AlignmentHead(AlignmentConfig(IMAGE_DIM, TEXT_DIM, embed_dim=8, towers=pair)).save(tmp_path)
+    encoder = load_encoder(f"starter:{tmp_path}")
+    assert isinstance(encoder, StarterEncoder)
+    assert encoder.image_size == 260 and encoder.towers.name == pair
+    vectors = encoder.encode_images([solid((200, 30, 30), (300, 200))])
+    assert vectors.shape == (1, 8)
+    with pytest.raises(InputError, match="trained for towers 'efficientnet-lite2"):
+        StarterEncoder(AlignmentHead.load(tmp_path), "x", towers=shared_towers())
+
+
+def test_starter_v2_ships_its_head_and_takes_no_argument() -> None:
+    encoder = load_encoder("starter-v2")
+    assert isinstance(encoder, StarterEncoder)
+    assert encoder.spec == "starter-v2" and encoder.dim == 512 and encoder.pair.name == TOWERS
+    vectors = encoder.encode_texts(["a dog runs on the beach"])
+    assert vectors.shape == (1, 512)
+    with pytest.raises(InputError, match="starter-v2 takes no argument"):
+        load_encoder("starter-v2:/some/dir")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import skimage.data
 import torch
 from PIL import Image
 
 from mmret.encoders.starter import shared_towers
+from mmret.encoders.towers import IMAGE_TOWERS, TEXT_TOWER, TOWERS, StarterTowers, TowerPair
+from mmret.errors import InputError, RegistryError
 
 EGYPTIAN_CAT, ESPRESSO = 285, 967  # ImageNet classes
 
@@ -30,3 +33,37 @@ def test_text_tower_is_a_sentence_embedding() -> None:
     ).numpy()
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.3
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite1", "efficientnet-lite2"])
+def test_larger_image_towers_recognise_imagenet_classes(name: str) -> None:
+    towers = StarterTowers(f"{name}+{TEXT_TOWER}")
+    photos = [Image.fromarray(skimage.data.chelsea()), Image.fromarray(skimage.data.coffee())]
+    pixels = towers.pixels(photos)
+    assert pixels.shape == (2, 3, towers.image_size, towers.image_size)
+    assert towers.image_size == IMAGE_TOWERS.get(name).image_size > 224
+    with torch.inference_mode():
+        logits = towers.image_model(pixels)
+    assert logits.argmax(dim=1).tolist() == [EGYPTIAN_CAT, ESPRESSO]
+    assert towers.image_features(photos).shape == (2, towers.image_dim)
+
+
+def test_towers_load_lazily_and_are_shared_per_pair() -> None:
+    towers = StarterTowers(TOWERS)
+    assert "image_model" not in vars(towers) and "text_model" not in vars(towers)
+    towers.text_features(["a dog"])
+    assert "text_model" in vars(towers) and "image_model" not in vars(towers)
+    assert shared_towers(TOWERS) is shared_towers(TOWERS)
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "message"),
+    [
+        ("efficientnet-lite0", InputError, "not of the form 'IMAGE\\+TEXT'"),
+        ("resnet+all-MiniLM-L6-v2", RegistryError, "unknown image tower 'resnet'"),
+        ("efficientnet-lite0+bert", RegistryError, "unknown text tower 'bert'"),
+    ],
+)
+def test_bad_tower_pairs(name: str, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        TowerPair.from_name(name)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from mmret._files import build_folder
 from mmret._progress import progress
-from mmret.encoders import Encoder, load_encoder
+from mmret.encoders import DEFAULT_MODEL, Encoder, load_encoder
 from mmret.encoders.base import l2_normalise
 from mmret.errors import ImageLoadError, IndexFormatError, InputError
 from mmret.index.base import VectorIndex, new_backend
@@ -111,7 +111,7 @@ class Retriever:
         cls,
         folder: str | Path,
         *,
-        model: str = "starter",
+        model: str = DEFAULT_MODEL,
         encoder: Encoder | None = None,
         backend: str = "auto",
         backend_options: dict[str, Any] | None = None,

@@ -25,7 +25,7 @@ from mmret.cli.memory import (
     refined_label,
 )
 from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_skips, status
-from mmret.encoders import Encoder, load_encoder
+from mmret.encoders import DEFAULT_MODEL, Encoder, load_encoder
 from mmret.errors import InputError
 from mmret.evaluation import reports
 from mmret.evaluation.classification import (
@@ -59,7 +59,7 @@ def resolve_model(model: str, head: Path | None) -> str:
     """The encoder spec for ``--model`` and ``--head`` (a head only goes with the starter)."""
     if head is None:
         return model
-    if model != "starter":
+    if model not in ("starter", DEFAULT_MODEL):
         raise InputError(
             f"--head is an alignment head for the starter model; it cannot be combined with "
             f"--model {model!r} (give --head DIR alone, or --model starter:DIR)"
@@ -117,7 +117,7 @@ def retrieval(
         help="Test set: a JSONL/CSV/Parquet manifest of images with captions, a Karpathy "
         "split file (dataset_flickr30k.json, dataset_coco.json) or a COCO captions_*.json.",
     ),
-    model: str = typer.Option("starter", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     head: Path | None = typer.Option(None, help=HEAD_HELP),
     split: str | None = typer.Option(
         None, help="Karpathy split: train, restval, val or test (default test)."
@@ -205,7 +205,7 @@ def zeroshot(
     folder: Path = typer.Argument(
         ..., help="One sub-folder of images per class; the class name is the folder's, _ as space."
     ),
-    model: str = typer.Option("starter", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     head: Path | None = typer.Option(None, help=HEAD_HELP),
     templates: list[str] = typer.Option(
         [],
@@ -305,7 +305,7 @@ def ir(
     qrels: Path = typer.Argument(
         ..., help="Judgements: TREC 'qid 0 docid rel' or 3 columns 'qid docid rel' (BEIR)."
     ),
-    model: str = typer.Option("starter", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     head: Path | None = typer.Option(None, help=HEAD_HELP),
     json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
     markdown_out: Path | None = typer.Option(None, "--markdown", help=MARKDOWN_HELP),

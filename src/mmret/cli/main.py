@@ -30,6 +30,7 @@ from mmret.cli.output import (
     status,
 )
 from mmret.cli.train import train_app
+from mmret.encoders import DEFAULT_MODEL
 from mmret.engine import Retriever
 from mmret.errors import InputError
 from mmret.index.filters import parse_filter
@@ -59,8 +60,10 @@ def index(
         ..., help="A folder of images, or a .jsonl/.csv/.parquet manifest."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Index folder (created, or added to)."),
-    model: str = typer.Option(
-        "starter", help="Encoder spec: starter, hf:NAME, open_clip:MODEL/TAG."
+    model: str | None = typer.Option(
+        None,
+        help=f"Encoder spec: starter, starter:DIR, hf:NAME, open_clip:MODEL/TAG. Default: the "
+        f"index's own encoder, or {DEFAULT_MODEL} for a new index.",
     ),
     backend: str = typer.Option(
         "auto", help="auto, exact or faiss (auto: exact below 100k items)."
@@ -79,9 +82,10 @@ def index(
     refiner = open_refiner(memory, fusion, memory_k, memory_search)
     if (out / MANIFEST_FILE).exists():
         retriever = Retriever.open(out, wait=wait, refiner=refiner)
-        if model != "starter" and model != retriever.manifest.encoder:
+        if model is not None and model != retriever.manifest.encoder:
             raise InputError(f"{out} uses encoder {retriever.manifest.encoder!r}, not {model!r}")
     else:
+        model = model or DEFAULT_MODEL
         with status(f"Loading encoder {model}..."):
             retriever = Retriever.create(out, model=model, backend=backend, refiner=refiner)
     with retriever:

@@ -12,7 +12,7 @@ import typer
 from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_skips
 from mmret.encoders import load_encoder
 from mmret.encoders.layers import resolve_layers
-from mmret.encoders.towers import StarterTowers
+from mmret.encoders.towers import TOWERS, StarterTowers
 from mmret.evaluation.retrieval import RetrievalReport
 from mmret.ingest.report import SkipReport
 from mmret.training.align import AlignTrainingConfig, EpochLog, train_alignment
@@ -20,6 +20,7 @@ from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
 from mmret.training.features import default_cache_dir, pair_features, read_pairs
 from mmret.training.hat import HatEpochLog, HatTrainingConfig, train_hat
 from mmret.training.reco import RecoEpochLog
+from mmret.training.knowledge import imagenet_knowledge
 
 train_app = typer.Typer(
     cls=ReflowedHelp, help="Train the small heads that make retrieval better.", no_args_is_help=True
@@ -58,6 +59,19 @@ def align(
     batch_size: int = typer.Option(AlignTrainingConfig.batch_size, min=2),
     learning_rate: float = typer.Option(AlignTrainingConfig.learning_rate, min=0.0),
     seed: int = typer.Option(AlignTrainingConfig.seed),
+    towers: str = typer.Option(
+        TOWERS, help="Tower pair IMAGE+TEXT, e.g. efficientnet-lite2+all-MiniLM-L6-v2."
+    ),
+    imagenet_weight: float = typer.Option(
+        AlignTrainingConfig.imagenet_weight,
+        min=0.0,
+        help="Weight of distilling the image tower's ImageNet classifier (0: off).",
+    ),
+    imagenet_temperature: float = typer.Option(
+        AlignTrainingConfig.imagenet_temperature,
+        min=0.01,
+        help="Temperature softening the ImageNet classifier's scores before distilling.",
+    ),
     cache_dir: Path | None = typer.Option(None, help="Feature cache (default ~/.cache/mmret)."),
     float16: bool = typer.Option(False, help="Store weights in float16 (half the file size)."),
 ) -> None:
@@ -71,14 +85,17 @@ def align(
         batch_size=batch_size,
         learning_rate=learning_rate,
         seed=seed,
+        towers=towers,
+        imagenet_weight=imagenet_weight,
+        imagenet_temperature=imagenet_temperature,
     )
     report = SkipReport()
-    towers = StarterTowers()
+    tower_pair = StarterTowers(towers)
     cache = cache_dir or default_cache_dir()
     train = pair_features(
         read_pairs(manifest, report),
         cache_dir=cache,
-        towers=towers,
+        towers=tower_pair,
         report=report,
         show_progress=True,
     )
@@ -87,13 +104,18 @@ def align(
         dev_features = pair_features(
             read_pairs(dev, report),
             cache_dir=cache,
-            towers=towers,
+            towers=tower_pair,
             report=report,
             show_progress=True,
         )
     print_skips(report)
+    knowledge = None
+    if imagenet_weight > 0:
+        knowledge = imagenet_knowledge(tower_pair, train, cache_dir=cache, show_progress=True)
 
-    head, logs = train_alignment(train, dev_features, config, on_epoch=show_epoch)
+    head, logs = train_alignment(
+        train, dev_features, config, knowledge=knowledge, on_epoch=show_epoch
+    )
     head.save(out, dtype=torch.float16 if float16 else None)
     history = [
         {"epoch": log.epoch, "loss": log.loss, "dev": log.dev.to_dict() if log.dev else None}

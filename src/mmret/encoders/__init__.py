@@ -4,7 +4,7 @@
 spec                               encoder
 =================================  ====================================================
 ``starter``                        offline default: EfficientNet-Lite0 + MiniLM, aligned
-``starter:DIR``                    the same towers with an alignment trained into DIR
+``starter:DIR``                    an alignment trained into DIR, on the towers it names
 ``hf:NAME_OR_DIR``                 a Hugging Face CLIP or SigLIP model
 ``open_clip:MODEL/PRETRAINED``     an open_clip model (``open_clip:MODEL`` for random init,
                                    ``open_clip:MODEL/path/to/checkpoint.pt`` for a file)
@@ -19,8 +19,9 @@ from __future__ import annotations
 from mmret.encoders import hashing, hat, hf_clip, open_clip_backend, starter
 from mmret.encoders.base import Encoder
 from mmret.encoders.registry import ENCODERS
+from mmret.encoders.starter import DEFAULT_MODEL
 
-__all__ = ["ENCODERS", "Encoder", "load_encoder"]
+__all__ = ["DEFAULT_MODEL", "ENCODERS", "Encoder", "load_encoder"]
 
 _LOADED = (hashing, hat, hf_clip, open_clip_backend, starter)  # imported for their registrations
 

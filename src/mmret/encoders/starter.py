@@ -1,7 +1,8 @@
-"""The offline starter model: frozen EfficientNet-Lite0 + MiniLM towers and mmret's alignment.
+"""The offline starter models: frozen pretrained towers and mmret's alignment on top.
 
-``load_encoder("starter")`` uses the alignment shipped in ``mmret/weights/starter``;
-``load_encoder("starter:/path/to/head")`` uses one trained by ``mmret train align``.
+``load_encoder("starter")`` uses the alignment shipped in ``mmret/weights/starter``
+(EfficientNet-Lite0 + MiniLM); ``load_encoder("starter:/path/to/head")`` one trained by
+``mmret train align``. A head names the tower pair it was trained on, and is served by it.
 """
 
 from __future__ import annotations
@@ -20,27 +21,39 @@ from mmret.encoders.layers import (
     hidden_state_features,
 )
 from mmret.encoders.registry import ENCODERS
-from mmret.encoders.towers import IMAGE_SIZE, MAX_TEXT_TOKENS, TOWERS, StarterTowers
-from mmret.errors import InputError
+from mmret.encoders.towers import MAX_TEXT_TOKENS, TOWERS, StarterTowers, TowerPair
+from mmret.errors import InputError, RegistryError
 from mmret.heads.alignment import AlignmentHead
 
-SHIPPED_HEAD = Path(__file__).resolve().parent.parent / "weights" / "starter"
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+SHIPPED_HEAD = WEIGHTS / "starter"
+SHIPPED_HEAD_V2 = WEIGHTS / "starter-v2"
+#: The encoder new indexes, evaluations and the CLI use when none is named. A stronger default
+#: gets a new spec name (e.g. ``starter-v2``) so every existing index keeps opening with the
+#: model that built it.
+DEFAULT_MODEL = "starter"
 
 
 @cache
-def shared_towers() -> StarterTowers:
-    """The towers are frozen and stateless, so every starter encoder in a process shares them."""
-    return StarterTowers()
+def shared_towers(pair: str = TOWERS) -> StarterTowers:
+    """Towers are frozen and stateless, so the starter encoders of a process share each pair."""
+    return StarterTowers(pair)
 
 
 class StarterEncoder(Encoder):
-    image_size = IMAGE_SIZE
-
     def __init__(self, head: AlignmentHead, spec: str, towers: StarterTowers | None = None) -> None:
-        if head.config.towers != TOWERS:
+        try:
+            self.pair = TowerPair.from_name(head.config.towers)
+        except (InputError, RegistryError) as error:
             raise InputError(
-                f"alignment head was trained for towers {head.config.towers!r}, not {TOWERS!r}"
+                f"alignment head was trained for towers {head.config.towers!r}, "
+                f"which mmret cannot load ({error})"
+            ) from None
+        if towers is not None and towers.name != self.pair.name:
+            raise InputError(
+                f"alignment head was trained for towers {self.pair.name!r}, not {towers.name!r}"
             )
+        self.image_size = self.pair.image.image_size
         self.head = head.eval()
         self.spec = spec
         self.dim = head.config.embed_dim
@@ -49,7 +62,7 @@ class StarterEncoder(Encoder):
     @property
     def towers(self) -> StarterTowers:
         if self._towers is None:
-            self._towers = shared_towers()
+            self._towers = shared_towers(self.pair.name)
         return self._towers
 
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
@@ -62,7 +75,7 @@ class StarterEncoder(Encoder):
 
     @property
     def layer_source(self) -> str:
-        return TOWERS  # the towers are frozen: every alignment head sees the same layers
+        return self.pair.name  # frozen towers: every alignment head on them sees the same layers
 
     @property
     def image_layer_count(self) -> int:
@@ -88,3 +101,13 @@ def load_starter(head_dir: str) -> StarterEncoder:
     folder = Path(head_dir) if head_dir else SHIPPED_HEAD
     spec = f"starter:{folder.resolve()}" if head_dir else "starter"
     return StarterEncoder(AlignmentHead.load(folder), spec)
+
+
+@ENCODERS.register("starter-v2")
+def load_starter_v2(rest: str) -> StarterEncoder:
+    """The starter towers with an alignment that also distilled the ImageNet classifier."""
+    if rest:
+        raise InputError(
+            f"starter-v2 takes no argument, got {rest!r} (a trained head is --model starter:DIR)"
+        )
+    return StarterEncoder(AlignmentHead.load(SHIPPED_HEAD_V2), "starter-v2")

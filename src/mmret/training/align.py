@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmret.encoders.towers import IMAGE_DIM, TEXT_DIM, TOWERS
+from mmret.encoders.towers import TOWERS
 from mmret.evaluation.retrieval import RetrievalReport, retrieval_metrics
 from mmret.heads.alignment import AlignmentConfig, AlignmentHead
 from mmret.training.features import PairFeatures
+from mmret.training.knowledge import ClassKnowledge
 from mmret.training.losses import symmetric_info_nce
 
 
@@ -29,6 +30,12 @@ class AlignTrainingConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
     seed: int = 0
+    #: The tower pair the features come from (recorded in the head, which then loads them).
+    towers: str = TOWERS
+    #: Weight of the ImageNet distillation loss (0: off; needs a :class:`ClassKnowledge`).
+    imagenet_weight: float = 0.0
+    #: Temperature softening the ImageNet classifier's distribution before distilling it.
+    imagenet_temperature: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,29 +59,44 @@ def embed_pairs(head: AlignmentHead, features: PairFeatures) -> tuple[np.ndarray
     return image.numpy(), text.numpy()
 
 
+def imagenet_distillation(
+    head: AlignmentHead, image_emb: torch.Tensor, class_text: torch.Tensor, teacher: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy from the classifier's ``(B, C)`` class distribution ``teacher`` to the
+    head's: a softmax over the ``(B, E)`` image embeddings' similarities to the ``(C, text_dim)``
+    class prompts, projected by the text side (at the retrieval temperature)."""
+    classes = torch.nn.functional.normalize(head.text(class_text), dim=-1)
+    student = torch.log_softmax(head.logit_scale * image_emb @ classes.T, dim=-1)
+    return -(teacher * student).sum(dim=-1).mean()
+
+
 def train_alignment(
     train: PairFeatures,
     dev: PairFeatures | None = None,
     config: AlignTrainingConfig | None = None,
     *,
+    knowledge: ClassKnowledge | None = None,
     on_epoch: Callable[[EpochLog], None] | None = None,
 ) -> tuple[AlignmentHead, list[EpochLog]]:
     """Train projections with symmetric InfoNCE; with ``dev``, keep the epoch of best RSUM.
 
     One step samples ``batch_size`` captions; same-image captions in a batch are masked out of
-    each other's negatives. Seeded: the same inputs and config give the same head.
+    each other's negatives. With ``knowledge`` and ``config.imagenet_weight > 0``, each step
+    also distils the ImageNet classifier: the batch images' similarities to the projected class
+    prompts should rank the classes as the classifier does (see :func:`imagenet_distillation`).
+    Seeded: the same inputs and config give the same head.
     """
     config = config or AlignTrainingConfig()
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     head = AlignmentHead(
         AlignmentConfig(
-            image_dim=IMAGE_DIM,
-            text_dim=TEXT_DIM,
+            image_dim=train.image.shape[1],
+            text_dim=train.text.shape[1],
             embed_dim=config.embed_dim,
             hidden_dim=config.hidden_dim,
             dropout=config.dropout,
-            towers=TOWERS,
+            towers=config.towers,
         )
     )
     # Copies: the cached features are read-only memory maps, and they fit in memory.
@@ -83,6 +105,12 @@ def train_alignment(
     owner = torch.from_numpy(np.array(train.text_image, dtype=np.int64))
     head.image.set_statistics(image)
     head.text.set_statistics(text)
+    distil = knowledge is not None and config.imagenet_weight > 0
+    if distil:
+        assert knowledge is not None
+        class_text = torch.from_numpy(np.asarray(knowledge.class_text, dtype=np.float32))
+        teacher = torch.from_numpy(np.asarray(knowledge.image_logits, dtype=np.float32))
+        teacher = (teacher / config.imagenet_temperature).softmax(dim=-1)
     optimiser = torch.optim.AdamW(
         head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -102,6 +130,10 @@ def train_alignment(
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
             image_emb, text_emb = head(image[owner[batch]], text[batch])
             loss = symmetric_info_nce(image_emb, text_emb, owner[batch], head.logit_scale)
+            if distil:
+                loss = loss + config.imagenet_weight * imagenet_distillation(
+                    head, image_emb, class_text, teacher[owner[batch]]
+                )
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

@@ -19,7 +19,7 @@ import numpy as np
 from mmret._files import hash_file_stats, replace_folder
 from mmret._progress import progress
 from mmret.encoders.base import batched
-from mmret.encoders.towers import IMAGE_SIZE, TOWERS, StarterTowers
+from mmret.encoders.towers import TOWERS, StarterTowers
 from mmret.errors import InputError
 from mmret.ingest.images import decode_batch
 from mmret.ingest.report import SkipReport
@@ -41,8 +41,9 @@ class PairSet:
     texts: list[str]
     text_image: np.ndarray  # (T,) int64 index into ``images``
 
-    def fingerprint(self) -> str:
-        digest = hashlib.sha256(TOWERS.encode())
+    def fingerprint(self, towers: str = TOWERS) -> str:
+        """A key for everything derived from these pairs (with ``towers``' name in it)."""
+        digest = hashlib.sha256(towers.encode())
         hash_file_stats(digest, self.images)
         digest.update("\n".join(self.texts).encode())
         digest.update(self.text_image.tobytes())
@@ -70,7 +71,10 @@ def read_pairs(manifest: str | Path, report: SkipReport | None = None) -> PairSe
 
 @dataclass(frozen=True)
 class PairFeatures:
-    """Memory-mapped tower features: ``image (N, 1280)``, ``text (T, 384)``, ``text_image (T,)``."""
+    """Tower features: ``image (N, image_dim)``, ``text (T, text_dim)``, ``text_image (T,)``.
+
+    Memory-mapped from the cache unless images had to be dropped (then in-memory copies).
+    """
 
     image_ids: list[str]
     image: np.ndarray
@@ -86,66 +90,107 @@ def pair_features(
     report: SkipReport | None = None,
     show_progress: bool = False,
 ) -> PairFeatures:
-    """Load the cached features of ``pairs`` or extract them (images that fail are dropped)."""
-    folder = (cache_dir or default_cache_dir()) / pairs.fingerprint()
+    """Load the cached features of ``pairs`` or extract them (images that fail are dropped,
+    with their captions).
+
+    Image and text features are cached apart, each keyed by its own tower, so tower pairs that
+    share a tower share its features.
+    """
+    towers = towers or StarterTowers()
+    cache = cache_dir or default_cache_dir()
+    image, ok = image_features(
+        pairs.images, towers, cache_dir=cache, report=report, show_progress=show_progress
+    )
+    text = text_features(pairs.texts, towers, cache_dir=cache, show_progress=show_progress)
+    if ok.all():
+        return PairFeatures(pairs.image_ids, image, text, pairs.text_image)
+    new_index = np.cumsum(ok) - 1
+    keep_text = ok[pairs.text_image]
+    return PairFeatures(
+        [i for i, keep in zip(pairs.image_ids, ok, strict=True) if keep],
+        np.asarray(image[ok]),
+        np.asarray(text[keep_text]),
+        new_index[pairs.text_image[keep_text]],
+    )
+
+
+def image_features(
+    images: list[Path],
+    towers: StarterTowers,
+    *,
+    cache_dir: Path | None = None,
+    report: SkipReport | None = None,
+    show_progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, image_dim)`` memory-mapped image-tower features of ``images``, cached, and the
+    ``(N,)`` mask of those that decoded (the others' rows are zero)."""
+    key = image_key(towers.pair.image.name, images)
+    folder = (cache_dir or default_cache_dir()) / f"image-{key}"
     if not (folder / "done.json").is_file():
         with replace_folder(folder) as scratch:
-            _extract(
-                pairs, scratch, towers or StarterTowers(), report or SkipReport(), show_progress
-            )
-    ids = json.loads((folder / "done.json").read_text())["image_ids"]
-    return PairFeatures(
-        ids,
-        np.load(folder / "image.npy", mmap_mode="r"),
-        np.load(folder / "text.npy", mmap_mode="r"),
-        np.load(folder / "text_image.npy"),
-    )
+            _extract_images(images, scratch, towers, report or SkipReport(), show_progress)
+    features: np.ndarray = np.load(folder / "image.npy", mmap_mode="r")
+    return features, np.load(folder / "ok.npy")
 
 
-def _extract(
-    pairs: PairSet, scratch: Path, towers: StarterTowers, report: SkipReport, show: bool
+def text_features(
+    texts: list[str],
+    towers: StarterTowers,
+    *,
+    cache_dir: Path | None = None,
+    show_progress: bool = False,
+) -> np.ndarray:
+    """``(T, text_dim)`` memory-mapped text-tower features of ``texts``, cached."""
+    digest = hashlib.sha256(towers.pair.text.name.encode())
+    digest.update("\n".join(texts).encode())
+    folder = (cache_dir or default_cache_dir()) / f"text-{digest.hexdigest()[:24]}"
+    if not (folder / "done.json").is_file():
+        with replace_folder(folder) as scratch:
+            _extract_texts(texts, scratch, towers, show_progress)
+    features: np.ndarray = np.load(folder / "text.npy", mmap_mode="r")
+    return features
+
+
+def image_key(tower: str, images: list[Path]) -> str:
+    digest = hashlib.sha256(tower.encode())
+    hash_file_stats(digest, images)
+    return digest.hexdigest()[:24]
+
+
+def _extract_images(
+    images: list[Path], scratch: Path, towers: StarterTowers, report: SkipReport, show: bool
 ) -> None:
-    image_out = np.lib.format.open_memmap(
-        scratch / "image.npy", mode="w+", dtype=np.float32, shape=(len(pairs.images), 1280)
+    out = np.lib.format.open_memmap(
+        scratch / "image.npy", mode="w+", dtype=np.float32, shape=(len(images), towers.image_dim)
     )
-    ok = np.ones(len(pairs.images), dtype=bool)
-    n_batches = -(-len(pairs.images) // BATCH)
+    ok = np.ones(len(images), dtype=bool)
+    n_batches = -(-len(images) // BATCH)
     start = 0
     for batch in progress(
-        batched(pairs.images, BATCH), total=n_batches, description="Image features", enabled=show
+        batched(images, BATCH), total=n_batches, description="Image features", enabled=show
     ):
-        decoded, positions = decode_batch(batch, report, draft_size=2 * IMAGE_SIZE)
+        decoded, positions = decode_batch(batch, report, draft_size=2 * towers.image_size)
         rows = [start + p for p in positions]
         ok[start : start + len(batch)] = False
         ok[rows] = True
         if decoded:
-            image_out[rows] = towers.image_features(decoded).numpy()
+            out[rows] = towers.image_features(decoded).numpy()
         start += len(batch)
-    text_out = np.lib.format.open_memmap(
-        scratch / "text.npy", mode="w+", dtype=np.float32, shape=(len(pairs.texts), 384)
+    out.flush()
+    np.save(scratch / "ok.npy", ok)
+    (scratch / "done.json").write_text(json.dumps({"tower": towers.pair.image.name}))
+
+
+def _extract_texts(texts: list[str], scratch: Path, towers: StarterTowers, show: bool) -> None:
+    out = np.lib.format.open_memmap(
+        scratch / "text.npy", mode="w+", dtype=np.float32, shape=(len(texts), towers.text_dim)
     )
     start = 0
-    n_batches = -(-len(pairs.texts) // (4 * BATCH))
-    text_batches = batched(pairs.texts, 4 * BATCH)
-    for texts in progress(text_batches, total=n_batches, description="Text features", enabled=show):
-        text_out[start : start + len(texts)] = towers.text_features(list(texts)).numpy()
-        start += len(texts)
-    image_out.flush()
-    text_out.flush()
-    if not ok.all():
-        _drop_failed_images(scratch, ok, pairs)
-    else:
-        np.save(scratch / "text_image.npy", pairs.text_image)
-    kept_ids = [i for i, keep in zip(pairs.image_ids, ok, strict=True) if keep]
-    (scratch / "done.json").write_text(json.dumps({"towers": TOWERS, "image_ids": kept_ids}))
-
-
-def _drop_failed_images(scratch: Path, ok: np.ndarray, pairs: PairSet) -> None:
-    """Rewrite the arrays without images that failed to decode, and without their captions."""
-    new_index = np.cumsum(ok) - 1
-    keep_text = ok[pairs.text_image]
-    image = np.load(scratch / "image.npy")[ok]
-    text = np.load(scratch / "text.npy")[keep_text]
-    np.save(scratch / "image.npy", image)
-    np.save(scratch / "text.npy", text)
-    np.save(scratch / "text_image.npy", new_index[pairs.text_image[keep_text]])
+    n_batches = -(-len(texts) // (4 * BATCH))
+    for batch in progress(
+        batched(texts, 4 * BATCH), total=n_batches, description="Text features", enabled=show
+    ):
+        out[start : start + len(batch)] = towers.text_features(list(batch)).numpy()
+        start += len(batch)
+    out.flush()
+    (scratch / "done.json").write_text(json.dumps({"tower": towers.pair.text.name}))
