@@ -19,8 +19,8 @@ from mmret.training.align import AlignTrainingConfig, EpochLog, train_alignment
 from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
 from mmret.training.features import default_cache_dir, pair_features, read_pairs
 from mmret.training.hat import HatEpochLog, HatTrainingConfig, train_hat
-from mmret.training.reco import RecoEpochLog
 from mmret.training.knowledge import imagenet_knowledge
+from mmret.training.reco import RecoEpochLog
 
 train_app = typer.Typer(
     cls=ReflowedHelp, help="Train the small heads that make retrieval better.", no_args_is_help=True
