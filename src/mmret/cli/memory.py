@@ -3,7 +3,6 @@ commands that encode (index, search, eval)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 import typer
 
 from mmret.cli.output import console, friendly_errors, print_json, print_skips, status
-from mmret.cli.train import show_epoch
+from mmret.cli.train import show_epoch, write_training_record
 from mmret.encoders import load_encoder
 from mmret.errors import InputError
 from mmret.evaluation.embeddings import PairEmbeddings
@@ -213,23 +212,16 @@ def train(
         own_excluded = int(np.sum(opened.rows_of(embedded.image_ids) >= 0))
     fusion.save(out, dtype=torch.float16 if float16 else None)
     shutil.rmtree(checkpoint)  # the run is finished: nothing left to resume
-    history = [
-        {"epoch": log.epoch, "loss": log.loss, "dev": log.dev.to_dict() if log.dev else None}
-        for log in logs
-    ]
-    (out / "training.json").write_text(
-        json.dumps(
-            {
-                "manifest": str(manifest),
-                "memory": str(memory),
-                "dev": str(dev) if dev else None,
-                "training_items_with_own_pair_excluded": own_excluded,
-                "config": config.to_dict(),
-                "history": history,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_training_record(
+        out,
+        {
+            "manifest": str(manifest),
+            "memory": str(memory),
+            "dev": str(dev) if dev else None,
+            "training_items_with_own_pair_excluded": own_excluded,
+            "config": config.to_dict(),
+        },
+        logs,
     )
     console.print(f"[green]saved RECO fusion to {out}[/] (use it with --memory DIR --fusion {out})")
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import typer
@@ -41,6 +43,19 @@ def epoch_line(epoch: int, loss: float, dev: RetrievalReport | None) -> str:
 def show_epoch(log: EpochLog | RecoEpochLog) -> None:
     """One line per training epoch: the loss and, with a dev set, its recalls and RSUM."""
     console.print(epoch_line(log.epoch, log.loss, log.dev), highlight=False)
+
+
+def write_training_record(
+    out: Path, fields: dict[str, Any], logs: Sequence[EpochLog | RecoEpochLog]
+) -> None:
+    """``out/training.json``: what a run was given (``fields``) and each epoch's loss and dev
+    recalls, for the model card and for whoever reproduces the run."""
+    history = [
+        {"epoch": log.epoch, "loss": log.loss, "dev": log.dev.to_dict() if log.dev else None}
+        for log in logs
+    ]
+    document = {**fields, "history": history}
+    (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
 
 
 @train_app.command("align")
@@ -117,20 +132,10 @@ def align(
         train, dev_features, config, knowledge=knowledge, on_epoch=show_epoch
     )
     head.save(out, dtype=torch.float16 if float16 else None)
-    history = [
-        {"epoch": log.epoch, "loss": log.loss, "dev": log.dev.to_dict() if log.dev else None}
-        for log in logs
-    ]
-    (out / "training.json").write_text(
-        json.dumps(
-            {
-                "manifest": str(manifest),
-                "dev": str(dev) if dev else None,
-                "config": config.to_dict(),
-                "history": history,
-            },
-            indent=2,
-        )
+    write_training_record(
+        out,
+        {"manifest": str(manifest), "dev": str(dev) if dev else None, "config": config.to_dict()},
+        logs,
     )
     console.print(f"[green]saved alignment head to {out}[/] (use it with --model starter:{out})")
 
