@@ -56,6 +56,10 @@ class Encoder(ABC):
     #: The string :func:`mmret.encoders.load_encoder` recreates this encoder from.
     spec: str
     dim: int
+    #: ``None`` for one vector per input. A multi-vector (late-interaction) encoder sets the
+    #: size of its tokens: each embedding row is then ``dim // token_dim`` unit tokens,
+    #: flattened, scored by :func:`mmret.late_interaction.maxsim`.
+    token_dim: int | None = None
     #: Side in pixels the image tower works at (lets JPEG decoding skip needless detail).
     image_size: int = 224
     batch_size: int = 32
