@@ -457,6 +457,12 @@ class Retriever:
             results.append(hits)
         return results
 
+    def stored_vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The ``(dim,)`` vector stored for each of ``ids`` still in the index (for example,
+        to compare search hits with each other)."""
+        with self._mutex:
+            return self._store.vectors_of(list(ids))
+
     def info(self) -> dict[str, Any]:
         with self._mutex, self._store.snapshot():
             backend = self._current_backend()

@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from mmret.cli.evaluate import eval_app
+from mmret.cli.generate import ask, caption, context, eval_caption
 from mmret.cli.maintain import check, repair
 from mmret.cli.memory import (
     FUSION_HELP,
@@ -183,3 +184,9 @@ def demo(
         for label, hits in run.queries:
             console.print(results_table(label, hits))
     errors.print("[dim]demo index: " + (str(run.folder) if workdir else "(temporary)") + "[/]")
+
+
+app.command()(context)
+app.command()(ask)
+app.command()(caption)
+eval_app.command("caption")(eval_caption)
