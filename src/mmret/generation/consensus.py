@@ -63,6 +63,7 @@ def consensus_captions(
     an image that is itself in the memory never captions itself."""
     captions = []
     encoder = memory.encoder
+    embedded: dict[str, np.ndarray] = {}  # neighbours recur: each caption is embedded once
     for image in progress(
         images, total=len(images), description="Captioning", enabled=show_progress
     ):
@@ -71,6 +72,9 @@ def consensus_captions(
         if not texts:
             captions.append(Caption("", context))
             continue
-        vectors = encoder.encode_texts(texts)
+        new = [text for text in texts if text not in embedded]
+        if new:
+            embedded.update(zip(new, encoder.encode_texts(new), strict=True))
+        vectors = np.stack([embedded[text] for text in texts])
         captions.append(Caption(consensus(texts, vectors, encoder.token_dim), context))
     return captions
