@@ -67,7 +67,9 @@ def index(
         f"index's own encoder, or {DEFAULT_MODEL} for a new index.",
     ),
     backend: str = typer.Option(
-        "auto", help="auto, exact or faiss (auto: exact below 100k items)."
+        "auto",
+        help="auto, exact, faiss or maxsim (auto: exact below 100k items, faiss above; "
+        "maxsim for multi-vector models).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
     wait: float = typer.Option(10.0, help="Seconds to wait if another writer has OUT open."),
