@@ -4,6 +4,7 @@ chat client."""
 from __future__ import annotations
 
 import base64
+import doctest
 import importlib.util
 import io
 import json
@@ -27,6 +28,7 @@ from mmret.generation import (
     Context,
     ContextPolicy,
     Document,
+    fewshot,
     from_chat,
     from_markdown,
     retrieve_context,
@@ -36,9 +38,17 @@ from mmret.generation import (
 )
 from mmret.generation.chat import ChatEndpoint, ChatError
 from mmret.generation.consensus import consensus, consensus_captions
+from mmret.generation.fewshot import (
+    FewShotOptions,
+    auto_weight,
+    few_shot_probabilities,
+    neighbour_votes,
+    split_shots,
+)
 from mmret.items import Query
 
 from .cli import run
+from .conftest import solid
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -353,3 +363,68 @@ def test_meteor_runs_and_ends_its_java_process() -> None:
     references = {"a": ["a dog runs on the grass"], "b": ["two kids play"]}
     scores = caption_metrics(references, {"a": "a dog runs", "b": "kids playing"})
     assert 0 < scores["METEOR"] < 100 and "note" not in scores
+
+
+def test_neighbour_votes_and_mixing() -> None:
+    rng = np.random.default_rng(4)
+    centres = _unit(rng.standard_normal((3, 16)))
+    shots = _unit(np.repeat(centres, 4, axis=0) + 0.1 * rng.standard_normal((12, 16)))
+    shot_labels = np.repeat(np.arange(3), 4)
+    queries = _unit(centres + 0.1 * rng.standard_normal((3, 16)))
+    votes = neighbour_votes(queries, shots, shot_labels, 3, FewShotOptions(k=4))
+    np.testing.assert_allclose(votes.sum(axis=1), 1.0, rtol=1e-6)
+    assert (votes.argmax(axis=1) == np.arange(3)).all()
+    wrong_zero_shot = np.roll(np.eye(3), 1, axis=1)  # zero-shot says the next class
+    for weight, expected in ((0.0, np.roll(np.arange(3), -1)), (1.0, np.arange(3))):
+        mixed = few_shot_probabilities(
+            wrong_zero_shot, queries, shots, shot_labels, FewShotOptions(k=4, weight=weight)
+        )
+        assert (mixed.argmax(axis=1) == expected).all()
+    assert auto_weight(shot_labels) == pytest.approx(0.8)
+
+
+def test_split_shots_is_seeded_and_disjoint() -> None:
+    labels = np.repeat(np.arange(3), 5)
+    picked, rest = split_shots(labels, 2, seed=0)
+    assert len(picked) == 6 and np.bincount(labels[picked]).tolist() == [2, 2, 2]
+    assert not set(picked) & set(rest) and len(picked) + len(rest) == 15
+    assert (split_shots(labels, 2, seed=0)[0] == picked).all()
+    with pytest.raises(InputError, match="too few"):
+        split_shots(labels, 5, seed=0)
+
+
+def test_eval_fewshot_cli(tmp_path: Path) -> None:
+    classes = tmp_path / "classes"
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 40, 220))):
+        (classes / name).mkdir(parents=True)
+        for view in range(4):
+            solid(tuple(c + 5 * view for c in colour)).save(classes / name / f"{view}.png")
+    out = tmp_path / "fewshot.json"
+    run(
+        "eval",
+        "fewshot",
+        classes,
+        "--model",
+        "hash:32",
+        "--shots",
+        "1",
+        "--shots",
+        "2",
+        "--seeds",
+        "2",
+        "--json",
+        out,
+        "--cache-dir",
+        tmp_path / "cache",
+    )
+    record = json.loads(out.read_text())
+    assert [row["shots"] for row in record["rows"]] == [1, 2]
+    assert all(0 <= row["mixed"] <= 100 for row in record["rows"])
+    assert "too few" in run(
+        "eval", "fewshot", classes, "--model", "hash:32", "--shots", "4", code=1
+    )
+
+
+def test_docstring_examples() -> None:
+    result = doctest.testmod(fewshot, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from mmret.cli.evaluate import eval_app
-from mmret.cli.generate import ask, caption, context, eval_caption
+from mmret.cli.generate import ask, caption, context, eval_caption, eval_fewshot
 from mmret.cli.maintain import check, repair
 from mmret.cli.memory import (
     FUSION_HELP,
@@ -192,3 +192,4 @@ app.command()(context)
 app.command()(ask)
 app.command()(caption)
 eval_app.command("caption")(eval_caption)
+eval_app.command("fewshot")(eval_fewshot)
