@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from mmret.cli.evaluate import eval_app
 from mmret.cli.generate import ask, caption, context, eval_caption, eval_fewshot
-from mmret.cli.maintain import check, repair
+from mmret.cli.maintain import check, recluster, repair
 from mmret.cli.memory import (
     FUSION_HELP,
     MEMORY_HELP,
@@ -52,6 +52,7 @@ app.add_typer(memory_app, name="memory")
 train_app.command("reco")(train_reco)
 app.command()(check)
 app.command()(repair)
+app.command()(recluster)
 
 
 @app.command()

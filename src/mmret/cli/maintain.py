@@ -1,4 +1,5 @@
-"""``mmret check`` and ``mmret repair``: verify an index folder, restore what can be restored."""
+"""``mmret check``, ``mmret repair`` and ``mmret recluster``: verify an index folder, restore
+what can be restored, re-cluster a plaid index."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from mmret.cli.output import console, errors, friendly_errors, print_json
+from mmret.cli.output import console, errors, friendly_errors, print_json, status
 from mmret.index.integrity import check_index, repair_index
+from mmret.index.maintenance import recluster_index
 
 
 @friendly_errors
@@ -53,3 +55,22 @@ def repair(
         console.print(f"{state}: {escape(str(index_dir))} ({report.items} items)")
     if not after.ok:
         raise typer.Exit(1)
+
+
+@friendly_errors
+def recluster(
+    index_dir: Path = typer.Argument(..., metavar="DIR", help="Index folder (plaid backend)."),
+    wait: float = typer.Option(10.0, help="Seconds to wait for a running writer to finish."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Re-cluster a plaid index from its stored vectors: new token centroids and codec, built
+    aside and swapped in. Readers keep searching meanwhile; writers wait."""
+    with status("Re-clustering..."):
+        report = recluster_index(index_dir, wait=wait)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        console.print(
+            f"[green]ok[/]: {index_dir}: {report.documents} documents, {report.centroids} "
+            f"centroids ({report.seconds:.1f} s)"
+        )
