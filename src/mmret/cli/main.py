@@ -29,6 +29,7 @@ from mmret.cli.output import (
     results_table,
     status,
 )
+from mmret.cli.serve import serve
 from mmret.cli.train import train_app
 from mmret.encoders import DEFAULT_MODEL
 from mmret.engine import Retriever
@@ -51,6 +52,7 @@ app.add_typer(memory_app, name="memory")
 train_app.command("reco")(train_reco)
 app.command()(check)
 app.command()(repair)
+app.command()(serve)
 
 
 @app.command()
