@@ -77,11 +77,14 @@ def serve(
     )
     app = create_app(config)
     shown = f"[{host}]" if ":" in host else host
-    console.print(f"serving {escape(str(index_dir))} at [bold]http://{shown}:{port}/[/]")
+    # soft_wrap: a URL or a token broken over two lines cannot be copied
+    console.print(
+        f"serving {escape(str(index_dir))} at [bold]http://{shown}:{port}/[/]", soft_wrap=True
+    )
     if not _loopback(host):
         errors.print(f"[yellow]listening on {escape(host)}: reachable from the network[/]")
     if app.state.token is not None and token is None:
-        console.print(f"write token (adding, deleting): [bold]{app.state.token}[/]")
+        console.print(f"write token (adding, deleting): [bold]{app.state.token}[/]", soft_wrap=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
