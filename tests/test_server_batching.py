@@ -80,3 +80,31 @@ def test_a_failing_query_fails_alone_and_close_refuses_new_work() -> None:
     batcher.close()
     with pytest.raises(RuntimeError, match="shutting down"):
         batcher.query(Query(text="late"))
+
+
+def test_a_stream_of_queries_does_not_starve_writes() -> None:
+    encoder = SlowEncoder()
+    batcher = EncodeBatcher(encoder, max_batch=2, write_slice=1, write_share=0.25)
+    stop = threading.Event()
+
+    def ask() -> None:
+        while not stop.is_set():
+            batcher.query(Query(text="query")).result(timeout=10)
+
+    askers = [threading.Thread(target=ask) for _ in range(4)]
+    for asker in askers:
+        asker.start()
+    while len(encoder.calls) < 3:  # queries are flowing
+        time.sleep(0.001)
+    written = batcher.items([Query(text=f"item {i}") for i in range(4)])
+    written.result(timeout=10)
+    stop.set()
+    for asker in askers:
+        asker.join()
+    batcher.close()
+    kinds = ["item" if call[0].startswith("item") else "query" for call in encoder.calls]
+    first, last = kinds.index("item"), len(kinds) - 1 - kinds[::-1].index("item")
+    between = kinds[first : last + 1]
+    assert between.count("item") == 4
+    # each slice took as long as a query batch: about three batches of queries between slices
+    assert 1 <= between.count("query") / 3 <= 4

@@ -3,8 +3,11 @@
 A model call on a CPU costs nearly as much for one short text as for several (Python and
 framework overhead dominate), so queries that arrive while the encoder is busy wait for it
 and then go through as one batch: no timer, no added delay for a lone query. Items being
-added are encoded a few at a time between query batches, so an upload of many photos does not
-hold searches up for seconds. Keeping all encoding on one thread also keeps tokenizers, which
+added are encoded a slice at a time between query batches, so an upload of many photos does
+not hold searches up for seconds; while queries wait, writes get ``write_share`` of the
+encoder's time (a slice runs once the query batches since the last slice took
+``(1 / write_share - 1)`` times as long as that slice), so a steady stream of queries can
+neither starve writes nor be starved by them. Keeping all encoding on one thread also keeps tokenizers, which
 are not safe to call from several threads at once, on one thread.
 """
 
@@ -47,12 +50,15 @@ class EncodeBatcher:
         encoder: Encoder,
         *,
         max_batch: int = 32,
-        write_slice: int = 4,
+        write_slice: int = 1,
+        write_share: float = 0.2,
         on_batch: Callable[[str, int, float], None] | None = None,
     ) -> None:
         self._encoder = encoder
         self._max_batch = max_batch
         self._write_slice = write_slice
+        self._write_share = write_share
+        self._write_due = 0.0  # when (perf_counter) a write slice may next cut in before queries
         self._on_batch = on_batch
         self._queries: deque[_Query] = deque()
         self._writes: deque[_Write] = deque()
@@ -97,14 +103,20 @@ class EncodeBatcher:
                     self._ready.wait()
                 if not (self._queries or self._writes):
                     return  # stopping, and nothing left
-                batch = [
-                    self._queries.popleft() for _ in range(min(self._max_batch, len(self._queries)))
-                ]
-                write = self._writes[0] if not batch else None
-            if batch:
-                self._encode_queries(batch)
-            elif write is not None:
+                write = self._writes[0] if self._writes else None
+                if write is not None and self._queries and time.perf_counter() < self._write_due:
+                    write = None  # queries first: writes had their share of late
+                batch = []
+                if write is None:
+                    count = min(self._max_batch, len(self._queries))
+                    batch = [self._queries.popleft() for _ in range(count)]
+            if write is not None:
+                started = time.perf_counter()
                 self._encode_write_slice(write)
+                took = time.perf_counter() - started
+                self._write_due = started + took / self._write_share
+            else:
+                self._encode_queries(batch)
 
     def _timed(self, kind: str, contents: Sequence[Content]) -> np.ndarray:
         started = time.perf_counter()

@@ -24,7 +24,8 @@ class ServerConfig:
     allowed to call the API from other sites' pages (none by default); ``allowed_hosts`` the
     ``Host`` headers answered (``("*",)`` for any). Concurrent queries are encoded together in
     batches of up to ``max_batch``; items being added are encoded ``write_slice`` at a time
-    between query batches, so a large upload does not hold queries up.
+    between query batches, and take ``write_share`` of the encoder's time while queries wait
+    (see :mod:`mmret.server.batching`).
     """
 
     index: str
@@ -35,7 +36,8 @@ class ServerConfig:
     max_request_bytes: int = 64 * 2**20
     max_pixels: int = 40_000_000
     max_batch: int = 32
-    write_slice: int = 4
+    write_slice: int = 1
+    write_share: float = 0.2
     thumbnail_size: int = 256
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
@@ -47,6 +49,8 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InputError(f"server setting {name} must be a positive integer, got {value!r}")
+        if not 0 < self.write_share < 1:
+            raise InputError(f"write_share must be between 0 and 1, got {self.write_share!r}")
         if self.token is not None and len(self.token) < 8:
             raise InputError("the write token must have at least 8 characters")
         if not self.allowed_hosts:

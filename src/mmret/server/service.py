@@ -62,6 +62,7 @@ class SearchService:
             encoder,
             max_batch=config.max_batch,
             write_slice=config.write_slice,
+            write_share=config.write_share,
             on_batch=self.metrics.encoder_batch,
         )
         self.thumbnails = Thumbnails(max_pixels=config.max_pixels)
