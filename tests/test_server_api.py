@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -298,3 +300,42 @@ def test_config_round_trip_and_checks(index: Path) -> None:
         ServerConfig(index="x", max_k=0)
     with pytest.raises(mmret.InputError, match="8 characters"):
         ServerConfig(index="x", token="short")
+
+
+def test_searches_during_writes_see_whole_writes(client: TestClient) -> None:
+    """Each add request is one transaction: a search sees all of its items or none."""
+    batches, size = 4, 5  # k=20, the limit of this client, holds them all
+    seen: list[dict[int, int]] = []
+    stop = threading.Event()
+
+    def search() -> None:
+        while not stop.is_set():
+            body = {"text": "batch item", "k": 20, "filter": {"kind": "batch"}}
+            answer = client.post("/search", json=body).json()
+            assert "results" in answer, answer
+            hits = answer["results"]
+            counts = Counter(hit["metadata"]["batch"] for hit in hits)
+            seen.append(dict(counts))
+
+    searchers = [threading.Thread(target=search) for _ in range(3)]
+    for searcher in searchers:
+        searcher.start()
+    try:
+        for batch in range(batches):
+            items = [
+                {
+                    "id": f"b{batch}-{n}",
+                    "text": f"batch item {n}",
+                    "metadata": {"kind": "batch", "batch": batch},
+                }
+                for n in range(size)
+            ]
+            added = client.post("/items", data={"items": json.dumps(items)}, headers=AUTH)
+            assert added.status_code == 201
+    finally:
+        stop.set()
+        for searcher in searchers:
+            searcher.join()
+    assert len(seen) > batches
+    assert all(count == size for counts in seen for count in counts.values())
+    assert seen[-1] == dict.fromkeys(range(batches), size)

@@ -110,15 +110,32 @@ def test_search_page_by_text_image_and_more_like_this(server: str, photo_folder:
         expect(cards.first.locator(".item-id")).to_have_text("blue")
         page.screenshot(path=str(ARTIFACTS / "search-image.png"), full_page=True)
 
+        # by an image dropped on the search box, then by one pasted
+        for event, colour in (("drop", "red"), ("paste", "green")):
+            page.evaluate(
+                """async ([event, url]) => {
+                    const blob = await (await fetch(url)).blob();
+                    const data = new DataTransfer();
+                    data.items.add(new File([blob], "query.jpg", {type: "image/jpeg"}));
+                    const target = document.getElementById("drop-zone");
+                    const options = {bubbles: true, cancelable: true};
+                    target.dispatchEvent(event === "drop"
+                        ? new DragEvent("drop", {...options, dataTransfer: data})
+                        : new ClipboardEvent("paste", {...options, clipboardData: data}));
+                }""",
+                [event, f"/thumbnails/{colour}"],
+            )
+            expect(cards.first.locator(".item-id")).to_have_text(colour)
+
         # more like this, from the keyboard: arrow to a result, then m
         page.keyboard.press("Escape")  # drops the image and focuses the search box
         expect(page.locator("#image-chip")).to_be_hidden()
         page.locator("#results .card").first.locator(".more-like").focus()
         page.keyboard.press("m")
         expect(page.locator("#like-banner")).to_be_visible()
-        expect(page.locator("#like-id")).to_have_text("blue")
+        expect(page.locator("#like-id")).to_have_text("green")
         expect(cards).to_have_count(4)
-        assert "blue" not in page.locator("#results .item-id").all_inner_texts()
+        assert "green" not in page.locator("#results .item-id").all_inner_texts()
 
         # a filter that matches nothing: a readable empty state
         page.locator("#clear-like").click()

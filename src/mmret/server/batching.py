@@ -7,8 +7,8 @@ added are encoded a slice at a time between query batches, so an upload of many 
 not hold searches up for seconds; while queries wait, writes get ``write_share`` of the
 encoder's time (a slice runs once the query batches since the last slice took
 ``(1 / write_share - 1)`` times as long as that slice), so a steady stream of queries can
-neither starve writes nor be starved by them. Keeping all encoding on one thread also keeps tokenizers, which
-are not safe to call from several threads at once, on one thread.
+neither starve writes nor be starved by them. Keeping all encoding on one thread also keeps
+tokenizers, which are not safe to call from several threads at once, on one thread.
 """
 
 from __future__ import annotations
