@@ -231,6 +231,7 @@ def test_bad_requests_are_json_with_a_message(client: TestClient) -> None:
         ({"text": "x", "k": 1000}, 400, "limit of 20"),
         ({"text": "x", "k": 0}, 422, "k:"),
         ({"k": 3}, 400, "needs a text"),
+        ({"text": "  "}, 400, "needs a text"),
         ({"text": "x", "filter": {"year": {"about": 3}}}, 400, "range takes"),
         ({"text": "x", "filter": ["year>>3"]}, 400, "year"),
         ({"text": "x", "unknown": 1}, 422, "unknown"),
@@ -270,7 +271,11 @@ def test_generated_token_cors_and_hosts(index: Path) -> None:
         answer = client.post("/search", json={"text": "x"}, headers=origin)
         assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
         rebound = client.get("/health", headers={"Host": "attacker.example"})
-        assert rebound.status_code == 400
+        assert rebound.status_code == 400 and "attacker.example" in rebound.json()["error"]
+        for host in ("localhost:8000", "[::1]:8000", "127.0.0.1", "LOCALHOST"):
+            assert client.get("/health", headers={"Host": host}).status_code == 200, host
+        for host in ("127.0.0.1.attacker.example", "[::2]:80", ""):
+            assert client.get("/health", headers={"Host": host}).status_code == 400, host
     config = ServerConfig(index=str(index), token=TOKEN, cors_origins=("http://app.example",))
     with client_for(config) as client:
         answer = client.post(

@@ -53,6 +53,7 @@ def serve(
         import uvicorn
 
         from mmret.server import ServerConfig, create_app
+        from mmret.server.config import LOOPBACK_HOSTS
     except ImportError as error:
         raise InputError(
             f"mmret serve needs the serve extra ({error.name} is missing): "
@@ -60,7 +61,7 @@ def serve(
         ) from None
     if not (index_dir / MANIFEST_FILE).is_file():
         raise InputError(f"{index_dir}: not an mmret index (no {MANIFEST_FILE})")
-    hosts = ("127.0.0.1", "localhost", "::1", "[::1]", *allowed_host)
+    hosts = (*LOOPBACK_HOSTS, *allowed_host)
     if not _loopback(host) and not allowed_host:
         hosts = ("*",)  # told to listen on the network: answer to whatever name it is reached by
     config = ServerConfig(

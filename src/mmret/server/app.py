@@ -21,7 +21,6 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from mmret._version import __version__
 from mmret.errors import (
@@ -150,13 +149,13 @@ def _add_routes(
     @app.post("/search", response_model=SearchResponse, responses=ERRORS, tags=["search"])
     async def search(request: SearchRequest) -> SearchResponse:
         """Search with a text, a base64 image, both, or `like` (more like a stored item)."""
-        query = None
-        if request.image is not None or request.text is not None:
+        query, text = None, _query_text(request.text)
+        if request.image is not None or text is not None:
             image = None
             if request.image is not None:
                 data = decode_base64("image", request.image, config.max_image_bytes)
                 image = await run_in_threadpool(service().decode, "image", data)
-            query = SearchQuery(text=request.text, image=image)
+            query = SearchQuery(text=text, image=image)
         return await run_search(query, request.like, request.k, request.filter)
 
     @app.post("/search/upload", response_model=SearchResponse, responses=ERRORS, tags=["search"])
@@ -170,13 +169,13 @@ def _add_routes(
         ] = None,
     ) -> SearchResponse:
         """The same search with the image as a multipart upload (what a browser form sends)."""
-        query = None
-        if image is not None or text:
+        query, text = None, _query_text(text)
+        if image is not None or text is not None:
             decoded = None
             if image is not None:
                 data = await _read_upload(image, "image", config.max_image_bytes)
                 decoded = await run_in_threadpool(service().decode, "image", data)
-            query = SearchQuery(text=text or None, image=decoded)
+            query = SearchQuery(text=text, image=decoded)
         return await run_search(query, like or None, k, _json_field("filter", filter))
 
     @app.get(
@@ -290,6 +289,11 @@ def _add_routes(
         return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+def _query_text(text: str | None) -> str | None:
+    """A query's text, ``None`` when blank (a blank box is no text query)."""
+    return text if text is not None and text.strip() else None
+
+
 async def _read_upload(upload: UploadFile, what: str, limit: int) -> bytes:
     if upload.size is not None and upload.size > limit:
         raise UploadTooLargeError(f"{what}: {upload.size:,} bytes is over the limit of {limit:,}")
@@ -368,8 +372,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _add_middleware(
     app: FastAPI, config: ServerConfig, service: Callable[[], SearchService | None]
 ) -> None:
-    # Added innermost first: the guard sees every response, CORS and hosts answer before it.
-    app.add_middleware(RequestGuard, max_body=config.max_request_bytes, service=service)
+    # Added innermost first: CORS answers preflight requests inside the guard.
     if config.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -377,5 +380,9 @@ def _add_middleware(
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    if "*" not in config.allowed_hosts:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.allowed_hosts))
+    app.add_middleware(
+        RequestGuard,
+        max_body=config.max_request_bytes,
+        allowed_hosts=config.allowed_hosts,
+        service=service,
+    )

@@ -9,7 +9,7 @@ from mmret.errors import InputError
 
 #: Host names a loopback server answers to. Anything else is refused, so a web page on another
 #: site cannot reach this server through a DNS name rebound to 127.0.0.1.
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)

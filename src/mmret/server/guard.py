@@ -1,4 +1,5 @@
-"""An ASGI middleware in front of every route: request size limit, metrics, security headers.
+"""An ASGI middleware in front of every route: Host check, request size limit, metrics,
+security headers.
 
 Written as plain ASGI rather than with ``BaseHTTPMiddleware``, which costs a task and a
 memory stream per request; it sits on the path of every query.
@@ -30,14 +31,21 @@ _HEADERS = [
 
 
 class RequestGuard:
-    """Refuses bodies over ``max_body`` bytes with 413 (by their Content-Length, or while they
-    stream in), records each request in the service's metrics, adds security headers."""
+    """Refuses a ``Host`` not in ``allowed_hosts`` (``"*"``: any) with 400, bodies over
+    ``max_body`` bytes with 413 (by their Content-Length, or while they stream in), records
+    each request in the service's metrics, adds security headers."""
 
     def __init__(
-        self, app: ASGIApp, *, max_body: int, service: Callable[[], SearchService | None]
+        self,
+        app: ASGIApp,
+        *,
+        max_body: int,
+        allowed_hosts: tuple[str, ...],
+        service: Callable[[], SearchService | None],
     ) -> None:
         self.app = app
         self.max_body = max_body
+        self.allowed_hosts = None if "*" in allowed_hosts else {h.lower() for h in allowed_hosts}
         self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -46,7 +54,14 @@ class RequestGuard:
             return
         started = time.perf_counter()
         state: dict[str, Any] = {"status": 500, "too_large": False, "replaced": False}
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        headers = dict(scope["headers"])
+        host = _host_name(headers.get(b"host", b"").decode("latin-1"))
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+            message = f"host {host!r} is not served here (see mmret serve --allowed-host)"
+            await self._answer(send, state, 400, message)
+            self._record(scope, state, started)
+            return
+        declared = headers.get(b"content-length", b"0")
         try:
             too_large = int(declared) > self.max_body
         except ValueError:
@@ -89,12 +104,14 @@ class RequestGuard:
             self._record(scope, state, started)
 
     async def _refuse(self, send: Send, state: dict[str, Any]) -> None:
-        body = json.dumps(
-            {"error": f"request body over the limit of {self.max_body:,} bytes"}
-        ).encode()
-        state["status"], state["replaced"] = 413, True
+        message = f"request body over the limit of {self.max_body:,} bytes"
+        await self._answer(send, state, 413, message)
+
+    async def _answer(self, send: Send, state: dict[str, Any], status: int, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        state["status"], state["replaced"] = status, True
         headers = [(b"content-type", b"application/json"), *_HEADERS]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     def _record(self, scope: Scope, state: dict[str, Any], started: float) -> None:
@@ -106,3 +123,11 @@ class RequestGuard:
         service.metrics.request(
             template, scope["method"], state["status"], time.perf_counter() - started
         )
+
+
+def _host_name(header: str) -> str:
+    """The host of a ``Host`` header, without its port (``[::1]:8000`` -> ``::1``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
