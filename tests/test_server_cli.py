@@ -84,3 +84,16 @@ def test_serve_refuses_a_folder_that_is_no_index(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode != 0 and "not an mmret index" in result.stderr + result.stdout
+
+
+def test_serve_says_when_another_writer_holds_the_index(tmp_path: Path) -> None:
+    folder = tmp_path / "index.mmret"
+    with mmret.Retriever.create(folder, model="hash:32"):  # holds the writer lock
+        result = subprocess.run(
+            [str(MMRET), "serve", str(folder), "--wait", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "writer" in (result.stderr + result.stdout).lower()

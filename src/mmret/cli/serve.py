@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from mmret.cli.output import console, errors, friendly_errors
+from mmret.engine import Retriever
 from mmret.errors import InputError
 from mmret.index.manifest import MANIFEST_FILE
 
@@ -61,6 +62,9 @@ def serve(
         ) from None
     if not (index_dir / MANIFEST_FILE).is_file():
         raise InputError(f"{index_dir}: not an mmret index (no {MANIFEST_FILE})")
+    # A damaged index or another writer is said here in one line, rather than as a traceback
+    # from the server's start-up (the model is not loaded for this).
+    Retriever.open(index_dir, readonly=readonly, wait=wait).close()
     hosts = (*LOOPBACK_HOSTS, *allowed_host)
     if not _loopback(host) and not allowed_host:
         hosts = ("*",)  # told to listen on the network: answer to whatever name it is reached by
