@@ -205,7 +205,9 @@ def _add_routes(
         data = await run_in_threadpool(service().thumbnail, item_id, size)
         if data is None:
             raise UnknownItemError(f"no readable image for item {item_id!r}")
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
+        return Response(
+            data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"}
+        )
 
     @app.post(
         "/items",
