@@ -100,11 +100,9 @@ def serving(folder: Path, token: str, extra: list[str], threads: int | None) -> 
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     try:
         for _ in range(600):
-            try:
-                if request(port, "GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
+            if request(port, "GET", "/health")[0] == 200:
+                break
+            time.sleep(0.1)
         else:
             raise RuntimeError("the server did not start")
         yield port
@@ -113,23 +111,40 @@ def serving(folder: Path, token: str, extra: list[str], threads: int | None) -> 
         server.wait(timeout=60)
 
 
-def request(
-    port: int,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-    connection: http.client.HTTPConnection | None = None,
-) -> tuple[int, bytes]:
-    own = connection is None
-    connection = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+class Connection:
+    """One keep-alive connection to the server; a dropped one is reopened, and the request
+    that met it is answered with status -1 (a failure)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.http = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, bytes]:
+        try:
+            self.http.request(method, path, body=body, headers=headers or {})
+            response = self.http.getresponse()
+            return response.status, response.read()
+        except (OSError, http.client.HTTPException) as error:
+            self.http.close()
+            self.http = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            return -1, str(error).encode()
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def request(port: int, method: str, path: str) -> tuple[int, bytes]:
+    connection = Connection(port)
     try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.read()
+        return connection.call(method, path)
     finally:
-        if own:
-            connection.close()
+        connection.close()
 
 
 def encoder_totals(port: int) -> dict[str, float]:
@@ -173,7 +188,7 @@ def run_phase(
 
     def client(seed: int) -> None:
         rng = random.Random(seed)
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection = Connection(port)
         headers = {"Content-Type": "application/json"}
         while not stop.is_set():
             with lock:
@@ -183,12 +198,7 @@ def run_phase(
                 sent[0] += 1
             body = json.dumps({"text": rng.choice(queries), "k": 10}).encode()
             started = time.perf_counter()
-            try:
-                status, answer = request(port, "POST", "/search", body, headers, connection)
-            except (OSError, http.client.HTTPException) as error:
-                status, answer = -1, str(error).encode()
-                connection.close()
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            status, answer = connection.call("POST", "/search", body, headers)
             elapsed = time.perf_counter() - started
             ok = status == 200 and len(json.loads(answer)["results"]) == 10
             with lock:
@@ -198,17 +208,12 @@ def run_phase(
         connection.close()
 
     def writer() -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection = Connection(port)
         while not stop.is_set():
             item_id, image, caption = next(to_add)
             body, kind = multipart({"id": item_id, "text": caption}, image)
             headers = {"Content-Type": kind, "Authorization": f"Bearer {token}"}
-            try:
-                status, answer = request(port, "POST", "/items", body, headers, connection)
-            except (OSError, http.client.HTTPException) as error:
-                status, answer = -1, str(error).encode()
-                connection.close()
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            status, answer = connection.call("POST", "/items", body, headers)
             with lock:
                 if status == 201:
                     phase.written.append(item_id)
