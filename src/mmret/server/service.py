@@ -54,7 +54,8 @@ class SearchService:
         self.metrics = ServerMetrics(lambda: float(len(self.retriever)))
         try:
             encoder = self.retriever.encoder  # the model loads now, at start-up
-            encoder.encode([Query(text="warm-up")])  # first calls pay one-off set-up costs
+            # Both towers load now, and pay their first calls' one-off costs, before any query.
+            encoder.encode([Query(text="warm-up", image=Image.new("RGB", (64, 64)))])
         except BaseException:
             self.retriever.close()
             raise
