@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mmret.encoders.base import l2_normalise
 from mmret.errors import InputError
 
 #: Scoring works through the documents in blocks of about this many float32 similarities.
@@ -63,3 +64,13 @@ def similarity(queries: np.ndarray, documents: np.ndarray, token_dim: int | None
         product: np.ndarray = queries @ documents.T
         return product
     return maxsim(queries, documents, token_dim)
+
+
+def normalise_tokens(vectors: np.ndarray, token_dim: int | None) -> np.ndarray:
+    """``(N, dim)`` rows made unit the way a model's embeddings are: each row for single-vector
+    models (``token_dim`` ``None``), each of its tokens for multi-vector ones. All-zero rows or
+    tokens stay zero."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if token_dim is None:
+        return l2_normalise(vectors)
+    return l2_normalise(as_tokens(vectors, token_dim).reshape(-1, token_dim)).reshape(vectors.shape)

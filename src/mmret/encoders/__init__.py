@@ -11,6 +11,7 @@ spec                               encoder
 ``hat``                            HAT: hierarchical alignment of several layers of the
                                    starter towers (``hat:DIR`` for one trained into DIR)
 ``hash:DIM``                       weightless and deterministic, for tests (not aligned)
+``hash-tokens:TxD``                its multi-vector twin: T tokens of D dimensions
 =================================  ====================================================
 """
 

@@ -309,6 +309,10 @@ class ItemStore:
                     found[id_] = (row, np.frombuffer(vector, dtype=np.float32).copy())
         return found
 
+    def vectors_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The ``(dim,)`` stored vector of each of ``ids`` that is present."""
+        return {id_: vector for id_, (_, vector) in self.lookup(ids).items()}
+
     def filter_keys(self, filter_: Filter) -> np.ndarray:
         """Sorted keys of the items whose metadata satisfies ``filter_``."""
         where, params = to_sql(filter_)
