@@ -3,6 +3,7 @@
 # nothing when pyproject.toml and the constraints are unchanged since the last run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup-browser.sh  # a system package: checked on every run, installed once
 python=${PYTHON:-python3}
 stamp=.venv/.mmret-setup
 wanted=$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16)
@@ -15,5 +16,5 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c requ
 # PyTorch first, pinned: an unpinned torch pulls a multi-GB CUDA build. Elsewhere, set
 # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu to get the small CPU build.
 "${pip[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch
-"${pip[@]}" -e ".[dev,caption]"
+"${pip[@]}" -e ".[dev,caption,serve]"
 echo "$wanted" > "$stamp"

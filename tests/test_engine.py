@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmret import IndexFormatError, InputError, Item, Query, Retriever, read_items
+from mmret import IndexFormatError, InputError, Item, Query, Retriever, UnknownItemError, read_items
 from mmret.encoders.hashing import HashEncoder
 from mmret.index.manifest import MANIFEST_FILE
 
@@ -193,3 +193,24 @@ def test_add_vectors_brings_your_own_embeddings(tmp_path: Path, encoder: HashEnc
         with pytest.raises(InputError, match=r"already present or repeated: \['v0'\]"):
             retriever.add_vectors([Item("v0", text="again")], vectors[:1])
         assert len(retriever) == 3
+
+
+def test_get_and_more_like_this(retriever: Retriever) -> None:
+    found = retriever.get(["red", "nope", "blue"])
+    assert set(found) == {"red", "blue"}
+    assert (
+        found["red"].text == "a red square\nsomething red" and found["red"].metadata["year"] == 2000
+    )
+    like = retriever.similar(["red", "blue"], k=2)
+    assert [len(row) for row in like] == [2, 2]
+    assert "red" not in [hit.id for hit in like[0]] and "blue" not in [hit.id for hit in like[1]]
+    red = retriever._store.lookup(["red"])["red"][1]
+    exact = retriever.search_vectors(red[None, :], k=4)[0]  # brute force via the stored vector
+    assert [hit.id for hit in like[0]] == [hit.id for hit in exact if hit.id != "red"][:2]
+    warm = retriever.similar(["red"], k=5, filter={"warm": True})[0]
+    assert [hit.id for hit in warm] == ["yellow"]
+    with pytest.raises(UnknownItemError, match="nope"):
+        retriever.similar(["red", "nope"])
+    with pytest.raises(InputError, match="list"):
+        retriever.get("red")
+    assert retriever.similar([]) == []

@@ -9,7 +9,13 @@ with text, image or image+text queries; train the heads that make retrieval bett
 from mmret._version import __version__
 from mmret.encoders import Encoder, load_encoder
 from mmret.engine import AddReport, Retriever, SearchResult
-from mmret.errors import ImageLoadError, IndexFormatError, InputError, MmretError
+from mmret.errors import (
+    ImageLoadError,
+    IndexFormatError,
+    InputError,
+    MmretError,
+    UnknownItemError,
+)
 from mmret.index.filters import parse_filter
 from mmret.ingest.images import load_image
 from mmret.ingest.report import SkipReport
@@ -29,6 +35,7 @@ __all__ = [
     "Retriever",
     "SearchResult",
     "SkipReport",
+    "UnknownItemError",
     "__version__",
     "load_encoder",
     "load_image",

@@ -19,7 +19,7 @@ from PIL import Image
 from mmret._files import build_folder
 from mmret._progress import progress
 from mmret.encoders import DEFAULT_MODEL, Encoder, load_encoder
-from mmret.errors import ImageLoadError, IndexFormatError, InputError
+from mmret.errors import ImageLoadError, IndexFormatError, InputError, UnknownItemError
 from mmret.index.base import VectorIndex, new_backend
 from mmret.index.columns import MetadataColumns
 from mmret.index.filters import Filter
@@ -475,6 +475,33 @@ class Retriever:
         to compare search hits with each other)."""
         with self._mutex:
             return self._store.vectors_of(list(ids))
+
+    def get(self, ids: Sequence[str]) -> dict[str, StoredItem]:
+        """What is stored for each of ``ids`` that is in the index (absent ids are left out)."""
+        if isinstance(ids, str):
+            raise InputError("get takes a list of ids; wrap a single one in [...]")
+        with self._mutex:
+            return {id_: row for id_, (row, _) in self._store.lookup(ids).items()}
+
+    def similar(
+        self, ids: Sequence[str], *, k: int = 10, filter: Filter | None = None
+    ) -> list[list[SearchResult]]:
+        """ "More like this": the ``k`` items nearest to each stored item of ``ids`` (searched
+        with its stored vector, so nothing is re-encoded), the item itself left out."""
+        if isinstance(ids, str):
+            raise InputError("similar takes a list of ids; wrap a single one in [...]")
+        with self._mutex, self._store.snapshot():  # the vectors and the search agree
+            found = self._store.lookup(ids)
+            missing = [id_ for id_ in ids if id_ not in found]
+            if missing:
+                raise UnknownItemError(f"no item with id {missing[0]!r} in {self.folder}")
+            if not ids:
+                return []
+            vectors = np.stack([found[id_][1] for id_ in ids])
+            hits = self.search_vectors(vectors, k=k + 1, filter=filter)
+        return [
+            [hit for hit in row if hit.id != id_][:k] for id_, row in zip(ids, hits, strict=True)
+        ]
 
     def info(self) -> dict[str, Any]:
         with self._mutex, self._store.snapshot():

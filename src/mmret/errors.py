@@ -9,6 +9,10 @@ class InputError(MmretError, ValueError):
     """An input (item, query, manifest line, argument) is malformed."""
 
 
+class UnknownItemError(InputError):
+    """An item id that is not in the index."""
+
+
 class ImageLoadError(InputError):
     """An image could not be decoded safely (missing, corrupt, truncated, too large)."""
 

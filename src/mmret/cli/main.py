@@ -30,6 +30,7 @@ from mmret.cli.output import (
     results_table,
     status,
 )
+from mmret.cli.serve import serve
 from mmret.cli.train import train_app
 from mmret.encoders import DEFAULT_MODEL
 from mmret.engine import Retriever
@@ -53,6 +54,7 @@ train_app.command("reco")(train_reco)
 app.command()(check)
 app.command()(repair)
 app.command()(recluster)
+app.command()(serve)
 
 
 @app.command()

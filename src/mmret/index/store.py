@@ -296,20 +296,22 @@ class ItemStore:
                     found[key] = StoredItem(id_, text, image, parsed)
         return found
 
+    def lookup(self, ids: Sequence[str]) -> dict[str, tuple[StoredItem, np.ndarray]]:
+        """The stored rows of those ``ids`` that exist, each with its ``(dim,)`` vector."""
+        found: dict[str, tuple[StoredItem, np.ndarray]] = {}
+        with self.snapshot():
+            for chunk in _chunks(list(ids)):
+                query = f"{_JOINED} WHERE id IN ({','.join('?' * len(chunk))})"
+                for _, id_, text, image, metadata, vector in self._db.execute(query, list(chunk)):
+                    if vector is None or len(vector) != self.dim * 4:
+                        raise IndexFormatError(f"{self.path}: item {id_!r} has no valid vector")
+                    row = StoredItem(id_, text, image, json.loads(metadata))
+                    found[id_] = (row, np.frombuffer(vector, dtype=np.float32).copy())
+        return found
+
     def vectors_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         """The ``(dim,)`` stored vector of each of ``ids`` that is present."""
-        found: dict[str, np.ndarray] = {}
-        with self.snapshot():
-            for chunk in _chunks(ids):
-                query = (
-                    "SELECT id, vector FROM items JOIN vectors ON vectors.key = items.key "
-                    f"WHERE id IN ({','.join('?' * len(chunk))})"
-                )
-                for id_, blob in self._db.execute(query, list(chunk)):
-                    if len(blob) != self.dim * 4:
-                        raise IndexFormatError(f"{self.path}: vector of {id_!r} is damaged")
-                    found[id_] = np.frombuffer(blob, dtype=np.float32).copy()
-        return found
+        return {id_: vector for id_, (_, vector) in self.lookup(ids).items()}
 
     def filter_keys(self, filter_: Filter) -> np.ndarray:
         """Sorted keys of the items whose metadata satisfies ``filter_``."""
