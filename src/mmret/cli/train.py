@@ -23,6 +23,7 @@ from mmret.training.features import default_cache_dir, pair_features, read_pairs
 from mmret.training.hat import HatEpochLog, HatTrainingConfig, train_hat
 from mmret.training.knowledge import imagenet_knowledge
 from mmret.training.reco import RecoEpochLog
+from mmret.training.ret import RetEpochLog, RetTrainingConfig, train_ret
 
 train_app = typer.Typer(
     cls=ReflowedHelp, help="Train the small heads that make retrieval better.", no_args_is_help=True
@@ -252,3 +253,123 @@ def hat(
     }
     (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
     console.print(f"[green]saved HAT head to {out}[/] (use it with --model hat:{out})")
+
+
+@train_app.command("ret")
+@friendly_errors
+def ret(
+    manifest: Path = typer.Argument(
+        ..., help="JSONL/CSV/Parquet manifest of images with captions."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Folder for the model (and its per-epoch checkpoint)."
+    ),
+    dev: Path | None = typer.Option(None, help="Dev manifest: report each epoch, keep the best."),
+    backbone: str = typer.Option("starter", help="Encoder whose layer features ReT fuses."),
+    image_layers: str = typer.Option(
+        ",".join(map(str, RetTrainingConfig.image_layers)),
+        help="Image layer read at each step, comma-separated (0 = stem, -1 = last).",
+    ),
+    text_layers: str = typer.Option(
+        ",".join(map(str, RetTrainingConfig.text_layers)),
+        help="Text layer read at each step, comma-separated (0 = embeddings, -1 = last).",
+    ),
+    tokens: int = typer.Option(RetTrainingConfig.tokens, min=1, help="Latent tokens per input."),
+    token_dim: int = typer.Option(RetTrainingConfig.token_dim, min=1, help="Width of a token."),
+    width: int = typer.Option(RetTrainingConfig.width, min=8, help="Width inside the cell."),
+    heads: int = typer.Option(RetTrainingConfig.heads, min=1, help="Attention heads."),
+    gates: bool = typer.Option(
+        RetTrainingConfig.gates, help="Gated updates (else a plain residual transformer)."
+    ),
+    shared: bool = typer.Option(
+        RetTrainingConfig.shared, help="One model for queries and documents (else two)."
+    ),
+    task_weights: str = typer.Option(
+        ",".join(f"{w:g}" for w in RetTrainingConfig.task_weights),
+        help="Relative frequency of the tasks text>image, image>text, text>image+text.",
+    ),
+    epochs: int = typer.Option(RetTrainingConfig.epochs, min=1),
+    dropout: float = typer.Option(RetTrainingConfig.dropout, min=0.0, max=0.9),
+    weight_decay: float = typer.Option(RetTrainingConfig.weight_decay, min=0.0),
+    batch_size: int = typer.Option(RetTrainingConfig.batch_size, min=2),
+    learning_rate: float = typer.Option(RetTrainingConfig.learning_rate, min=0.0),
+    seed: int = typer.Option(RetTrainingConfig.seed),
+    threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: its default)."),
+    cache_dir: Path | None = typer.Option(
+        None, help="Layer feature store (default ~/.cache/mmret/layers)."
+    ),
+    float16: bool = typer.Option(False, help="Store weights in float16 (half the file size)."),
+) -> None:
+    """Train a ReT model (query and document sides) on stored layer features (resumable)."""
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        weights = tuple(float(part) for part in task_weights.split(","))
+    except ValueError:
+        raise typer.BadParameter(
+            f"{task_weights!r} is not a comma-separated list of numbers (e.g. 2,1,1)",
+            param_hint="--task-weights",
+        ) from None
+    config = RetTrainingConfig(
+        image_layers=parse_layers(image_layers, "--image-layers"),
+        text_layers=parse_layers(text_layers, "--text-layers"),
+        tokens=tokens,
+        token_dim=token_dim,
+        width=width,
+        heads=heads,
+        gates=gates,
+        shared=shared,
+        dropout=dropout,
+        task_weights=weights,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        seed=seed,
+    )
+    encoder = load_encoder(backbone)
+    config = replace(
+        config,
+        image_layers=resolve_layers(config.image_layers, encoder.image_layer_count, "image"),
+        text_layers=resolve_layers(config.text_layers, encoder.text_layer_count, "text"),
+    )
+    report = SkipReport()
+
+    def stored(path: Path) -> LayerFeatureSet:
+        return layer_feature_set(
+            read_pairs(path, report),
+            encoder,
+            config.image_layers,
+            config.text_layers,
+            cache_dir=cache_dir,
+            report=report,
+            show_progress=True,
+        )
+
+    train_set = stored(manifest)
+    dev_set = stored(dev) if dev is not None else None
+    print_skips(report)
+
+    def show(log: RetEpochLog) -> None:
+        console.print(epoch_line(log.epoch, log.loss, log.dev), highlight=False)
+
+    model, history = train_ret(
+        train_set,
+        dev_set,
+        config,
+        backbone=backbone,
+        layer_source=encoder.layer_source,
+        checkpoint_dir=out / "checkpoint",
+        on_epoch=show,
+        show_progress=True,
+    )
+    model.save(out, dtype=torch.float16 if float16 else None)
+    document = {
+        "manifest": str(manifest),
+        "dev": str(dev) if dev else None,
+        "backbone": backbone,
+        "config": config.to_dict(),
+        "history": history,
+    }
+    (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
+    console.print(f"[green]saved ReT model to {out}[/] (use it with --model ret:{out})")

@@ -60,6 +60,9 @@ class Encoder(ABC):
     #: size of its tokens: each embedding row is then ``dim // token_dim`` unit tokens,
     #: flattened, scored by :func:`mmret.late_interaction.maxsim`.
     token_dim: int | None = None
+    #: Tells apart encoders that share a spec but embed differently (a ReT model's query
+    #: side); caches key on it.
+    variant: str = ""
     #: Side in pixels the image tower works at (lets JPEG decoding skip needless detail).
     image_size: int = 224
     batch_size: int = 32
@@ -71,6 +74,19 @@ class Encoder(ABC):
     @abstractmethod
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """``(B, dim)`` embeddings of texts (normalisation not required)."""
+
+    def for_queries(self) -> Encoder:
+        """The encoder for queries: this one, unless queries and documents have separate
+        models (ReT's query and document sides), whose scores then compare a query side's
+        embedding with a document side's."""
+        return self
+
+    def normalise(self, vectors: np.ndarray) -> np.ndarray:
+        """Unit rows, or for a multi-vector encoder unit tokens within each ``(N, dim)`` row."""
+        if self.token_dim is None:
+            return l2_normalise(vectors)
+        tokens = l2_normalise(vectors.reshape(-1, self.token_dim))
+        return tokens.reshape(vectors.shape)
 
     @property
     def image_layer_count(self) -> int:
@@ -139,7 +155,7 @@ class Encoder(ABC):
             )
         if texts:
             out[list(texts)] += self.encode_texts(list(texts.values()), show_progress=show_progress)
-        return l2_normalise(out)
+        return self.normalise(out)
 
     def _embed_image_batch(self, batch: Sequence[ImageInput]) -> torch.Tensor:
         return self.embed_images([self.load(image) for image in batch])
@@ -166,4 +182,4 @@ class Encoder(ABC):
         with torch.inference_mode():
             for batch in batches:
                 chunks.append(embed(batch).float().cpu().numpy())
-        return l2_normalise(np.concatenate(chunks))
+        return self.normalise(np.concatenate(chunks))
