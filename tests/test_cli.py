@@ -4,20 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from mmret import Retriever, read_items
 from mmret.cli.main import app
 from mmret.encoders.hashing import HashEncoder
 
-runner = CliRunner()
-
-
-def run(*args: str | Path, code: int = 0) -> str:
-    """Standard output of a successful command; everything it printed when it fails."""
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output
-    return result.stdout if code == 0 else result.output
+from .cli import run, runner
 
 
 @pytest.fixture

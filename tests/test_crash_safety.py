@@ -22,22 +22,39 @@ import numpy as np
 import pytest
 
 from mmret import Item, Retriever
-from mmret.encoders.hashing import HashEncoder
+from mmret.encoders import Encoder, load_encoder
+from mmret.encoders.hashing import HashEncoder, TokenHashEncoder
 from mmret.index.integrity import check_index
-from mmret.index.manifest import ITEMS_FILE
+from mmret.index.manifest import ITEMS_FILE, read_manifest
 
 from .forking import exit_code, fork
 
 DIM = 16
 BATCH = 20
 KILL_POINTS = int(os.environ.get("MMRET_KILL_POINTS", "100"))
-BACKENDS = {"exact": {}, "faiss": {"exact_below": 0, "hnsw_m": 8}}
+BACKENDS = {"exact": {}, "faiss": {"exact_below": 0, "hnsw_m": 8}, "maxsim": {}}
+#: Multi-vector backends index sets of this many tokens of DIM dimensions.
+TOKENS = 4
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
 
 
-def vector(item_id: str) -> np.ndarray:
-    return np.random.default_rng(zlib.crc32(item_id.encode())).standard_normal(DIM)
+def encoder_for(backend: str) -> Encoder:
+    return TokenHashEncoder(TOKENS, DIM) if backend == "maxsim" else HashEncoder(DIM)
+
+
+def index_encoder(folder: Path) -> Encoder:
+    return load_encoder(read_manifest(folder).encoder)
+
+
+def vector(item_id: str, encoder: Encoder) -> np.ndarray:
+    rng = np.random.default_rng(zlib.crc32(item_id.encode()))
+    return rng.standard_normal(encoder.dim)
+
+
+def self_score(encoder: Encoder) -> float:
+    """A stored vector's score as its own query: 1, or one per token under MaxSim."""
+    return float(encoder.dim // (encoder.token_dim or encoder.dim))
 
 
 def operation(number: int) -> tuple[str, list[str]]:
@@ -65,12 +82,13 @@ def stored_ids(folder: Path) -> set[str]:
 
 def run_writer(folder: Path, start: int, report_fd: int) -> None:
     """The child: apply writes from ``start`` on, forever, writing each number once done."""
-    retriever = Retriever.open(folder, encoder=HashEncoder(DIM))
+    encoder = index_encoder(folder)
+    retriever = Retriever.open(folder, encoder=encoder)
     for number in range(start, 10**9):
         kind, batch = operation(number)
         if kind == "add":
             items = [Item(item_id, text=item_id, metadata={"n": number}) for item_id in batch]
-            retriever.add_vectors(items, np.stack([vector(i) for i in batch]))
+            retriever.add_vectors(items, np.stack([vector(i, encoder) for i in batch]))
         else:
             retriever.remove(batch)
         if number % 3 == 2:
@@ -101,24 +119,22 @@ def verify(folder: Path, done: int, rng: random.Random) -> int:
     ids = stored_ids(folder)
     matches = [n for n in (done, done + 1) if state_after(n) == ids]
     assert matches, f"after {done} reported writes the index holds an unexpected state"
+    encoder = index_encoder(folder)
+    everyone = np.ones((1, encoder.dim), np.float32)
     with Retriever.open(folder, readonly=True) as retriever:
         assert len(retriever) == len(ids)
         # Everything the backend holds (a filter matching all makes FAISS score exactly too)
         # is what the store holds: no lost additions, no removed items coming back.
-        everything = retriever.search_vectors(
-            np.ones((1, DIM), np.float32), k=10**6, filter={"n": {"gte": 0}}
-        )[0]
+        everything = retriever.search_vectors(everyone, k=10**6, filter={"n": {"gte": 0}})[0]
         assert {hit.id for hit in everything} == ids
         # Filters read metadata columns that catch up across reopenings and kills: a set of
         # batch numbers finds exactly the items of those batches still stored.
         batches = rng.sample(range(done + 2), min(3, done + 2))
-        chosen = retriever.search_vectors(
-            np.ones((1, DIM), np.float32), k=10**6, filter={"n": batches}
-        )[0]
+        chosen = retriever.search_vectors(everyone, k=10**6, filter={"n": batches})[0]
         assert {hit.id for hit in chosen} == {i for i in ids if int(i.split("-")[0]) in batches}
         for item_id in rng.sample(sorted(ids), min(3, len(ids))):
-            hits = retriever.search_vectors(vector(item_id)[None, :], k=1)[0]
-            assert hits[0].id == item_id and hits[0].score > 0.999
+            hits = retriever.search_vectors(vector(item_id, encoder)[None, :], k=1)[0]
+            assert hits[0].id == item_id and hits[0].score > 0.999 * self_score(encoder)
     return matches[-1]
 
 
@@ -128,7 +144,7 @@ def test_kill_minus_nine_at_random_points_never_breaks_the_index(
 ) -> None:
     folder = tmp_path / "index"
     Retriever.create(
-        folder, encoder=HashEncoder(DIM), backend=backend, backend_options=BACKENDS[backend]
+        folder, encoder=encoder_for(backend), backend=backend, backend_options=BACKENDS[backend]
     ).close()
     rng = random.Random(backend)
     done = 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mmret.errors import InputError
-from mmret.evaluation import classification, ir, reports, retrieval
+from mmret.evaluation import classification, embeddings, ir, reports, retrieval
 from mmret.evaluation.classification import zero_shot_metrics
 from mmret.evaluation.ir import ir_metrics, read_qrels
 from mmret.evaluation.retrieval import folded_metrics, recall_curve, retrieval_metrics
@@ -183,3 +183,16 @@ def test_markdown_table_escapes_pipes() -> None:
         "### T\n\n| name | value | text |\n|---|---:|---|\n| a\\|b | 1.0 | x |\n"
         "| c | - | y |\n\nnote\n\nmore\n"
     )
+
+
+def test_cache_key_of_a_bare_spec_follows_its_shipped_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "mine").mkdir()
+    weights = tmp_path / "mine" / "model.safetensors"
+    weights.write_bytes(b"first")
+    monkeypatch.setattr(embeddings, "WEIGHTS", tmp_path)
+    before = embeddings.spec_fingerprint("mine")
+    weights.write_bytes(b"retrained")
+    assert embeddings.spec_fingerprint("mine") != before
+    assert embeddings.spec_fingerprint("hashing") == embeddings.spec_fingerprint("hashing")

@@ -268,3 +268,12 @@ def test_a_cache_that_holds_other_items_is_found(folder: Path) -> None:
     db.close()
     report = check_index(folder)
     assert any("holds other items" in problem for problem in report.problems)
+
+
+def test_check_and_repair_print_a_folder_named_like_markup_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "photos[bold]"
+    with Retriever.create(path, encoder=HashEncoder(DIM)) as retriever:
+        retriever.add_vectors([Item("a", text="a")], unit(1))
+    for command in ("check", "repair"):
+        result = CliRunner().invoke(app, [command, str(path)])
+        assert result.exit_code == 0 and "photos[bold]" in result.output, result.output

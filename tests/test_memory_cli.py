@@ -6,17 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from mmret.cli.main import app
-
-runner = CliRunner()
-
-
-def run(*args: str | Path, code: int = 0) -> str:
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output
-    return result.stdout if code == 0 else result.output
+from tests.cli import run
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from PIL import Image
 from mmret._files import build_folder
 from mmret._progress import progress
 from mmret.encoders import DEFAULT_MODEL, Encoder, load_encoder
-from mmret.encoders.base import l2_normalise
 from mmret.errors import ImageLoadError, IndexFormatError, InputError
 from mmret.index.base import VectorIndex, new_backend
 from mmret.index.columns import MetadataColumns
@@ -36,6 +35,7 @@ from mmret.index.store import ItemStore, StoredItem
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import ItemSource
 from mmret.items import Item, Query
+from mmret.late_interaction import normalise_tokens
 
 if TYPE_CHECKING:
     from mmret.memory.refine import Refiner
@@ -45,7 +45,8 @@ ADD_CHUNK = 256
 
 @dataclass(frozen=True)
 class SearchResult:
-    """One hit: the item's id, its score (cosine similarity), and what was stored with it."""
+    """One hit: the item's id, its score (cosine similarity; for a multi-vector model the MaxSim
+    sum over the query's tokens), and what was stored with it."""
 
     id: str
     score: float
@@ -133,9 +134,10 @@ class Retriever:
             backend=backend,
             backend_options=dict(backend_options or {}),
             refiner=refiner.record() if refiner is not None else None,
+            token_dim=encoder.token_dim,
         )
         try:  # fail on a bad backend or option before creating anything
-            new_backend(backend, manifest.backend_options, manifest.dim, 0)
+            new_backend(backend, manifest.backend_options, manifest.dim, 0, manifest.token_dim)
         except TypeError as error:
             raise InputError(f"backend {backend!r}: bad options ({error})") from None
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +254,11 @@ class Retriever:
             generation, epoch = self._store.generation, self._store.epoch
             manifest = self.manifest
             backend = new_backend(  # the recorded count: counting the rows reads the table
-                manifest.backend, manifest.backend_options, manifest.dim, self._store.recorded_count
+                manifest.backend,
+                manifest.backend_options,
+                manifest.dim,
+                self._store.recorded_count,
+                manifest.token_dim,
             )
             cached = backend.load(self.folder, epoch)
             if cached is None or cached > generation:
@@ -345,7 +351,8 @@ class Retriever:
         """Store items with embeddings computed elsewhere: ``(N, dim)``, one row per item.
 
         The vectors must come from this index's encoder (or one with the same space), and are
-        L2-normalised here. Unlike :meth:`add`, a duplicate id is an error, not a skip.
+        L2-normalised here (each token, for a multi-vector model). Unlike :meth:`add`, a
+        duplicate id is an error, not a skip.
         """
         self._writable()
         vectors = np.asarray(vectors, dtype=np.float32)
@@ -361,7 +368,7 @@ class Retriever:
             clashes = self._store.existing_ids(ids) | repeated
             if clashes:
                 raise InputError(f"ids already present or repeated: {sorted(clashes)[:5]}")
-            self._insert(stored, l2_normalise(vectors))
+            self._insert(stored, normalise_tokens(vectors, self.manifest.token_dim))
 
     def _insert(self, stored: list[StoredItem], vectors: np.ndarray) -> None:
         with self._mutex:
@@ -431,16 +438,23 @@ class Retriever:
         if isinstance(queries, str | Query):
             raise InputError("search takes a list of queries; wrap a single one in [...]")
         normalised = [Query(text=q) if isinstance(q, str) else q for q in queries]
-        return self.search_vectors(self.encoder.encode(normalised), k=k, filter=filter)
+        vectors = self.encoder.for_queries().encode(normalised)
+        return self.search_vectors(vectors, k=k, filter=filter)
 
     def search_vectors(
         self, vectors: np.ndarray, *, k: int = 10, filter: Filter | None = None
     ) -> list[list[SearchResult]]:
         """Like :meth:`search` for ``(Q, dim)`` query vectors in the encoder's space (they are
-        L2-normalised here, so scores are cosine similarities)."""
+        L2-normalised here, each token for a multi-vector model, so scores are cosine
+        similarities or sums of them)."""
         vectors = np.asarray(vectors, dtype=np.float32)
-        if vectors.ndim == 2 and np.isfinite(vectors).all():
-            vectors = l2_normalise(vectors)  # malformed input is left for the backend to name
+        if (
+            vectors.ndim == 2
+            and vectors.shape[1] == self.manifest.dim
+            and np.isfinite(vectors).all()
+        ):
+            # malformed input is left for the backend to name
+            vectors = normalise_tokens(vectors, self.manifest.token_dim)
         # One snapshot: the vectors searched, the filter and the rows returned agree even while
         # another process writes.
         with self._mutex, self._store.snapshot():
@@ -457,6 +471,12 @@ class Retriever:
             results.append(hits)
         return results
 
+    def stored_vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The ``(dim,)`` vector stored for each of ``ids`` still in the index (for example,
+        to compare search hits with each other)."""
+        with self._mutex:
+            return self._store.vectors_of(list(ids))
+
     def info(self) -> dict[str, Any]:
         with self._mutex, self._store.snapshot():
             backend = self._current_backend()
@@ -465,6 +485,7 @@ class Retriever:
             "items": len(self),
             "encoder": self.manifest.encoder,
             "dim": self.manifest.dim,
+            "token_dim": self.manifest.token_dim,
             "backend": self.manifest.backend,
             "backend_in_use": backend.name,
             "memory": self.manifest.refiner,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mmret.encoders.base import l2_normalise
 from mmret.errors import InputError
 
 if TYPE_CHECKING:  # the index scores with numpy alone; only training passes tensors
@@ -83,3 +84,13 @@ def maxsim_tensors(queries: torch.Tensor, documents: torch.Tensor) -> torch.Tens
     sims = queries[:, None] @ documents.transpose(1, 2)[None]  # (Q, N, Tq, Td)
     scores: torch.Tensor = sims.amax(dim=3).sum(dim=2)
     return scores
+
+
+def normalise_tokens(vectors: np.ndarray, token_dim: int | None) -> np.ndarray:
+    """``(N, dim)`` rows made unit the way a model's embeddings are: each row for single-vector
+    models (``token_dim`` ``None``), each of its tokens for multi-vector ones. All-zero rows or
+    tokens stay zero."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if token_dim is None:
+        return l2_normalise(vectors)
+    return l2_normalise(as_tokens(vectors, token_dim).reshape(-1, token_dim)).reshape(vectors.shape)

@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from mmret.cli.evaluate import eval_app
+from mmret.cli.generate import ask, caption, context, eval_caption
 from mmret.cli.maintain import check, repair
 from mmret.cli.memory import (
     FUSION_HELP,
@@ -66,7 +67,9 @@ def index(
         f"index's own encoder, or {DEFAULT_MODEL} for a new index.",
     ),
     backend: str = typer.Option(
-        "auto", help="auto, exact or faiss (auto: exact below 100k items)."
+        "auto",
+        help="auto, exact, faiss or maxsim (auto: exact below 100k items, faiss above; "
+        "maxsim for multi-vector models).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
     wait: float = typer.Option(10.0, help="Seconds to wait if another writer has OUT open."),
@@ -183,3 +186,9 @@ def demo(
         for label, hits in run.queries:
             console.print(results_table(label, hits))
     errors.print("[dim]demo index: " + (str(run.folder) if workdir else "(temporary)") + "[/]")
+
+
+app.command()(context)
+app.command()(ask)
+app.command()(caption)
+eval_app.command("caption")(eval_caption)

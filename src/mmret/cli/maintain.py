@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from mmret.cli.output import console, errors, friendly_errors, print_json
 from mmret.index.integrity import check_index, repair_index
@@ -24,11 +25,11 @@ def check(
         print_json(report.to_dict())
     else:
         for notice in report.notices:
-            errors.print(f"[yellow]note:[/] {notice}", highlight=False)
+            errors.print(f"[yellow]note:[/] {escape(notice)}", highlight=False)
         for problem in report.problems:
-            errors.print(f"[bold red]damaged:[/] {problem}", highlight=False)
+            errors.print(f"[bold red]damaged:[/] {escape(problem)}", highlight=False)
         if report.ok:
-            console.print(f"[green]ok[/]: {index_dir} ({report.items} items)")
+            console.print(f"[green]ok[/]: {escape(str(index_dir))} ({report.items} items)")
     if not report.ok:
         raise typer.Exit(1)
 
@@ -47,8 +48,8 @@ def repair(
         print_json({**report.to_dict(), "ok": after.ok})
     else:
         for action in report.actions:
-            console.print(f"- {action}", highlight=False)
+            console.print(f"- {escape(action)}", highlight=False)
         state = "[green]ok[/]" if after.ok else "[bold red]still damaged[/]"
-        console.print(f"{state}: {index_dir} ({report.items} items)")
+        console.print(f"{state}: {escape(str(index_dir))} ({report.items} items)")
     if not after.ok:
         raise typer.Exit(1)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import typer
 
-from mmret.cli.output import console, friendly_errors, print_json, print_skips, status
+from mmret.cli.output import console, friendly_errors, print_json, print_saved, print_skips, status
 from mmret.cli.train import show_epoch, write_training_record
 from mmret.encoders import load_encoder
 from mmret.errors import InputError
@@ -223,7 +223,7 @@ def train(
         },
         logs,
     )
-    console.print(f"[green]saved RECO fusion to {out}[/] (use it with --memory DIR --fusion {out})")
+    print_saved("RECO fusion", out, f"--memory DIR --fusion {out}")
 
 
 def refine_pairs(refiner: Refiner | None, embeddings: PairEmbeddings) -> PairEmbeddings:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
+from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 import typer
@@ -105,3 +106,11 @@ def results_table(title: str, hits: list[SearchResult]) -> Table:
 def status(message: str) -> Iterator[None]:
     with errors.status(message):
         yield
+
+
+def print_saved(what: str, out: Path, usage: str) -> None:
+    """``saved WHAT to OUT (use it with USAGE)``: the last line of every training command."""
+    console.print(
+        f"[green]saved {what} to {escape(str(out))}[/] (use it with {escape(usage)})",
+        highlight=False,
+    )

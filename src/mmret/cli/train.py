@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import typer
 
-from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_skips
+from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_saved, print_skips
 from mmret.encoders import load_encoder
 from mmret.encoders.layers import resolve_layers
 from mmret.encoders.towers import TOWERS, StarterTowers
@@ -138,7 +138,7 @@ def align(
         {"manifest": str(manifest), "dev": str(dev) if dev else None, "config": config.to_dict()},
         logs,
     )
-    console.print(f"[green]saved alignment head to {out}[/] (use it with --model starter:{out})")
+    print_saved("alignment head", out, f"--model starter:{out}")
 
 
 def parse_layers(text: str, option: str) -> tuple[int, ...]:
@@ -252,7 +252,7 @@ def hat(
         "history": history,
     }
     (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
-    console.print(f"[green]saved HAT head to {out}[/] (use it with --model hat:{out})")
+    print_saved("HAT head", out, f"--model hat:{out}")
 
 
 @train_app.command("ret")
@@ -372,4 +372,4 @@ def ret(
         "history": history,
     }
     (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
-    console.print(f"[green]saved ReT model to {out}[/] (use it with --model ret:{out})")
+    print_saved("ReT model", out, f"--model ret:{out}")

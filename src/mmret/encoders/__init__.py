@@ -13,6 +13,7 @@ spec                               encoder
 ``ret``                            ReT: latent tokens fused from several layers of both
                                    starter towers, scored by MaxSim (``ret:DIR``)
 ``hash:DIM``                       weightless and deterministic, for tests (not aligned)
+``hash-tokens:TxD``                its multi-vector twin: T tokens of D dimensions
 =================================  ====================================================
 """
 

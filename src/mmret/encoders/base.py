@@ -83,10 +83,9 @@ class Encoder(ABC):
 
     def normalise(self, vectors: np.ndarray) -> np.ndarray:
         """Unit rows, or for a multi-vector encoder unit tokens within each ``(N, dim)`` row."""
-        if self.token_dim is None:
-            return l2_normalise(vectors)
-        tokens = l2_normalise(vectors.reshape(-1, self.token_dim))
-        return tokens.reshape(vectors.shape)
+        from mmret.late_interaction import normalise_tokens  # it imports this module
+
+        return normalise_tokens(vectors, self.token_dim)
 
     @property
     def image_layer_count(self) -> int:

@@ -4,20 +4,27 @@ Texts become the sum of one fixed random vector per lower-cased word; images bec
 random projection of their 8x8 thumbnail. Identical inputs get identical vectors and texts
 sharing words are similar, but images and texts are *not* aligned: use it to test plumbing,
 never to judge quality.
+
+``hash-tokens:TxD`` is its multi-vector twin for testing late interaction: the same hashing at
+``T * D`` dimensions, read as ``T`` unit tokens of ``D`` (each token an independent random
+projection of the same words or thumbnail).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from mmret.encoders.base import Encoder
+from mmret.encoders.base import Content, Encoder
 from mmret.encoders.registry import ENCODERS
 from mmret.errors import InputError
+from mmret.items import ImageInput
+from mmret.late_interaction import normalise_tokens
 
 _WORD = re.compile(r"\w+")
 _THUMB = 8
@@ -65,3 +72,38 @@ def load_hash(dim: str) -> HashEncoder:
     if not dim.isdigit() or not 2 <= int(dim) <= 4096:
         raise InputError(f"hash encoder dimension must be an integer in [2, 4096], got {dim!r}")
     return HashEncoder(int(dim))
+
+
+class TokenHashEncoder(HashEncoder):
+    """``(N, tokens * token_dim)`` flattened sets of ``tokens`` unit tokens (see the module
+    docstring); ``token_dim`` marks it multi-vector."""
+
+    def __init__(self, tokens: int = 4, token_dim: int = 16) -> None:
+        super().__init__(tokens * token_dim)
+        self.token_dim = token_dim
+        self.spec = f"hash-tokens:{tokens}x{token_dim}"
+
+    def encode_images(
+        self, images: Sequence[ImageInput], *, show_progress: bool = False
+    ) -> np.ndarray:
+        return normalise_tokens(super().encode_images(images), self.token_dim)
+
+    def encode_texts(self, texts: Sequence[str], *, show_progress: bool = False) -> np.ndarray:
+        return normalise_tokens(super().encode_texts(texts), self.token_dim)
+
+    def encode(self, contents: Sequence[Content], *, show_progress: bool = False) -> np.ndarray:
+        return normalise_tokens(super().encode(contents), self.token_dim)
+
+
+@ENCODERS.register("hash-tokens")
+def load_token_hash(shape: str) -> TokenHashEncoder:
+    if not shape:
+        return TokenHashEncoder()
+    tokens, _, token_dim = shape.partition("x")
+    if not (tokens.isdigit() and token_dim.isdigit()) or not (
+        1 <= int(tokens) <= 256 and 2 <= int(token_dim) <= 4096
+    ):
+        raise InputError(
+            f"hash-tokens shape must be TOKENSxDIM (1-256 tokens of 2-4096 dims), got {shape!r}"
+        )
+    return TokenHashEncoder(int(tokens), int(token_dim))

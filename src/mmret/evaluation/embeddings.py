@@ -19,6 +19,7 @@ import numpy as np
 from mmret._files import hash_file_stats, replace_folder
 from mmret._progress import progress
 from mmret.encoders.base import Content, Encoder, batched
+from mmret.encoders.starter import WEIGHTS
 from mmret.ingest.images import decode_batch
 from mmret.ingest.report import SkipReport
 from mmret.items import Item
@@ -42,11 +43,12 @@ def encoder_fingerprint(encoder: Encoder) -> str:
 
 
 def spec_fingerprint(spec: str) -> str:
-    """``spec`` plus a hash of the weight files in the folder it names, if it names one."""
+    """``spec`` plus a hash of the weight files in the folder it names, or of the weights
+    shipped under its name for a bare spec (``hat``), so retrained weights change the key."""
     digest = hashlib.sha256(spec.encode())
     _, _, location = spec.partition(":")
-    path = Path(location)
-    if location and path.is_dir():
+    path = Path(location) if location else WEIGHTS / spec
+    if path.is_dir():
         for file in sorted(path.glob("*.safetensors")):
             digest.update(file.read_bytes())
     return digest.hexdigest()[:16]

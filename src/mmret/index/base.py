@@ -23,6 +23,9 @@ class VectorIndex(ABC):
     """
 
     name: str
+    #: ``True`` for backends that score flattened token sets by MaxSim (see
+    #: :mod:`mmret.late_interaction`): an index of a multi-vector model needs one of those.
+    multi_vector = False
     #: Set by :meth:`load` when the cache it read is in an older layout: a writer saves it anew.
     cache_outdated = False
 
@@ -184,7 +187,8 @@ def scores_allowed_directly(allowed: int, total: int, *, up_to: int, below_share
     return allowed <= up_to or allowed < below_share * total
 
 
-#: name -> factory ``(dim, **options) -> VectorIndex``
+#: name -> factory ``(dim, **options) -> VectorIndex``; multi-vector backends also take
+#: ``token_dim``.
 INDEXES: Registry[Callable[..., VectorIndex]] = Registry("index backend")
 
 
@@ -192,12 +196,32 @@ INDEXES: Registry[Callable[..., VectorIndex]] = Registry("index backend")
 AUTO_FAISS_FROM = 100_000
 
 
-def new_backend(name: str, options: dict[str, Any], dim: int, count: int) -> VectorIndex:
-    """An empty backend as an index manifest names it, resolving ``"auto"`` by item ``count``.
+def new_backend(
+    name: str, options: dict[str, Any], dim: int, count: int, token_dim: int | None = None
+) -> VectorIndex:
+    """An empty backend as an index manifest names it, resolving ``"auto"`` by item ``count``
+    and by whether the model is multi-vector (``token_dim`` set).
 
     The options are the manifest's, and apply only to the backend they were given for.
     """
     resolved = name
     if name == "auto":
-        resolved = "faiss" if count >= AUTO_FAISS_FROM else "exact"
-    return INDEXES.get(resolved)(dim, **(options if resolved == name else {}))
+        if token_dim is not None:
+            resolved = "maxsim"
+        else:
+            resolved = "faiss" if count >= AUTO_FAISS_FROM else "exact"
+    factory = INDEXES.get(resolved)
+    multi_vector = bool(getattr(factory, "multi_vector", False))
+    if multi_vector != (token_dim is not None):
+        raise InputError(
+            f"backend {resolved!r} scores "
+            + (
+                "token sets, but this model gives one vector per item"
+                if multi_vector
+                else "one vector per item, but this model gives token sets (use maxsim or auto)"
+            )
+        )
+    chosen = options if resolved == name else {}
+    if multi_vector:
+        return factory(dim, token_dim=token_dim, **chosen)
+    return factory(dim, **chosen)

@@ -35,6 +35,12 @@ def _blas() -> ThreadpoolController:
     return ThreadpoolController()
 
 
+def single_threaded() -> Any:
+    """A context in which BLAS and OpenMP (FAISS) run on one thread: for many small products
+    in a row (one query at a time), where waking idle threads costs more than they save."""
+    return _blas().limit(limits=1)
+
+
 def scores(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     """``(Q, N)`` inner products of ``(Q, D)`` queries and ``(N, D)`` vectors."""
     product: np.ndarray
@@ -60,6 +66,10 @@ class ExactIndex(VectorIndex):
 
     def stored_keys(self) -> np.ndarray:
         return self._keys.view.copy()
+
+    def stored_vectors(self) -> np.ndarray:
+        """The ``(len(self), dim)`` vectors, in the order of :meth:`stored_keys`."""
+        return self._vectors.view
 
     @property
     def last_key(self) -> int:
@@ -88,16 +98,19 @@ class ExactIndex(VectorIndex):
             with path.open("wb") as handle:
                 np.save(handle, vectors, allow_pickle=False)
 
-        CacheFiles(folder, "exact", "npy").save(epoch, generation, write, {"keys": self._keys.view})
+        self._cache(folder).save(epoch, generation, write, {"keys": self._keys.view})
 
     def cache_files(self, folder: Path) -> list[Path]:
-        return CacheFiles(folder, "exact", "npy").files()
+        return self._cache(folder).files()
+
+    def _cache(self, folder: Path) -> CacheFiles:
+        return CacheFiles(folder, self.name, "npy")  # named by backend: subclasses score apart
 
     def load(self, folder: Path, epoch: str) -> int | None:
         """Memory-maps the cached vectors: the first search reads them from the page cache
         instead of every row from SQLite."""
         try:
-            cache, mapped = CacheFiles(folder, "exact", "npy").load(epoch, _map_vectors)
+            cache, mapped = self._cache(folder).load(epoch, _map_vectors)
         except CacheMissingError:
             return None
         vectors, keys = cast(np.ndarray | None, mapped), cache.arrays.get("keys")
@@ -130,15 +143,20 @@ class ExactIndex(VectorIndex):
         ] or [top_k(np.zeros((0, len(keys)), np.float32), keys, k)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    @staticmethod
+    def score(self, queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """``(Q, N)`` scores of ``(Q, dim)`` queries against ``(N, dim)`` stored vectors (inner
+        products here; subclasses score another way over the same storage)."""
+        return scores(queries, vectors)
+
     def _best(
+        self,
         queries: np.ndarray,
         vectors: np.ndarray,
         keys: np.ndarray,
         k: int,
         excluded: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        block = scores(queries, vectors)
+        block = self.score(queries, vectors)
         if excluded is None:
             return top_k(block, keys, k)
         block[:, excluded] = -np.inf

@@ -167,7 +167,11 @@ def _check_backend(
 ) -> None:
     try:
         backend = new_backend(
-            manifest.backend, manifest.backend_options, manifest.dim, report.items
+            manifest.backend,
+            manifest.backend_options,
+            manifest.dim,
+            report.items,
+            manifest.token_dim,
         )
     except (TypeError, MmretError) as error:
         report.problem("manifest", f"{folder / MANIFEST_FILE}: unusable backend ({error})")

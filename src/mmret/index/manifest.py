@@ -29,12 +29,21 @@ class IndexManifest:
     backend_options: dict[str, Any] = field(default_factory=dict)
     #: The RECO memory and fusion the stored vectors were refined with (None: not refined).
     refiner: dict[str, Any] | None = None
+    #: The size of each token for a multi-vector (late-interaction) encoder, whose ``dim`` is
+    #: then ``T * token_dim``; ``None`` for one vector per item (and in manifests written
+    #: before multi-vector models existed).
+    token_dim: int | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     mmret_version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.token_dim is None:
+            # Left out rather than null: a single-vector index's manifest stays byte for byte
+            # what older versions wrote (and its copy in the database keeps matching).
+            del data["token_dim"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IndexManifest:

@@ -296,6 +296,21 @@ class ItemStore:
                     found[key] = StoredItem(id_, text, image, parsed)
         return found
 
+    def vectors_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The ``(dim,)`` stored vector of each of ``ids`` that is present."""
+        found: dict[str, np.ndarray] = {}
+        with self.snapshot():
+            for chunk in _chunks(ids):
+                query = (
+                    "SELECT id, vector FROM items JOIN vectors ON vectors.key = items.key "
+                    f"WHERE id IN ({','.join('?' * len(chunk))})"
+                )
+                for id_, blob in self._db.execute(query, list(chunk)):
+                    if len(blob) != self.dim * 4:
+                        raise IndexFormatError(f"{self.path}: vector of {id_!r} is damaged")
+                    found[id_] = np.frombuffer(blob, dtype=np.float32).copy()
+        return found
+
     def filter_keys(self, filter_: Filter) -> np.ndarray:
         """Sorted keys of the items whose metadata satisfies ``filter_``."""
         where, params = to_sql(filter_)

@@ -1,0 +1,265 @@
+"""``mmret context``, ``mmret ask`` and ``mmret caption``: retrieval for generation."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from mmret.cli.evaluate import JSON_HELP, MARKDOWN_HELP, publish
+from mmret.cli.output import console, friendly_errors, print_json, print_skips, status
+from mmret.engine import Retriever
+from mmret.errors import InputError
+from mmret.evaluation.captioning import caption_metrics
+from mmret.evaluation.reports import MetricTable
+from mmret.generation.chat import ChatEndpoint
+from mmret.generation.consensus import CONSENSUS_POLICY, consensus_captions
+from mmret.generation.context import retrieve_context, to_chat, to_markdown
+from mmret.generation.policy import MODALITIES, ContextPolicy
+from mmret.index.filters import parse_filter
+from mmret.ingest.report import SkipReport
+from mmret.items import Query
+from mmret.training.features import read_pairs
+
+FORMATS = ("json", "md", "chat")
+_DEFAULT = ContextPolicy()
+
+# One definition of each policy option, shared by the commands that select context.
+K = typer.Option(_DEFAULT.k, "--k", "-k", min=1, help="Documents to select.")
+CANDIDATES = typer.Option(
+    _DEFAULT.candidates, "--candidates", min=1, help="First-stage hits considered."
+)
+MODALITY = typer.Option(
+    _DEFAULT.modality,
+    "--modality",
+    help="any, prefer (image+text documents get --modality-bonus) or require (only those).",
+)
+BONUS = typer.Option(_DEFAULT.modality_bonus, "--modality-bonus", help="See --modality.")
+DIVERSITY_HELP = "Maximal marginal relevance weight: 0 ranks by relevance only, 1 by novelty only."
+DIVERSITY = typer.Option(_DEFAULT.diversity, "--diversity", min=0.0, max=1.0, help=DIVERSITY_HELP)
+DUPLICATE = typer.Option(
+    _DEFAULT.duplicate_threshold,
+    "--duplicate-threshold",
+    help="Drop documents at least this similar to the query or to one already chosen.",
+)
+TEMPERATURE = typer.Option(
+    _DEFAULT.temperature,
+    "--temperature",
+    min=0.0,
+    help="Sample the set: Gumbel noise of this scale on relevance (0: deterministic).",
+)
+SEED = typer.Option(_DEFAULT.seed, "--seed", help="Seed of the sampling.")
+FILTERS = typer.Option([], "--filter", "-f", help="key=value, key=a,b, key>=n ...")
+IMAGE = typer.Option(None, "--image", "-i", help="Query image (with TEXT: both).")
+
+
+def _policy(
+    k: int,
+    candidates: int,
+    modality: str,
+    bonus: float,
+    diversity: float,
+    duplicate: float,
+    temperature: float,
+    seed: int,
+) -> ContextPolicy:
+    if modality not in MODALITIES:
+        raise InputError(f"--modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    return ContextPolicy(
+        k, max(candidates, k), modality, bonus, diversity, duplicate, temperature, seed
+    )
+
+
+def _query(text: str | None, image: Path | None) -> Query:
+    if text is None and image is None:
+        raise InputError("give a text query, --image PATH, or both")
+    if image is not None and not image.is_file():
+        raise InputError(f"{image}: no such image file")
+    return Query(text=text, image=image)
+
+
+@friendly_errors
+def context(
+    index_dir: Path = typer.Argument(..., metavar="DIR", help="Index folder (the memory)."),
+    text: str | None = typer.Argument(None, help="Text query."),
+    image: Path | None = IMAGE,
+    output_format: str = typer.Option("md", "--format", help="json, md or chat."),
+    image_side: int = typer.Option(
+        512, "--image-side", min=0, help="chat: longest image side sent (0: the file as is)."
+    ),
+    k: int = K,
+    candidates: int = CANDIDATES,
+    modality: str = MODALITY,
+    modality_bonus: float = BONUS,
+    diversity: float = DIVERSITY,
+    duplicate_threshold: float = DUPLICATE,
+    temperature: float = TEMPERATURE,
+    seed: int = SEED,
+    filters: list[str] = FILTERS,
+) -> None:
+    """Select relevant, multimodal, diverse documents for a query and print them as context
+    for a generator: JSON, Markdown, or OpenAI-compatible chat messages."""
+    if output_format not in FORMATS:
+        raise InputError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}")
+    policy = _policy(
+        k, candidates, modality, modality_bonus, diversity, duplicate_threshold, temperature, seed
+    )
+    with Retriever.open(index_dir, readonly=True) as retriever:
+        chosen = retrieve_context(
+            retriever, _query(text, image), policy, filter=parse_filter(filters) or None
+        )
+    if output_format == "json":
+        print_json(chosen.to_dict())
+    elif output_format == "chat":
+        print_json(to_chat(chosen, image_side=image_side))
+    else:
+        print(to_markdown(chosen))
+
+
+@friendly_errors
+def ask(
+    index_dir: Path = typer.Argument(..., metavar="DIR", help="Index folder (the memory)."),
+    question: str = typer.Argument(..., help="The question (also the text query)."),
+    image: Path | None = IMAGE,
+    base_url: str | None = typer.Option(
+        None, "--base-url", help="Chat endpoint (default: $OPENAI_BASE_URL, else OpenAI's)."
+    ),
+    chat_model: str | None = typer.Option(
+        None, "--chat-model", help="Model name (default: $MMRET_CHAT_MODEL)."
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", help="API key (default: $OPENAI_API_KEY; none for a local server)."
+    ),
+    image_side: int = typer.Option(512, "--image-side", min=0, help="Longest image side sent."),
+    show_context: bool = typer.Option(False, "--show-context", help="Print the context too."),
+    k: int = K,
+    candidates: int = CANDIDATES,
+    modality: str = MODALITY,
+    modality_bonus: float = BONUS,
+    diversity: float = DIVERSITY,
+    duplicate_threshold: float = DUPLICATE,
+    temperature: float = TEMPERATURE,
+    seed: int = SEED,
+    filters: list[str] = FILTERS,
+) -> None:
+    """Answer a question with a chat model (any OpenAI-compatible endpoint), sending the
+    context that mmret selects from the index."""
+    endpoint = ChatEndpoint.from_options(base_url, chat_model, api_key)
+    policy = _policy(
+        k, candidates, modality, modality_bonus, diversity, duplicate_threshold, temperature, seed
+    )
+    with Retriever.open(index_dir, readonly=True) as retriever:
+        chosen = retrieve_context(
+            retriever, _query(question, image), policy, filter=parse_filter(filters) or None
+        )
+    if show_context:
+        console.print(escape(to_markdown(chosen)), highlight=False)
+    print(endpoint.complete(to_chat(chosen, question, image_side=image_side)))
+
+
+@friendly_errors
+def caption(
+    images: list[Path] = typer.Argument(..., help="Images to caption."),
+    memory: Path = typer.Option(
+        ..., "--memory", help="An index of captioned images (e.g. `mmret index train.jsonl`)."
+    ),
+    k: int = typer.Option(CONSENSUS_POLICY.k, "--k", "-k", min=1, help="Neighbours read."),
+    as_json: bool = typer.Option(False, "--json", help="Print captions and sources as JSON."),
+) -> None:
+    """Caption images by nearest-neighbour consensus: of the captions of the image's nearest
+    neighbours in the memory, the one that agrees best with the others."""
+    for path in images:
+        if not path.is_file():
+            raise InputError(f"{path}: no such image file")
+    policy = ContextPolicy(
+        k, max(CONSENSUS_POLICY.candidates, k), CONSENSUS_POLICY.modality, diversity=0.0
+    )
+    with Retriever.open(memory, readonly=True) as retriever:
+        made = consensus_captions(retriever, list(images), policy, show_progress=len(images) > 1)
+    if as_json:
+        rows = [
+            {
+                "image": str(path),
+                "caption": c.text,
+                "neighbours": [d.id for d in c.context.documents],
+            }
+            for path, c in zip(images, made, strict=True)
+        ]
+        print_json(rows)
+        return
+    for path, made_caption in zip(images, made, strict=True):
+        console.print(f"[bold]{escape(str(path))}[/]: {escape(made_caption.text)}")
+
+
+#: Not in ``eval caption``'s JSON record: the note is printed, per-image scores go to --captions.
+SKIPPED = ("note", "per_image_cider")
+
+
+@friendly_errors
+def eval_caption(
+    manifest: Path = typer.Argument(..., help="Images with reference captions (a manifest)."),
+    memory: Path = typer.Option(
+        ..., "--memory", help="An index of captioned images that does not hold these images."
+    ),
+    k: int = typer.Option(CONSENSUS_POLICY.k, "--k", "-k", min=1, help="Neighbours read."),
+    diversity: float = typer.Option(0.0, "--diversity", min=0.0, max=1.0, help=DIVERSITY_HELP),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N images."),
+    meteor: bool = typer.Option(True, help="Also METEOR (about 20 s of Java start-up)."),
+    json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+    markdown_out: Path | None = typer.Option(None, "--markdown", help=MARKDOWN_HELP),
+    captions_out: Path | None = typer.Option(
+        None,
+        "--captions",
+        help="Write each image's caption, CIDEr and neighbours here (JSON Lines).",
+    ),
+) -> None:
+    """Caption quality (BLEU-4, METEOR, CIDEr with the COCO caption evaluation code) of
+    nearest-neighbour consensus captions from a memory."""
+    started = time.perf_counter()
+    report = SkipReport()
+    pairs = read_pairs(manifest, report)
+    count = len(pairs.images) if limit is None else min(limit, len(pairs.images))
+    references: dict[str, list[str]] = {image_id: [] for image_id in pairs.image_ids[:count]}
+    for text, owner in zip(pairs.texts, pairs.text_image.tolist(), strict=True):
+        if owner < count:
+            references[pairs.image_ids[owner]].append(text)
+    policy = replace(CONSENSUS_POLICY, k=k, candidates=max(CONSENSUS_POLICY.candidates, k))
+    policy = replace(policy, diversity=diversity)
+    with Retriever.open(memory, readonly=True) as retriever:
+        made = consensus_captions(retriever, pairs.images[:count], policy, show_progress=True)
+        label = retriever.manifest.encoder
+    captions = {image_id: c.text for image_id, c in zip(references, made, strict=True)}
+    with status("Scoring captions (COCO caption evaluation)..."):
+        scores = caption_metrics(references, captions, meteor=meteor)
+    if captions_out is not None:
+        cider = scores["per_image_cider"]
+        rows = (
+            {"id": i, "caption": c.text, "CIDEr": round(cider[i], 4), "neighbours": c.context.ids}
+            for i, c in zip(references, made, strict=True)
+        )
+        captions_out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    print_skips(report)
+    seconds = time.perf_counter() - started
+    shown = {name: scores[name] for name in ("BLEU-1", "BLEU-4", "METEOR", "CIDEr")}
+    record = {
+        **{
+            name: v if v is None else round(v, 4)
+            for name, v in scores.items()
+            if name not in SKIPPED
+        },
+        "captioner": f"consensus k={k} diversity={diversity}",
+        "memory": str(memory),
+        "model": label,
+        "seconds": round(seconds, 3),
+    }
+    table = MetricTable(
+        f"{manifest.name}: {count} images, consensus of {k} neighbours ({label})",
+        ("captioner", *shown),
+        (("consensus", *("-" if v is None else f"{v:.1f}" for v in shown.values())),),
+        (*([scores["note"]] if "note" in scores else []), f"time: {seconds:.1f} s"),
+    )
+    publish([table], record, "Captioning", json_out, markdown_out)
