@@ -12,17 +12,25 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F  # noqa: N812 - the universal torch idiom
 from typer.testing import CliRunner
 
 from mmret import Encoder, InputError, load_encoder
 from mmret.cli.main import app
 from mmret.encoders.layers import LayerFeatures
+from mmret.heads.alignment import AlignmentConfig, AlignmentHead
 from mmret.heads.ret import RetConfig, RetModel, pool_grid
 from mmret.items import Query
 from mmret.late_interaction import maxsim
 from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
 from mmret.training.features import read_pairs
-from mmret.training.ret import RetEpochLog, RetTrainingConfig, evaluate_stored, train_ret
+from mmret.training.ret import (
+    RetEpochLog,
+    RetTrainingConfig,
+    build_model,
+    evaluate_stored,
+    train_ret,
+)
 
 from .test_encoders import images, tiny_hf
 
@@ -284,3 +292,31 @@ def test_train_ret_cli_and_evaluation_end_to_end(
     )  # fmt: skip
     assert ir.exit_code == 0, ir.output
     assert json.loads(report.read_text())["n_queries"] == 4  # one query per second caption
+
+
+def test_the_global_head_starts_the_model_at_the_heads_scores(
+    stored: LayerFeatureSet, backbone: Encoder
+) -> None:
+    torch.manual_seed(0)
+    head = AlignmentHead(
+        AlignmentConfig(
+            image_dim=stored.image[2].tokens.shape[1],
+            text_dim=stored.text[2].tokens.shape[1],
+            embed_dim=16,
+            hidden_dim=8,
+        )
+    ).eval()
+    model = build_model(stored, FAST, backbone.spec, backbone.layer_source, head).eval()
+    rows = np.arange(len(stored.image_ids))
+    with torch.no_grad():
+        image = model.document(stored.image_features(rows, [1, 2]), None)
+        pooled = stored.image[2].read_pooled(rows)
+        expected = F.normalize(model.document.global_out(F.normalize(head.image(pooled))), dim=-1)
+        model.train()
+        assert model.query.global_head is not None and not model.query.global_head.training
+    # Untrained, every token is the head's vector projected: MaxSim / T is that cosine.
+    torch.testing.assert_close(image, expected[:, None].expand_as(image), atol=1e-3, rtol=0)
+    assert all(not p.requires_grad for p in model.query.global_head.parameters())
+    other = AlignmentHead(AlignmentConfig(image_dim=7, text_dim=head.config.text_dim))
+    with pytest.raises(InputError, match="last layers"):
+        build_model(stored, FAST, backbone.spec, backbone.layer_source, other)

@@ -14,6 +14,7 @@ import typer
 from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_saved, print_skips
 from mmret.encoders import load_encoder
 from mmret.encoders.layers import resolve_layers
+from mmret.encoders.starter import StarterEncoder
 from mmret.encoders.towers import TOWERS, StarterTowers
 from mmret.evaluation.retrieval import RetrievalReport
 from mmret.ingest.report import SkipReport
@@ -284,6 +285,10 @@ def ret(
     shared: bool = typer.Option(
         RetTrainingConfig.shared, help="One model for queries and documents (else two)."
     ),
+    global_path: bool = typer.Option(
+        RetTrainingConfig.global_path,
+        help="Add each modality's pooled last layer to every token (else latents alone).",
+    ),
     task_weights: str = typer.Option(
         ",".join(f"{w:g}" for w in RetTrainingConfig.task_weights),
         help="Relative frequency of the tasks text>image, image>text, text>image+text.",
@@ -319,6 +324,7 @@ def ret(
         heads=heads,
         gates=gates,
         shared=shared,
+        global_path=global_path,
         dropout=dropout,
         task_weights=weights,
         epochs=epochs,
@@ -362,6 +368,8 @@ def ret(
         checkpoint_dir=out / "checkpoint",
         on_epoch=show,
         show_progress=True,
+        # A starter backbone's alignment head reads the towers' last layers: the global path.
+        global_head=encoder.head if isinstance(encoder, StarterEncoder) else None,
     )
     model.save(out, dtype=torch.float16 if float16 else None)
     document = {

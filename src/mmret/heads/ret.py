@@ -21,6 +21,10 @@ the forget gate, the input term is dropped), so the output never depends on what
 missing modality's tensor. The ablation without gates is a plain residual transformer over the
 layers: ``h = h + a_v + a_t``.
 
+A global path (``global_path``, on by default) adds to every output token a projection of the
+mean of each present modality's last layer: what a one-vector head computes. Training starts
+from that score and the latent tokens learn what a mean misses.
+
 The output is ``T`` L2-normalised tokens of ``token_dim`` numbers, scored by late interaction
 (:mod:`mmret.late_interaction`). Queries and documents have separate models (ReT-Q and ReT-D)
 unless ``shared`` is set (an ablation).
@@ -37,8 +41,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the universal torch idiom
 
-from mmret.encoders.layers import LayerFeatures
+from mmret.encoders.layers import LayerFeatures, masked_mean
 from mmret.errors import InputError
+from mmret.heads.alignment import AlignmentConfig, AlignmentHead
 from mmret.heads.folder import load_weights, read_head_config, save_head
 
 KIND = "ret"
@@ -66,6 +71,8 @@ class RetConfig:
     heads: int = 4
     gates: bool = True
     shared: bool = False
+    global_path: bool = True
+    global_head: dict[str, Any] | None = None
     pool: int = 7
     dropout: float = 0.1
     layer_source: str = ""
@@ -216,6 +223,32 @@ class RetTower(nn.Module):
         self.cell = RetCell(config.width, config.heads, config.dropout, config.gates)
         self.out_norm = nn.LayerNorm(config.width)
         self.out = nn.Linear(config.width, config.token_dim)
+        # The global path: each modality's last layer, mean-pooled, through the backbone's own
+        # one-vector alignment head (a frozen copy, ``global_head``) or else a learnt linear
+        # map, projected and added to every output token. Training starts from the one-vector
+        # score and the latent tokens learn what a mean misses (on a CPU budget of a few
+        # thousand steps, latents alone had not caught up; see the model card).
+        self.global_head: AlignmentHead | None = None
+        self.image_global: nn.Module | None = None
+        self.text_global: nn.Module | None = None
+        if config.global_path and config.global_head is not None:
+            self.global_head = AlignmentHead(AlignmentConfig.from_dict(config.global_head))
+            self.global_head.requires_grad_(False)
+            self.global_out = nn.Linear(config.global_head["embed_dim"], config.token_dim)
+            # Start from the head's score: tokens all equal to a projection of its vector.
+            nn.init.orthogonal_(self.global_out.weight)
+            for layer in (self.out, self.global_out):
+                nn.init.zeros_(layer.bias)
+            nn.init.zeros_(self.out.weight)
+        elif config.global_path:
+            self.image_global = _linear(config.image_dims[-1], config.token_dim)
+            self.text_global = _linear(config.text_dims[-1], config.token_dim)
+
+    def train(self, mode: bool = True) -> RetTower:
+        super().train(mode)
+        if self.global_head is not None:
+            self.global_head.eval()  # frozen: its dropout must stay off
+        return self
 
     def forward(
         self,
@@ -238,7 +271,39 @@ class RetTower(nn.Module):
             visual = self._inputs(self.image_in, image, step, image_present, pool=True)
             textual = self._inputs(self.text_in, text, step, text_present, pool=False)
             state = self.cell(state, visual, textual)
-        return F.normalize(self.out(self.out_norm(state)), dim=-1)
+        tokens = self.out(self.out_norm(state))
+        if self.global_head is not None:
+            vectors = self._head_vectors(image, text, image_present, text_present)
+            tokens = tokens + self.global_out(vectors)[:, None]
+        for projection, features, present in (
+            (self.image_global, image, image_present),
+            (self.text_global, text, text_present),
+        ):
+            if projection is not None and features is not None:
+                pooled = masked_mean(features.tokens[-1], features.masks[-1])
+                tokens = tokens + torch.where(present[:, None], projection(pooled), 0.0)[:, None]
+        return F.normalize(tokens, dim=-1)
+
+    def _head_vectors(
+        self,
+        image: LayerFeatures | None,
+        text: LayerFeatures | None,
+        image_present: torch.Tensor,
+        text_present: torch.Tensor,
+    ) -> torch.Tensor:
+        """``(B, E)`` the alignment head's embedding of each input, as the starter makes it
+        (pooled image head map; pooled, normalised text layer; an image+text input the
+        normalised sum of its two unit vectors)."""
+        assert self.global_head is not None
+        total = torch.zeros(len(image_present), self.global_head.config.embed_dim)
+        if image is not None:
+            vectors = self.global_head.image(masked_mean(image.tokens[-1], image.masks[-1]))
+            total = total + torch.where(image_present[:, None], F.normalize(vectors, dim=-1), 0.0)
+        if text is not None:
+            pooled = F.normalize(masked_mean(text.tokens[-1], text.masks[-1]), dim=-1)
+            vectors = F.normalize(self.global_head.text(pooled), dim=-1)
+            total = total + torch.where(text_present[:, None], vectors, 0.0)
+        return F.normalize(total, dim=-1)
 
     def _inputs(
         self,
@@ -255,6 +320,10 @@ class RetTower(nn.Module):
         if pool:
             tokens, mask = pool_grid(tokens, mask, self.config.pool)
         return projections(step, tokens), mask, present
+
+
+def _linear(width: int, out: int) -> nn.Module:
+    return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out))
 
 
 def _batch_size(image: LayerFeatures | None, text: LayerFeatures | None) -> int:
