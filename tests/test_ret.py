@@ -22,8 +22,7 @@ from mmret.heads.alignment import AlignmentConfig, AlignmentHead
 from mmret.heads.ret import RetConfig, RetModel, pool_grid
 from mmret.items import Query
 from mmret.late_interaction import maxsim
-from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
-from mmret.training.features import read_pairs
+from mmret.training.feature_store import LayerFeatureSet
 from mmret.training.ret import (
     RetEpochLog,
     RetTrainingConfig,
@@ -32,7 +31,8 @@ from mmret.training.ret import (
     train_ret,
 )
 
-from .test_encoders import images, tiny_hf
+from .test_encoders import images
+from .test_hat import StopTrainingError
 
 CONFIG = RetConfig(
     backbone="hash:8",
@@ -162,26 +162,12 @@ def test_config_is_checked() -> None:
         RetTrainingConfig(task_weights=(1.0, 1.0))
 
 
-@pytest.fixture
-def backbone(tmp_path: Path) -> Encoder:
-    return tiny_hf(tmp_path / "clip", "clip")
-
-
-@pytest.fixture
-def stored(manifest: Path, backbone: Encoder, tmp_path: Path) -> LayerFeatureSet:
-    return layer_feature_set(read_pairs(manifest), backbone, [1, 2], [1, 2], cache_dir=tmp_path)
-
-
 def train(
     stored: LayerFeatureSet, backbone: Encoder, config: RetTrainingConfig = FAST, **kwargs: Any
 ) -> tuple[RetModel, list[dict[str, Any]]]:
     return train_ret(
         stored, stored, config, backbone=backbone.spec, layer_source=backbone.layer_source, **kwargs
     )
-
-
-class StopTrainingError(Exception):
-    """Stands for a run killed mid-way."""
 
 
 def stop_after(epoch: int) -> Callable[[RetEpochLog], None]:

@@ -12,7 +12,7 @@ import torch
 import typer
 
 from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_saved, print_skips
-from mmret.encoders import load_encoder
+from mmret.encoders import Encoder, load_encoder
 from mmret.encoders.layers import resolve_layers
 from mmret.encoders.starter import StarterEncoder
 from mmret.encoders.towers import TOWERS, StarterTowers
@@ -153,6 +153,66 @@ def parse_layers(text: str, option: str) -> tuple[int, ...]:
         ) from None
 
 
+def resolved_layers(
+    encoder: Encoder, image: tuple[int, ...], text: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Layer numbers made non-negative: stored layers are numbered from 0, so -1 and friends
+    are resolved once, before anything is stored or configured."""
+    return (
+        resolve_layers(image, encoder.image_layer_count, "image"),
+        resolve_layers(text, encoder.text_layer_count, "text"),
+    )
+
+
+def stored_sets(
+    encoder: Encoder,
+    manifest: Path,
+    dev: Path | None,
+    image_layers: tuple[int, ...],
+    text_layers: tuple[int, ...],
+    cache_dir: Path | None,
+) -> tuple[LayerFeatureSet, LayerFeatureSet | None]:
+    """The stored layer features of the training and (optional) dev manifests, extracting
+    what is missing with progress bars, then the entries skipped."""
+    report = SkipReport()
+
+    def stored(path: Path) -> LayerFeatureSet:
+        return layer_feature_set(
+            read_pairs(path, report),
+            encoder,
+            image_layers,
+            text_layers,
+            cache_dir=cache_dir,
+            report=report,
+            show_progress=True,
+        )
+
+    train_set = stored(manifest)
+    dev_set = stored(dev) if dev is not None else None
+    print_skips(report)
+    return train_set, dev_set
+
+
+def write_layer_head_record(
+    out: Path,
+    manifest: Path,
+    dev: Path | None,
+    backbone: str,
+    config: dict[str, Any],
+    history: list[dict[str, Any]],
+) -> None:
+    """``out/training.json`` of a head on layer features: its data, backbone, config and the
+    per-epoch history."""
+    document = {
+        "manifest": str(manifest),
+        "dev": str(dev) if dev else None,
+        "backbone": backbone,
+        "config": config,
+        "history": history,
+    }
+    (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
+
+
 @train_app.command("hat")
 @friendly_errors
 def hat(
@@ -207,28 +267,9 @@ def hat(
         seed=seed,
     )
     encoder = load_encoder(backbone)
-    # Stored layers are numbered from 0, so -1 and friends are resolved once, here.
-    config = replace(
-        config,
-        image_layers=resolve_layers(config.image_layers, encoder.image_layer_count, "image"),
-        text_layers=resolve_layers(config.text_layers, encoder.text_layer_count, "text"),
-    )
-    report = SkipReport()
-
-    def stored(path: Path) -> LayerFeatureSet:
-        return layer_feature_set(
-            read_pairs(path, report),
-            encoder,
-            config.image_layers,
-            config.text_layers,
-            cache_dir=cache_dir,
-            report=report,
-            show_progress=True,
-        )
-
-    train_set = stored(manifest)
-    dev_set = stored(dev) if dev is not None else None
-    print_skips(report)
+    image, text = resolved_layers(encoder, config.image_layers, config.text_layers)
+    config = replace(config, image_layers=image, text_layers=text)
+    train_set, dev_set = stored_sets(encoder, manifest, dev, image, text, cache_dir)
 
     def show(log: HatEpochLog) -> None:
         weights = " ".join(f"{w:.2f}" for w in log.weights)
@@ -245,14 +286,7 @@ def hat(
         show_progress=True,
     )
     head.save(out, dtype=torch.float16 if float16 else None)
-    document = {
-        "manifest": str(manifest),
-        "dev": str(dev) if dev else None,
-        "backbone": backbone,
-        "config": config.to_dict(),
-        "history": history,
-    }
-    (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
+    write_layer_head_record(out, manifest, dev, backbone, config.to_dict(), history)
     print_saved("HAT head", out, f"--model hat:{out}")
 
 
@@ -334,27 +368,9 @@ def ret(
         seed=seed,
     )
     encoder = load_encoder(backbone)
-    config = replace(
-        config,
-        image_layers=resolve_layers(config.image_layers, encoder.image_layer_count, "image"),
-        text_layers=resolve_layers(config.text_layers, encoder.text_layer_count, "text"),
-    )
-    report = SkipReport()
-
-    def stored(path: Path) -> LayerFeatureSet:
-        return layer_feature_set(
-            read_pairs(path, report),
-            encoder,
-            config.image_layers,
-            config.text_layers,
-            cache_dir=cache_dir,
-            report=report,
-            show_progress=True,
-        )
-
-    train_set = stored(manifest)
-    dev_set = stored(dev) if dev is not None else None
-    print_skips(report)
+    image, text = resolved_layers(encoder, config.image_layers, config.text_layers)
+    config = replace(config, image_layers=image, text_layers=text)
+    train_set, dev_set = stored_sets(encoder, manifest, dev, image, text, cache_dir)
 
     def show(log: RetEpochLog) -> None:
         console.print(epoch_line(log.epoch, log.loss, log.dev), highlight=False)
@@ -372,12 +388,5 @@ def ret(
         global_head=encoder.head if isinstance(encoder, StarterEncoder) else None,
     )
     model.save(out, dtype=torch.float16 if float16 else None)
-    document = {
-        "manifest": str(manifest),
-        "dev": str(dev) if dev else None,
-        "backbone": backbone,
-        "config": config.to_dict(),
-        "history": history,
-    }
-    (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
+    write_layer_head_record(out, manifest, dev, backbone, config.to_dict(), history)
     print_saved("ReT model", out, f"--model ret:{out}")

@@ -182,3 +182,29 @@ class Encoder(ABC):
             for batch in batches:
                 chunks.append(embed(batch).float().cpu().numpy())
         return self.normalise(np.concatenate(chunks))
+
+
+class HeadOnBackbone(Encoder):
+    """An encoder whose trained head reads another encoder's (its backbone's) layer features:
+    its layers are the backbone's, and it refuses a backbone whose layers have changed."""
+
+    def __init__(self, backbone: Encoder, what: str, backbone_spec: str, trained_on: str) -> None:
+        if trained_on and backbone.layer_source != trained_on:
+            raise InputError(
+                f"{what} was trained on the layers of {trained_on!r}, but its backbone "
+                f"{backbone_spec!r} now gives those of {backbone.layer_source!r}"
+            )
+        self.backbone = backbone
+        self.image_size = backbone.image_size
+
+    @property
+    def layer_source(self) -> str:
+        return self.backbone.layer_source
+
+    @property
+    def image_layer_count(self) -> int:
+        return self.backbone.image_layer_count
+
+    @property
+    def text_layer_count(self) -> int:
+        return self.backbone.text_layer_count

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from mmret._progress import progress
-from mmret.encoders.base import Content, Encoder, batched
+from mmret.encoders.base import Content, Encoder, HeadOnBackbone, batched
 from mmret.encoders.layers import LayerFeatures
 from mmret.encoders.registry import ENCODERS
 from mmret.errors import InputError
@@ -29,25 +29,19 @@ from mmret.heads.ret import RetModel
 SHIPPED_RET = Path(__file__).resolve().parent.parent / "weights" / "ret"
 
 
-class RetEncoder(Encoder):
+class RetEncoder(HeadOnBackbone):
     """One side of a ReT model over its backbone's layer features (documents unless ``query``)."""
 
     def __init__(self, model: RetModel, spec: str, backbone: Encoder, *, query: bool) -> None:
         config = model.config
-        if config.layer_source and backbone.layer_source != config.layer_source:
-            raise InputError(
-                f"ReT model was trained on the layers of {config.layer_source!r}, but its "
-                f"backbone {config.backbone!r} now gives those of {backbone.layer_source!r}"
-            )
+        super().__init__(backbone, "ReT model", config.backbone, config.layer_source)
         self.model = model.eval()
         self.tower = model.side(query)
-        self.backbone = backbone
         self.query = query
         self.spec = spec
         self.variant = "query" if query else ""
         self.dim = config.dim
         self.token_dim = config.token_dim
-        self.image_size = backbone.image_size
         self._other: RetEncoder | None = None
 
     def for_queries(self) -> Encoder:
@@ -56,18 +50,6 @@ class RetEncoder(Encoder):
         if self._other is None:
             self._other = RetEncoder(self.model, self.spec, self.backbone, query=True)
         return self._other
-
-    @property
-    def layer_source(self) -> str:
-        return self.backbone.layer_source
-
-    @property
-    def image_layer_count(self) -> int:
-        return self.backbone.image_layer_count
-
-    @property
-    def text_layer_count(self) -> int:
-        return self.backbone.text_layer_count
 
     def _image_features(self, images: Sequence[Image.Image]) -> LayerFeatures:
         return self.backbone.image_layer_features(images, self.model.config.image_layers)

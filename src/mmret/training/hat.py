@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from mmret._progress import progress
-from mmret.errors import InputError
 from mmret.evaluation.retrieval import RetrievalReport, retrieval_metrics
 from mmret.heads.alignment import Projection
 from mmret.heads.hat import HatConfig, HierarchicalAlignmentHead
@@ -132,13 +131,7 @@ def _set_statistics(projection: torch.nn.Module, stored: StoredLayer) -> None:
 def build_head(
     train: LayerFeatureSet, config: HatTrainingConfig, backbone: str, layer_source: str
 ) -> HierarchicalAlignmentHead:
-    for name, stored, layers in (
-        ("image", train.image, config.image_layers),
-        ("text", train.text, config.text_layers),
-    ):
-        missing = [layer for layer in layers if layer not in stored]
-        if missing:
-            raise InputError(f"the feature store has no {name} layer(s) {missing}")
+    train.require(config.image_layers, config.text_layers)
     head = HierarchicalAlignmentHead(
         HatConfig(
             backbone=backbone,

@@ -124,13 +124,7 @@ def build_model(
     """A fresh model; with ``global_head`` (the backbone's one-vector alignment head, which
     reads the towers' last layers) and ``config.global_path``, a frozen copy of it is the
     model's global path."""
-    for name, stored, layers in (
-        ("image", train.image, config.image_layers),
-        ("text", train.text, config.text_layers),
-    ):
-        missing = [layer for layer in layers if layer not in stored]
-        if missing:
-            raise InputError(f"the feature store has no {name} layer(s) {missing}")
+    train.require(config.image_layers, config.text_layers)
     head = global_head if config.global_path else None
     if head is not None and (
         head.config.image_dim != train.image[config.image_layers[-1]].tokens.shape[1]
@@ -188,7 +182,8 @@ def principal_directions(
         )
         vectors = torch.cat([torch.nn.functional.normalize(v, dim=-1) for v in (image, text)])
         _, _, right = torch.linalg.svd(vectors, full_matrices=False)
-    return right[: config.token_dim].clone()
+    directions: torch.Tensor = right[: config.token_dim].clone()
+    return directions
 
 
 def encode_rows(
