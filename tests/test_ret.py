@@ -278,6 +278,16 @@ def test_train_ret_cli_and_evaluation_end_to_end(
     )  # fmt: skip
     assert ir.exit_code == 0, ir.output
     assert json.loads(report.read_text())["n_queries"] == 4  # one query per second caption
+    index = tmp_path / "index.mmret"
+    built = CliRunner().invoke(app, ["index", str(manifest), "--out", str(index), "--model", model])
+    assert built.exit_code == 0, built.output
+    manifest_json = json.loads((index / "manifest.json").read_text())
+    assert manifest_json["token_dim"] == 8  # so "auto" searches it by exact MaxSim
+    found = CliRunner().invoke(app, ["search", str(index), "a red square", "--json"])
+    assert found.exit_code == 0, found.output
+    assert (
+        "red" in found.output and "maxsim" in CliRunner().invoke(app, ["info", str(index)]).output
+    )
 
 
 def test_the_global_head_starts_the_model_at_the_heads_scores(
