@@ -43,14 +43,21 @@ VARIANTS = {
 }
 
 
-def starter_dev(starter: StarterEncoder, dev: LayerFeatureSet) -> RetrievalReport:
-    """The shipped alignment head on the stored last layers (what ``starter`` encodes)."""
+def starter_vectors(starter: StarterEncoder, dev: LayerFeatureSet) -> tuple[np.ndarray, ...]:
+    """``(N, D)`` image and ``(T, D)`` caption unit vectors of the shipped alignment head on
+    the stored last layers (what ``starter`` encodes)."""
     rows_i, rows_t = np.arange(len(dev.image_ids)), np.arange(len(dev.text_image))
     with torch.inference_mode():
         image = starter.head.image(dev.image[8].read_pooled(rows_i))
         text = starter.head.text(torch.nn.functional.normalize(dev.text[6].read_pooled(rows_t)))
         image = torch.nn.functional.normalize(image, dim=-1).numpy()
         text = torch.nn.functional.normalize(text, dim=-1).numpy()
+    return image, text
+
+
+def starter_dev(starter: StarterEncoder, dev: LayerFeatureSet) -> RetrievalReport:
+    """The shipped alignment head's dev metrics on the stored last layers."""
+    image, text = starter_vectors(starter, dev)
     return retrieval_metrics(image, text, dev.text_image)
 
 

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmret.encoders.base import Encoder
 from mmret.encoders.hashing import HashEncoder
+from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
+from mmret.training.features import read_pairs
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -63,3 +66,17 @@ def manifest(tmp_path: Path) -> Path:
     path = tmp_path / "data" / "items.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     return path
+
+
+@pytest.fixture
+def backbone(tmp_path: Path) -> Encoder:
+    """A tiny local CLIP whose layer features the layer heads (HAT, ReT) train on."""
+    from .test_encoders import tiny_hf
+
+    return tiny_hf(tmp_path / "clip", "clip")
+
+
+@pytest.fixture
+def stored(manifest: Path, backbone: Encoder, tmp_path: Path) -> LayerFeatureSet:
+    """The ``manifest`` fixture's layers 1 and 2 of both towers of ``backbone``, stored."""
+    return layer_feature_set(read_pairs(manifest), backbone, [1, 2], [1, 2], cache_dir=tmp_path)

@@ -16,11 +16,10 @@ from typer.testing import CliRunner
 from mmret import Encoder, InputError, load_encoder
 from mmret.cli.main import app
 from mmret.heads.hat import HatConfig, HierarchicalAlignmentHead, level_similarities
-from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
-from mmret.training.features import read_pairs
+from mmret.training.feature_store import LayerFeatureSet
 from mmret.training.hat import HatEpochLog, HatTrainingConfig, train_hat
 
-from .test_encoders import images, tiny_hf
+from .test_encoders import images
 
 CONFIG = HatConfig(
     backbone="hash:8",
@@ -81,16 +80,6 @@ def test_head_round_trips_through_save_and_load(tmp_path: Path) -> None:
 def test_levels_must_pair_up() -> None:
     with pytest.raises(InputError, match="one image layer and one text layer per level"):
         HatConfig("starter", (1, 2), (1,), (4, 4), (4,))
-
-
-@pytest.fixture
-def backbone(tmp_path: Path) -> Encoder:
-    return tiny_hf(tmp_path / "clip", "clip")
-
-
-@pytest.fixture
-def stored(manifest: Path, backbone: Encoder, tmp_path: Path) -> LayerFeatureSet:
-    return layer_feature_set(read_pairs(manifest), backbone, [1, 2], [1, 2], cache_dir=tmp_path)
 
 
 def train(

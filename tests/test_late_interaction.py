@@ -47,3 +47,14 @@ def test_rows_that_are_not_whole_tokens_are_refused() -> None:
 def test_docstring_examples() -> None:
     result = doctest.testmod(late_interaction, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_the_differentiable_form_matches_maxsim() -> None:
+    import torch
+
+    rng = np.random.default_rng(3)
+    queries, docs = _unit_tokens(rng, 3, 4, 8), _unit_tokens(rng, 7, 5, 8)
+    tensors = late_interaction.maxsim_tensors(
+        torch.from_numpy(as_tokens(queries, 8).copy()), torch.from_numpy(as_tokens(docs, 8).copy())
+    )
+    np.testing.assert_allclose(tensors.numpy(), maxsim(queries, docs, 8), rtol=1e-5, atol=1e-5)

@@ -438,7 +438,8 @@ class Retriever:
         if isinstance(queries, str | Query):
             raise InputError("search takes a list of queries; wrap a single one in [...]")
         normalised = [Query(text=q) if isinstance(q, str) else q for q in queries]
-        return self.search_vectors(self.encoder.encode(normalised), k=k, filter=filter)
+        vectors = self.encoder.for_queries().encode(normalised)
+        return self.search_vectors(vectors, k=k, filter=filter)
 
     def search_vectors(
         self, vectors: np.ndarray, *, k: int = 10, filter: Filter | None = None

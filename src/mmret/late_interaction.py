@@ -12,10 +12,15 @@ any document token, summed over the query tokens.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from mmret.encoders.base import l2_normalise
 from mmret.errors import InputError
+
+if TYPE_CHECKING:  # the index scores with numpy alone; only training passes tensors
+    import torch
 
 #: Scoring works through the documents in blocks of about this many float32 similarities.
 _BLOCK_FLOATS = 16_000_000
@@ -64,6 +69,21 @@ def similarity(queries: np.ndarray, documents: np.ndarray, token_dim: int | None
         product: np.ndarray = queries @ documents.T
         return product
     return maxsim(queries, documents, token_dim)
+
+
+def maxsim_tensors(queries: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
+    """``(Q, N)`` MaxSim of ``(Q, Tq, d)`` query tokens against ``(N, Td, d)`` document tokens,
+    differentiable: the form training needs (it equals :func:`maxsim` on the flattened rows).
+
+    >>> import torch
+    >>> q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    >>> d = torch.tensor([[[1.0, 0.0], [0.6, 0.8]], [[0.0, 1.0], [0.0, 1.0]]])
+    >>> maxsim_tensors(q, d).tolist()
+    [[1.7999999523162842, 1.0]]
+    """
+    sims = queries[:, None] @ documents.transpose(1, 2)[None]  # (Q, N, Tq, Td)
+    scores: torch.Tensor = sims.amax(dim=3).sum(dim=2)
+    return scores
 
 
 def normalise_tokens(vectors: np.ndarray, token_dim: int | None) -> np.ndarray:

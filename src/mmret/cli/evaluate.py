@@ -30,11 +30,17 @@ from mmret.errors import InputError
 from mmret.evaluation import reports
 from mmret.evaluation.classification import (
     DEFAULT_TEMPLATES,
-    class_embeddings,
+    class_scores,
     read_class_folders,
     zero_shot_metrics,
 )
 from mmret.evaluation.datasets import load_pairs
+from mmret.evaluation.documents import (
+    CORPUS_FILES,
+    QRELS_FILE,
+    QUERIES_FILE,
+    write_document_task,
+)
 from mmret.evaluation.embeddings import embed_images, embed_items, embed_pairs
 from mmret.evaluation.ir import ir_metrics, read_qrels
 from mmret.evaluation.reports import MetricTable, percent
@@ -157,11 +163,31 @@ def retrieval(
     encoding = time.perf_counter()
     embeddings = embed_pairs(encoder, pairs, cache_dir=cache_dir, report=report, show_progress=True)
     embeddings = refine_pairs(refiner, embeddings)
+    queries = embeddings
+    if encoder.for_queries() is not encoder:  # separate query and document sides (ReT)
+        queries = embed_pairs(
+            encoder.for_queries(), pairs, cache_dir=cache_dir, report=report, show_progress=True
+        )
     encode_s = time.perf_counter() - encoding
     label = refined_label(encoder.spec, refiner)
     scoring = time.perf_counter()
     arrays = (embeddings.image, embeddings.text, embeddings.text_image)
-    metrics = folded_metrics(*arrays, folds) if folds > 1 else retrieval_metrics(*arrays)
+    metrics = (
+        folded_metrics(
+            *arrays,
+            folds,
+            token_dim=encoder.token_dim,
+            image_queries=queries.image,
+            text_queries=queries.text,
+        )
+        if folds > 1
+        else retrieval_metrics(
+            *arrays,
+            token_dim=encoder.token_dim,
+            image_queries=queries.image,
+            text_queries=queries.text,
+        )
+    )
     score_s = time.perf_counter() - scoring
     print_skips(report)
     seconds = time.perf_counter() - started
@@ -237,7 +263,7 @@ def zeroshot(
     encoder, load_s = load(spec)
     encoding = time.perf_counter()
     image, ok = embed_images(
-        encoder, data.paths, cache_dir=cache_dir, report=report, show_progress=True
+        encoder.for_queries(), data.paths, cache_dir=cache_dir, report=report, show_progress=True
     )
     if not ok.any():
         raise InputError(f"{folder}: no image could be decoded")
@@ -246,9 +272,9 @@ def zeroshot(
     if refiner is not None:  # each prompt is refined before the ensemble mean, as RECO does
         image[ok] = refiner.refine(image[ok], "image")
         encoder = refiner.wrap(encoder)
-    classes = class_embeddings(encoder, data.classes, prompts)
+    scores = class_scores(encoder, image[ok], data.classes, prompts)
     encode_s = time.perf_counter() - encoding
-    metrics = zero_shot_metrics(image[ok] @ classes.T, data.labels[ok], data.classes)
+    metrics = zero_shot_metrics(scores, data.labels[ok], data.classes)
     print_skips(report)
     seconds = time.perf_counter() - started
     record = {
@@ -340,12 +366,19 @@ def ir(
         query_vectors = encoder.encode(query_items, show_progress=True)
         doc_vectors = encoder.encode(doc_items, show_progress=True)
     else:
-        query_vectors = embed_items(encoder, query_items, cache_dir=cache_dir, show_progress=True)
+        query_vectors = embed_items(
+            encoder.for_queries(), query_items, cache_dir=cache_dir, show_progress=True
+        )
         doc_vectors = embed_items(encoder, doc_items, cache_dir=cache_dir, show_progress=True)
     encode_s = time.perf_counter() - encoding
     query_ids = [item.id for item in query_items]
     metrics = ir_metrics(
-        query_vectors, doc_vectors, query_ids, [d.id for d in doc_items], judgements
+        query_vectors,
+        doc_vectors,
+        query_ids,
+        [d.id for d in doc_items],
+        judgements,
+        token_dim=encoder.token_dim,
     )
     unknown = len(set(judgements) - set(query_ids))
     if unknown:
@@ -372,3 +405,36 @@ def ir(
     if plot is not None:
         curves = {queries.stem: recall_curve(metrics.ranks)}
         reports.plot_recall_curves(plot, curves, f"{title}\n{label}")
+
+
+@eval_app.command("doc-task")
+@friendly_errors
+def doc_task(
+    manifest: Path = typer.Argument(
+        ..., help="A manifest (or Karpathy/COCO file) of images with several captions each."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the queries, corpora, qrels."),
+    split: str | None = typer.Option(None, help="Karpathy split (default test)."),
+    images: Path | None = typer.Option(None, help="Image folder of a Karpathy or COCO file."),
+) -> None:
+    """Build the multimodal-document task as `mmret eval ir` inputs.
+
+    Each image with its first caption is a document; its other captions are the queries
+    (text to image+text, as in M2KR). The same documents are also written reduced to their
+    image and to their text, to show whether a model uses both halves.
+    """
+    report = SkipReport()
+    pairs = load_pairs(manifest, split=split, images=images, report=report)
+    counts = write_document_task(pairs, out)
+    print_skips(report)
+    console.print(
+        f"wrote {counts['queries']} queries and {counts['documents']} documents to {out}",
+        highlight=False,
+    )
+    for corpus in CORPUS_FILES:
+        console.print(
+            f"mmret eval ir {out / QUERIES_FILE} {out / corpus} {out / QRELS_FILE} --model MODEL",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )

@@ -12,8 +12,9 @@ import torch
 import typer
 
 from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_saved, print_skips
-from mmret.encoders import load_encoder
+from mmret.encoders import Encoder, load_encoder
 from mmret.encoders.layers import resolve_layers
+from mmret.encoders.starter import StarterEncoder
 from mmret.encoders.towers import TOWERS, StarterTowers
 from mmret.evaluation.retrieval import RetrievalReport
 from mmret.ingest.report import SkipReport
@@ -23,6 +24,7 @@ from mmret.training.features import default_cache_dir, pair_features, read_pairs
 from mmret.training.hat import HatEpochLog, HatTrainingConfig, train_hat
 from mmret.training.knowledge import imagenet_knowledge
 from mmret.training.reco import RecoEpochLog
+from mmret.training.ret import RetEpochLog, RetTrainingConfig, train_ret
 
 train_app = typer.Typer(
     cls=ReflowedHelp, help="Train the small heads that make retrieval better.", no_args_is_help=True
@@ -151,6 +153,66 @@ def parse_layers(text: str, option: str) -> tuple[int, ...]:
         ) from None
 
 
+def resolved_layers(
+    encoder: Encoder, image: tuple[int, ...], text: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Layer numbers made non-negative: stored layers are numbered from 0, so -1 and friends
+    are resolved once, before anything is stored or configured."""
+    return (
+        resolve_layers(image, encoder.image_layer_count, "image"),
+        resolve_layers(text, encoder.text_layer_count, "text"),
+    )
+
+
+def stored_sets(
+    encoder: Encoder,
+    manifest: Path,
+    dev: Path | None,
+    image_layers: tuple[int, ...],
+    text_layers: tuple[int, ...],
+    cache_dir: Path | None,
+) -> tuple[LayerFeatureSet, LayerFeatureSet | None]:
+    """The stored layer features of the training and (optional) dev manifests, extracting
+    what is missing with progress bars, then the entries skipped."""
+    report = SkipReport()
+
+    def stored(path: Path) -> LayerFeatureSet:
+        return layer_feature_set(
+            read_pairs(path, report),
+            encoder,
+            image_layers,
+            text_layers,
+            cache_dir=cache_dir,
+            report=report,
+            show_progress=True,
+        )
+
+    train_set = stored(manifest)
+    dev_set = stored(dev) if dev is not None else None
+    print_skips(report)
+    return train_set, dev_set
+
+
+def write_layer_head_record(
+    out: Path,
+    manifest: Path,
+    dev: Path | None,
+    backbone: str,
+    config: dict[str, Any],
+    history: list[dict[str, Any]],
+) -> None:
+    """``out/training.json`` of a head on layer features: its data, backbone, config and the
+    per-epoch history."""
+    document = {
+        "manifest": str(manifest),
+        "dev": str(dev) if dev else None,
+        "backbone": backbone,
+        "config": config,
+        "history": history,
+    }
+    (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
+
+
 @train_app.command("hat")
 @friendly_errors
 def hat(
@@ -205,28 +267,9 @@ def hat(
         seed=seed,
     )
     encoder = load_encoder(backbone)
-    # Stored layers are numbered from 0, so -1 and friends are resolved once, here.
-    config = replace(
-        config,
-        image_layers=resolve_layers(config.image_layers, encoder.image_layer_count, "image"),
-        text_layers=resolve_layers(config.text_layers, encoder.text_layer_count, "text"),
-    )
-    report = SkipReport()
-
-    def stored(path: Path) -> LayerFeatureSet:
-        return layer_feature_set(
-            read_pairs(path, report),
-            encoder,
-            config.image_layers,
-            config.text_layers,
-            cache_dir=cache_dir,
-            report=report,
-            show_progress=True,
-        )
-
-    train_set = stored(manifest)
-    dev_set = stored(dev) if dev is not None else None
-    print_skips(report)
+    image, text = resolved_layers(encoder, config.image_layers, config.text_layers)
+    config = replace(config, image_layers=image, text_layers=text)
+    train_set, dev_set = stored_sets(encoder, manifest, dev, image, text, cache_dir)
 
     def show(log: HatEpochLog) -> None:
         weights = " ".join(f"{w:.2f}" for w in log.weights)
@@ -243,12 +286,107 @@ def hat(
         show_progress=True,
     )
     head.save(out, dtype=torch.float16 if float16 else None)
-    document = {
-        "manifest": str(manifest),
-        "dev": str(dev) if dev else None,
-        "backbone": backbone,
-        "config": config.to_dict(),
-        "history": history,
-    }
-    (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
+    write_layer_head_record(out, manifest, dev, backbone, config.to_dict(), history)
     print_saved("HAT head", out, f"--model hat:{out}")
+
+
+@train_app.command("ret")
+@friendly_errors
+def ret(
+    manifest: Path = typer.Argument(
+        ..., help="JSONL/CSV/Parquet manifest of images with captions."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Folder for the model (and its per-epoch checkpoint)."
+    ),
+    dev: Path | None = typer.Option(None, help="Dev manifest: report each epoch, keep the best."),
+    backbone: str = typer.Option("starter", help="Encoder whose layer features ReT fuses."),
+    image_layers: str = typer.Option(
+        ",".join(map(str, RetTrainingConfig.image_layers)),
+        help="Image layer read at each step, comma-separated (0 = stem, -1 = last).",
+    ),
+    text_layers: str = typer.Option(
+        ",".join(map(str, RetTrainingConfig.text_layers)),
+        help="Text layer read at each step, comma-separated (0 = embeddings, -1 = last).",
+    ),
+    tokens: int = typer.Option(RetTrainingConfig.tokens, min=1, help="Latent tokens per input."),
+    token_dim: int = typer.Option(RetTrainingConfig.token_dim, min=1, help="Width of a token."),
+    width: int = typer.Option(RetTrainingConfig.width, min=8, help="Width inside the cell."),
+    heads: int = typer.Option(RetTrainingConfig.heads, min=1, help="Attention heads."),
+    gates: bool = typer.Option(
+        RetTrainingConfig.gates, help="Gated updates (else a plain residual transformer)."
+    ),
+    shared: bool = typer.Option(
+        RetTrainingConfig.shared, help="One model for queries and documents (else two)."
+    ),
+    global_path: bool = typer.Option(
+        RetTrainingConfig.global_path,
+        help="Add each modality's pooled last layer to every token (else latents alone).",
+    ),
+    task_weights: str = typer.Option(
+        ",".join(f"{w:g}" for w in RetTrainingConfig.task_weights),
+        help="Relative frequency of the tasks text>image, image>text, text>image+text.",
+    ),
+    epochs: int = typer.Option(RetTrainingConfig.epochs, min=1),
+    dropout: float = typer.Option(RetTrainingConfig.dropout, min=0.0, max=0.9),
+    weight_decay: float = typer.Option(RetTrainingConfig.weight_decay, min=0.0),
+    batch_size: int = typer.Option(RetTrainingConfig.batch_size, min=2),
+    learning_rate: float = typer.Option(RetTrainingConfig.learning_rate, min=0.0),
+    seed: int = typer.Option(RetTrainingConfig.seed),
+    threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: its default)."),
+    cache_dir: Path | None = typer.Option(
+        None, help="Layer feature store (default ~/.cache/mmret/layers)."
+    ),
+    float16: bool = typer.Option(False, help="Store weights in float16 (half the file size)."),
+) -> None:
+    """Train a ReT model (query and document sides) on stored layer features (resumable)."""
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        weights = tuple(float(part) for part in task_weights.split(","))
+    except ValueError:
+        raise typer.BadParameter(
+            f"{task_weights!r} is not a comma-separated list of numbers (e.g. 2,1,1)",
+            param_hint="--task-weights",
+        ) from None
+    config = RetTrainingConfig(
+        image_layers=parse_layers(image_layers, "--image-layers"),
+        text_layers=parse_layers(text_layers, "--text-layers"),
+        tokens=tokens,
+        token_dim=token_dim,
+        width=width,
+        heads=heads,
+        gates=gates,
+        shared=shared,
+        global_path=global_path,
+        dropout=dropout,
+        task_weights=weights,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        seed=seed,
+    )
+    encoder = load_encoder(backbone)
+    image, text = resolved_layers(encoder, config.image_layers, config.text_layers)
+    config = replace(config, image_layers=image, text_layers=text)
+    train_set, dev_set = stored_sets(encoder, manifest, dev, image, text, cache_dir)
+
+    def show(log: RetEpochLog) -> None:
+        console.print(epoch_line(log.epoch, log.loss, log.dev), highlight=False)
+
+    model, history = train_ret(
+        train_set,
+        dev_set,
+        config,
+        backbone=backbone,
+        layer_source=encoder.layer_source,
+        checkpoint_dir=out / "checkpoint",
+        on_epoch=show,
+        show_progress=True,
+        # A starter backbone's alignment head reads the towers' last layers: the global path.
+        global_head=encoder.head if isinstance(encoder, StarterEncoder) else None,
+    )
+    model.save(out, dtype=torch.float16 if float16 else None)
+    write_layer_head_record(out, manifest, dev, backbone, config.to_dict(), history)
+    print_saved("ReT model", out, f"--model ret:{out}")

@@ -10,6 +10,8 @@ spec                               encoder
                                    ``open_clip:MODEL/path/to/checkpoint.pt`` for a file)
 ``hat``                            HAT: hierarchical alignment of several layers of the
                                    starter towers (``hat:DIR`` for one trained into DIR)
+``ret``                            ReT: latent tokens fused from several layers of both
+                                   starter towers, scored by MaxSim (``ret:DIR``)
 ``hash:DIM``                       weightless and deterministic, for tests (not aligned)
 ``hash-tokens:TxD``                its multi-vector twin: T tokens of D dimensions
 =================================  ====================================================
@@ -17,14 +19,21 @@ spec                               encoder
 
 from __future__ import annotations
 
-from mmret.encoders import hashing, hat, hf_clip, open_clip_backend, starter
+from mmret.encoders import hashing, hat, hf_clip, open_clip_backend, ret, starter
 from mmret.encoders.base import Encoder
 from mmret.encoders.registry import ENCODERS
 from mmret.encoders.starter import DEFAULT_MODEL
 
 __all__ = ["DEFAULT_MODEL", "ENCODERS", "Encoder", "load_encoder"]
 
-_LOADED = (hashing, hat, hf_clip, open_clip_backend, starter)  # imported for their registrations
+_LOADED = (
+    hashing,
+    hat,
+    hf_clip,
+    open_clip_backend,
+    ret,
+    starter,
+)  # imported for their registrations
 
 
 def load_encoder(spec: str) -> Encoder:

@@ -60,6 +60,9 @@ class Encoder(ABC):
     #: size of its tokens: each embedding row is then ``dim // token_dim`` unit tokens,
     #: flattened, scored by :func:`mmret.late_interaction.maxsim`.
     token_dim: int | None = None
+    #: Tells apart encoders that share a spec but embed differently (a ReT model's query
+    #: side); caches key on it.
+    variant: str = ""
     #: Side in pixels the image tower works at (lets JPEG decoding skip needless detail).
     image_size: int = 224
     batch_size: int = 32
@@ -71,6 +74,18 @@ class Encoder(ABC):
     @abstractmethod
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """``(B, dim)`` embeddings of texts (normalisation not required)."""
+
+    def for_queries(self) -> Encoder:
+        """The encoder for queries: this one, unless queries and documents have separate
+        models (ReT's query and document sides), whose scores then compare a query side's
+        embedding with a document side's."""
+        return self
+
+    def normalise(self, vectors: np.ndarray) -> np.ndarray:
+        """Unit rows, or for a multi-vector encoder unit tokens within each ``(N, dim)`` row."""
+        from mmret.late_interaction import normalise_tokens  # it imports this module
+
+        return normalise_tokens(vectors, self.token_dim)
 
     @property
     def image_layer_count(self) -> int:
@@ -139,7 +154,7 @@ class Encoder(ABC):
             )
         if texts:
             out[list(texts)] += self.encode_texts(list(texts.values()), show_progress=show_progress)
-        return l2_normalise(out)
+        return self.normalise(out)
 
     def _embed_image_batch(self, batch: Sequence[ImageInput]) -> torch.Tensor:
         return self.embed_images([self.load(image) for image in batch])
@@ -166,4 +181,30 @@ class Encoder(ABC):
         with torch.inference_mode():
             for batch in batches:
                 chunks.append(embed(batch).float().cpu().numpy())
-        return l2_normalise(np.concatenate(chunks))
+        return self.normalise(np.concatenate(chunks))
+
+
+class HeadOnBackbone(Encoder):
+    """An encoder whose trained head reads another encoder's (its backbone's) layer features:
+    its layers are the backbone's, and it refuses a backbone whose layers have changed."""
+
+    def __init__(self, backbone: Encoder, what: str, backbone_spec: str, trained_on: str) -> None:
+        if trained_on and backbone.layer_source != trained_on:
+            raise InputError(
+                f"{what} was trained on the layers of {trained_on!r}, but its backbone "
+                f"{backbone_spec!r} now gives those of {backbone.layer_source!r}"
+            )
+        self.backbone = backbone
+        self.image_size = backbone.image_size
+
+    @property
+    def layer_source(self) -> str:
+        return self.backbone.layer_source
+
+    @property
+    def image_layer_count(self) -> int:
+        return self.backbone.image_layer_count
+
+    @property
+    def text_layer_count(self) -> int:
+        return self.backbone.text_layer_count

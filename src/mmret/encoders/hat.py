@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mmret.encoders.base import Encoder
+from mmret.encoders.base import Encoder, HeadOnBackbone
 from mmret.encoders.registry import ENCODERS
 from mmret.errors import InputError
 from mmret.heads.hat import HierarchicalAlignmentHead
@@ -21,31 +21,13 @@ from mmret.heads.hat import HierarchicalAlignmentHead
 SHIPPED_HAT = Path(__file__).resolve().parent.parent / "weights" / "hat"
 
 
-class HatEncoder(Encoder):
+class HatEncoder(HeadOnBackbone):
     def __init__(self, head: HierarchicalAlignmentHead, spec: str, backbone: Encoder) -> None:
         config = head.config
-        if config.layer_source and backbone.layer_source != config.layer_source:
-            raise InputError(
-                f"HAT head was trained on the layers of {config.layer_source!r}, but its "
-                f"backbone {config.backbone!r} now gives those of {backbone.layer_source!r}"
-            )
+        super().__init__(backbone, "HAT head", config.backbone, config.layer_source)
         self.head = head.eval()
-        self.backbone = backbone
         self.spec = spec
         self.dim = config.dim
-        self.image_size = backbone.image_size
-
-    @property
-    def layer_source(self) -> str:
-        return self.backbone.layer_source
-
-    @property
-    def image_layer_count(self) -> int:
-        return self.backbone.image_layer_count
-
-    @property
-    def text_layer_count(self) -> int:
-        return self.backbone.text_layer_count
 
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
         features = self.backbone.image_layer_features(images, self.head.config.image_layers)

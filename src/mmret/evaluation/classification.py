@@ -18,6 +18,7 @@ from mmret.encoders.base import Encoder, l2_normalise
 from mmret.errors import InputError
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import read_records
+from mmret.late_interaction import similarity
 
 #: The default prompt ensemble: generic photo prompts, plus small and low-resolution variants
 #: because benchmark images (CIFAR, thumbnails) often are.
@@ -65,16 +66,40 @@ def read_class_folders(folder: Path, report: SkipReport | None = None) -> Labell
     )
 
 
+def class_prompts(classes: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every template filled with every class name, class by class."""
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise InputError(f"each template needs exactly one '{{}}' for the class name, got {bad}")
+    return [template.format(name) for name in classes for template in templates]
+
+
 def class_embeddings(
     encoder: Encoder, classes: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES
 ) -> np.ndarray:
     """``(C, D)`` unit vectors: per class, the renormalised mean of its prompt embeddings."""
-    bad = [t for t in templates if t.count("{}") != 1]
-    if not templates or bad:
-        raise InputError(f"each template needs exactly one '{{}}' for the class name, got {bad}")
-    prompts = [template.format(name) for name in classes for template in templates]
+    prompts = class_prompts(classes, templates)
     text = encoder.encode_texts(prompts).reshape(len(classes), len(templates), -1)
     return l2_normalise(text.mean(axis=1))
+
+
+def class_scores(
+    encoder: Encoder,
+    image: np.ndarray,
+    classes: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+) -> np.ndarray:
+    """``(N, C)`` scores of ``(N, D)`` image embeddings (from ``encoder.for_queries()``) for
+    each class: the cosine with :func:`class_embeddings` for a single-vector encoder; for a
+    multi-vector one, the MaxSim against each prompt's token set, averaged over the templates
+    (token sets have no meaningful mean)."""
+    if encoder.token_dim is None:
+        product: np.ndarray = image @ class_embeddings(encoder, classes, templates).T
+        return product
+    prompts = class_prompts(classes, templates)
+    scores = similarity(image, encoder.encode_texts(prompts), encoder.token_dim)
+    mean: np.ndarray = scores.reshape(len(image), len(classes), len(templates)).mean(axis=2)
+    return mean
 
 
 def true_class_ranks(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 
 from mmret._files import hash_file_stats, replace_folder
 from mmret._progress import progress
-from mmret.encoders.base import Content, Encoder, batched, l2_normalise
+from mmret.encoders.base import Content, Encoder, batched
 from mmret.encoders.starter import WEIGHTS
 from mmret.ingest.images import decode_batch
 from mmret.ingest.report import SkipReport
@@ -36,8 +36,10 @@ class PairEmbeddings:
 
 
 def encoder_fingerprint(encoder: Encoder) -> str:
-    """The spec, plus a hash of any weight files it names (a retrained head changes the key)."""
-    return spec_fingerprint(encoder.spec)
+    """The spec, plus a hash of any weight files it names (a retrained head changes the key),
+    plus the encoder's variant (a query side embeds differently from its document side)."""
+    fingerprint = spec_fingerprint(encoder.spec)
+    return f"{fingerprint}-{encoder.variant}" if encoder.variant else fingerprint
 
 
 def spec_fingerprint(spec: str) -> str:
@@ -101,7 +103,7 @@ def encode_image_files(
         decoded, positions = decode_batch(batch, report, draft_size=2 * encoder.image_size)
         if decoded:
             rows = [start + p for p in positions]
-            image[rows] = l2_normalise(encoder.encode_images(decoded))
+            image[rows] = encoder.normalise(encoder.encode_images(decoded))
             ok[rows] = True
         start += len(batch)
     return image, ok

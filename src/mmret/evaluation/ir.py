@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from mmret.errors import InputError
+from mmret.late_interaction import similarity
 
 #: query id -> document id -> graded relevance
 Qrels = dict[str, dict[str, int]]
@@ -137,9 +138,11 @@ def ir_metrics(
     doc_ids: list[str],
     qrels: Qrels,
     max_k: int = 50,
+    token_dim: int | None = None,
 ) -> IRReport:
-    """Score ``(Q, D)`` query vectors against ``(N, D)`` documents by inner product and
-    evaluate them against ``qrels``. Queries without a relevant judgement are left out."""
+    """Score ``(Q, D)`` query vectors against ``(N, D)`` documents the way the model scores
+    (:func:`~mmret.late_interaction.similarity`: inner product, or MaxSim with ``token_dim``)
+    and evaluate them against ``qrels``. Queries without a relevant judgement are left out."""
     scored = [
         i for i, qid in enumerate(query_ids) if any(r > 0 for r in qrels.get(qid, {}).values())
     ]
@@ -148,7 +151,10 @@ def ir_metrics(
     judged = [qrels[query_ids[i]] for i in scored]
     ranked = np.concatenate(
         [
-            top_k(query_vectors[scored[s : s + _CHUNK]] @ doc_vectors.T, max(max_k, 10))
+            top_k(
+                similarity(query_vectors[scored[s : s + _CHUNK]], doc_vectors, token_dim),
+                max(max_k, 10),
+            )
             for s in range(0, len(scored), _CHUNK)
         ]
     )

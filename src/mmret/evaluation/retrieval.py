@@ -5,6 +5,10 @@ Image-to-text: each image ranks every caption; any of its captions is a hit (the
 one counts). Recall@K is the percentage of queries with a hit in the top K; ranks are 1-based.
 Ties are broken in the query's favour: a rank counts only the candidates scoring strictly
 higher than the hit.
+
+Scores are :func:`mmret.late_interaction.similarity`: inner products, or MaxSim for a
+multi-vector model (``token_dim`` set). A model with separate query and document sides (ReT)
+passes the query side's embeddings as ``image_queries`` / ``text_queries``.
 """
 
 from __future__ import annotations
@@ -14,13 +18,17 @@ from typing import Any
 
 import numpy as np
 
+from mmret.late_interaction import similarity
+
 KS = (1, 5, 10)
 #: The Ks of the Recall@K curves the reports plot.
 CURVE_KS = tuple(range(1, 51))
 _CHUNK = 1024
 
 
-def ranks_text_to_image(image: np.ndarray, text: np.ndarray, text_image: np.ndarray) -> np.ndarray:
+def ranks_text_to_image(
+    image: np.ndarray, text: np.ndarray, text_image: np.ndarray, token_dim: int | None = None
+) -> np.ndarray:
     """``(T,)`` 1-based rank of each caption's own image among ``(N, D)`` images.
 
     >>> image = np.array([[1.0, 0.0], [0.0, 1.0]])
@@ -30,13 +38,15 @@ def ranks_text_to_image(image: np.ndarray, text: np.ndarray, text_image: np.ndar
     """
     ranks = np.empty(len(text), dtype=np.int64)
     for start in range(0, len(text), _CHUNK):
-        sims = text[start : start + _CHUNK] @ image.T
+        sims = similarity(text[start : start + _CHUNK], image, token_dim)
         own = sims[np.arange(len(sims)), text_image[start : start + _CHUNK]]
         ranks[start : start + _CHUNK] = (sims > own[:, None]).sum(axis=1) + 1
     return ranks
 
 
-def ranks_image_to_text(image: np.ndarray, text: np.ndarray, text_image: np.ndarray) -> np.ndarray:
+def ranks_image_to_text(
+    image: np.ndarray, text: np.ndarray, text_image: np.ndarray, token_dim: int | None = None
+) -> np.ndarray:
     """``(N,)`` 1-based rank of each image's best-ranked caption among ``(T, D)`` captions.
 
     >>> image = np.array([[1.0, 0.0], [0.0, 1.0]])
@@ -46,7 +56,7 @@ def ranks_image_to_text(image: np.ndarray, text: np.ndarray, text_image: np.ndar
     """
     ranks = np.empty(len(image), dtype=np.int64)
     for start in range(0, len(image), _CHUNK):
-        sims = image[start : start + _CHUNK] @ text.T
+        sims = similarity(image[start : start + _CHUNK], text, token_dim)
         rows = np.arange(start, start + len(sims))
         own = text_image[None, :] == rows[:, None]
         best_own = np.where(own, sims, -np.inf).max(axis=1)
@@ -111,12 +121,21 @@ class RetrievalReport:
 
 
 def retrieval_metrics(
-    image: np.ndarray, text: np.ndarray, text_image: np.ndarray
+    image: np.ndarray,
+    text: np.ndarray,
+    text_image: np.ndarray,
+    *,
+    token_dim: int | None = None,
+    image_queries: np.ndarray | None = None,
+    text_queries: np.ndarray | None = None,
 ) -> RetrievalReport:
     """Metrics for unit-norm ``(N, D)`` images and ``(T, D)`` texts; ``text_image[t]`` is
-    caption t's image."""
-    t2i = ranks_text_to_image(image, text, text_image)
-    i2t = ranks_image_to_text(image, text, text_image)
+    caption t's image. ``image_queries`` / ``text_queries`` (default: ``image`` / ``text``)
+    are what ranks the other side, for models that embed queries differently."""
+    queries_t = text if text_queries is None else text_queries
+    queries_i = image if image_queries is None else image_queries
+    t2i = ranks_text_to_image(image, queries_t, text_image, token_dim)
+    i2t = ranks_image_to_text(queries_i, text, text_image, token_dim)
     return RetrievalReport(
         recalls(t2i),
         recalls(i2t),
@@ -130,19 +149,37 @@ def retrieval_metrics(
 
 
 def folded_metrics(
-    image: np.ndarray, text: np.ndarray, text_image: np.ndarray, folds: int
+    image: np.ndarray,
+    text: np.ndarray,
+    text_image: np.ndarray,
+    folds: int,
+    *,
+    token_dim: int | None = None,
+    image_queries: np.ndarray | None = None,
+    text_queries: np.ndarray | None = None,
 ) -> RetrievalReport:
     """The COCO "1k" protocol: metrics on ``folds`` consecutive image folds, averaged.
 
     Each fold holds ``N // folds`` images (a remainder is dropped) and their captions; recalls
     and median ranks are the means over folds, sizes are per fold.
     """
+    queries_t = text if text_queries is None else text_queries
+    queries_i = image if image_queries is None else image_queries
     size = len(image) // folds
     reports = []
     for fold in range(folds):
         lo, hi = fold * size, (fold + 1) * size
         keep = (text_image >= lo) & (text_image < hi)
-        reports.append(retrieval_metrics(image[lo:hi], text[keep], text_image[keep] - lo))
+        reports.append(
+            retrieval_metrics(
+                image[lo:hi],
+                text[keep],
+                text_image[keep] - lo,
+                token_dim=token_dim,
+                image_queries=queries_i[lo:hi],
+                text_queries=queries_t[keep],
+            )
+        )
 
     def mean(values: list[float]) -> float:
         return float(np.mean(values))

@@ -99,6 +99,16 @@ class LayerFeatureSet:
     image: dict[int, StoredLayer]
     text: dict[int, StoredLayer]
 
+    def require(self, image_layers: Sequence[int], text_layers: Sequence[int]) -> None:
+        """Raise :class:`InputError` naming any of these layers that is not stored."""
+        for name, stored, layers in (
+            ("image", self.image, image_layers),
+            ("text", self.text, text_layers),
+        ):
+            missing = [layer for layer in layers if layer not in stored]
+            if missing:
+                raise InputError(f"the feature store has no {name} layer(s) {missing}")
+
     def image_features(
         self, rows: Sequence[int] | np.ndarray, layers: Sequence[int]
     ) -> LayerFeatures:

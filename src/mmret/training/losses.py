@@ -19,7 +19,12 @@ def symmetric_info_nce(
     >>> bool(loss < 1e-3)
     True
     """
-    logits = logit_scale * image @ text.T
+    return symmetric_info_nce_scores(logit_scale * image @ text.T, groups)
+
+
+def symmetric_info_nce_scores(logits: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a ``(B, B)`` matrix of scaled scores whose diagonal holds the
+    pairs; ``groups`` as in :func:`symmetric_info_nce` (rows and columns share them)."""
     same = groups[:, None] == groups[None, :]
     false_negatives = same & ~torch.eye(len(groups), dtype=torch.bool, device=groups.device)
     logits = logits.masked_fill(false_negatives, float("-inf"))
