@@ -29,6 +29,7 @@ from mmret.cli.output import (
     results_table,
     status,
 )
+from mmret.cli.rerank import train as train_rerank
 from mmret.cli.train import train_app
 from mmret.encoders import DEFAULT_MODEL
 from mmret.engine import Retriever
@@ -49,6 +50,7 @@ app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 app.add_typer(memory_app, name="memory")
 train_app.command("reco")(train_reco)
+train_app.command("rerank")(train_rerank)
 app.command()(check)
 app.command()(repair)
 

@@ -11,7 +11,6 @@ finished epoch and ends with the same head as an uninterrupted run.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,14 +19,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from mmret._files import replace_folder
 from mmret._progress import progress
 from mmret.errors import InputError
 from mmret.evaluation.retrieval import RetrievalReport, retrieval_metrics
 from mmret.heads.alignment import Projection
 from mmret.heads.hat import HatConfig, HierarchicalAlignmentHead
+from mmret.training.checkpoint import (
+    TrainingState,
+    has_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mmret.training.feature_store import LayerFeatureSet, StoredLayer
 from mmret.training.losses import symmetric_info_nce
 
@@ -110,7 +113,7 @@ def embed_set(
         )
 
 
-def _set_statistics(projection: torch.nn.Module, stored: StoredLayer) -> None:
+def set_statistics(projection: torch.nn.Module, stored: StoredLayer) -> None:
     """Standardise with the store's mean and std, summed chunk by chunk (never all in memory)."""
     assert isinstance(projection, Projection)
     total = torch.zeros(stored.pooled.shape[1], dtype=torch.float64)
@@ -151,9 +154,9 @@ def build_head(
         )
     )
     for projection, layer in zip(head.image, config.image_layers, strict=True):
-        _set_statistics(projection, train.image[layer])
+        set_statistics(projection, train.image[layer])
     for projection, layer in zip(head.text, config.text_layers, strict=True):
-        _set_statistics(projection, train.text[layer])
+        set_statistics(projection, train.text[layer])
     return head
 
 
@@ -222,9 +225,9 @@ def train_hat(
     )
     owner = np.asarray(train.text_image, dtype=np.int64)
     steps = max(1, len(owner) // config.batch_size)
-    state = _TrainingState(head.state_dict(), -1.0, 0, [])
-    if checkpoint_dir is not None and (checkpoint_dir / _STATE_FILE).is_file():
-        state = _resume(checkpoint_dir, config, head, optimiser, generator)
+    state = TrainingState(head.state_dict(), -1.0, 0, [])
+    if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
+        state = load_checkpoint(checkpoint_dir, config.to_dict(), head, optimiser, generator)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         head.train()
         order = torch.randperm(len(owner), generator=generator).numpy()
@@ -254,84 +257,13 @@ def train_hat(
             metrics = retrieval_metrics(*embed_set(head, dev), np.asarray(dev.text_image))
         log = HatEpochLog(epoch, total / steps, head.weights.tolist(), metrics)
         state.logs.append(log.to_dict())
-        if metrics is None or metrics.rsum > state.best_rsum:
-            state.best_rsum = metrics.rsum if metrics else -1.0
+        if metrics is None or metrics.rsum > state.best_score:
+            state.best_score = metrics.rsum if metrics else -1.0
             state.best = copy.deepcopy(head.state_dict())
         state.epoch = epoch
         if checkpoint_dir is not None:
-            _checkpoint(checkpoint_dir, config, head, optimiser, generator, state)
+            save_checkpoint(checkpoint_dir, config.to_dict(), head, optimiser, generator, state)
         if on_epoch is not None:
             on_epoch(log)
     head.load_state_dict(state.best)
     return head.eval(), state.logs
-
-
-_STATE_FILE = "state.json"
-_TENSORS_FILE = "state.safetensors"
-
-
-@dataclass
-class _TrainingState:
-    best: dict[str, torch.Tensor]
-    best_rsum: float
-    epoch: int
-    logs: list[dict[str, Any]]
-
-
-def _checkpoint(
-    folder: Path,
-    config: HatTrainingConfig,
-    head: HierarchicalAlignmentHead,
-    optimiser: torch.optim.Optimizer,
-    generator: torch.Generator,
-    state: _TrainingState,
-) -> None:
-    tensors = {f"head.{k}": v.detach().clone() for k, v in head.state_dict().items()}
-    tensors |= {f"best.{k}": v.detach().clone() for k, v in state.best.items()}
-    for index, moments in optimiser.state_dict()["state"].items():
-        tensors |= {f"optim.{index}.{k}": torch.as_tensor(v).clone() for k, v in moments.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.generator"] = generator.get_state()
-    document = {
-        "config": config.to_dict(),
-        "epoch": state.epoch,
-        "best_rsum": state.best_rsum,
-        "history": state.logs,
-    }
-    # The whole folder is replaced at once: a crash mid-write leaves the previous epoch's.
-    with replace_folder(folder) as scratch:
-        save_file(tensors, str(scratch / _TENSORS_FILE))
-        (scratch / _STATE_FILE).write_text(json.dumps(document, indent=2) + "\n")
-
-
-def _resume(
-    folder: Path,
-    config: HatTrainingConfig,
-    head: HierarchicalAlignmentHead,
-    optimiser: torch.optim.Optimizer,
-    generator: torch.Generator,
-) -> _TrainingState:
-    document = json.loads((folder / _STATE_FILE).read_text())
-    if HatTrainingConfig.from_dict(document["config"]) != config:
-        raise InputError(
-            f"{folder} holds a checkpoint of a run with another config "
-            f"({document['config']}); use another --out folder or delete the checkpoint"
-        )
-    tensors = load_file(str(folder / _TENSORS_FILE))
-
-    def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-    head.load_state_dict(part("head."))
-    saved = optimiser.state_dict()
-    moments: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in part("optim.").items():
-        index, name = key.split(".", 1)
-        moments.setdefault(int(index), {})[name] = value
-    saved["state"] = moments
-    optimiser.load_state_dict(saved)
-    torch.set_rng_state(tensors["rng.torch"])
-    generator.set_state(tensors["rng.generator"])
-    return _TrainingState(
-        part("best."), document["best_rsum"], document["epoch"], document["history"]
-    )
