@@ -39,6 +39,13 @@ from mmret.index.manifest import MANIFEST_FILE
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import read_items
 from mmret.items import Query
+from mmret.reranker import load_reranker
+
+RERANK_HELP = (
+    "Rescore the first stage's top N (at least --k) with the cross-encoder reranker "
+    "(0: off); the index must store token features (mmret index --token-features)."
+)
+RERANKER_HELP = "Reranker folder from `mmret train rerank` (default: the shipped one)."
 
 app = typer.Typer(
     cls=ReflowedHelp,
@@ -76,6 +83,13 @@ def index(
     fusion: str = typer.Option("transformer", "--fusion", help=FUSION_HELP),
     memory_k: int = typer.Option(10, "--memory-k", min=1, help=MEMORY_K_HELP),
     memory_search: str = typer.Option("uni", "--memory-search", help=SEARCH_HELP),
+    token_features: bool = typer.Option(
+        False,
+        "--token-features",
+        help="Store the token features the reranker reads beside a new index, so searches "
+        "can use --rerank (a second pass of the towers; about 50 KB per image).",
+    ),
+    reranker: Path | None = typer.Option(None, help=RERANKER_HELP),
 ) -> None:
     """Index a folder or manifest into OUT; an existing index gets the new items added."""
     report = SkipReport()
@@ -88,8 +102,11 @@ def index(
             raise InputError(f"{out} uses encoder {retriever.manifest.encoder!r}, not {model!r}")
     else:
         model = model or DEFAULT_MODEL
+        spec = load_reranker(reranker).spec if token_features or reranker else None
         with status(f"Loading encoder {model}..."):
-            retriever = Retriever.create(out, model=model, backend=backend, refiner=refiner)
+            retriever = Retriever.create(
+                out, model=model, backend=backend, refiner=refiner, token_features=spec
+            )
     with retriever:
         result = retriever.add(items, report=report, show_progress=True, total=len(items))
         summary = {
@@ -121,6 +138,8 @@ def search(
     fusion: str = typer.Option("transformer", "--fusion", help=FUSION_HELP),
     memory_k: int = typer.Option(10, "--memory-k", min=1, help=MEMORY_K_HELP),
     memory_search: str = typer.Option("uni", "--memory-search", help=SEARCH_HELP),
+    rerank: int = typer.Option(0, "--rerank", min=0, help=RERANK_HELP),
+    reranker: Path | None = typer.Option(None, help=RERANKER_HELP),
 ) -> None:
     """Search an index with a text, an image, or both.
 
@@ -132,7 +151,10 @@ def search(
     query = Query(text=text, image=image)
     refiner = open_refiner(memory, fusion, memory_k, memory_search)
     with Retriever.open(index_dir, readonly=True, refiner=refiner) as retriever:
-        hits = retriever.search([query], k=k, filter=parse_filter(filters) or None)[0]
+        model = load_reranker(reranker) if rerank and reranker else None
+        hits = retriever.search(
+            [query], k=k, filter=parse_filter(filters) or None, rerank=rerank, reranker=model
+        )[0]
     if as_json:
         print_json({"results": [hit.to_dict() for hit in hits]})
         return

@@ -91,6 +91,13 @@ class SideTokens:
     def __len__(self) -> int:
         return int(self.image.shape[0])
 
+    def take(self, rows: torch.Tensor | list[int]) -> SideTokens:
+        """The inputs ``rows`` of this side (a bool mask or indices)."""
+        index = torch.as_tensor(rows)
+        return SideTokens(
+            self.image[index], self.image_mask[index], self.text[index], self.text_mask[index]
+        )
+
     def expand(self, size: int) -> SideTokens:
         """A side of one input repeated ``size`` times (views, no copy)."""
         if len(self) != 1:

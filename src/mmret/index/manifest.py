@@ -29,12 +29,18 @@ class IndexManifest:
     backend_options: dict[str, Any] = field(default_factory=dict)
     #: The RECO memory and fusion the stored vectors were refined with (None: not refined).
     refiner: dict[str, Any] | None = None
+    #: The token features stored beside the items for reranking (a
+    #: :class:`~mmret.reranker.TokenFeatureSpec`; None: none stored).
+    token_features: dict[str, Any] | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     mmret_version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["token_features"] is None:  # as manifests written before the field read
+            del data["token_features"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IndexManifest:

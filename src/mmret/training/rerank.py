@@ -154,7 +154,7 @@ class _Data:
         model.eval()
         with torch.inference_mode():
             image = torch.cat(
-                [model.embed_pooled(chunk, None) for chunk in self.image_means.split(_CHUNK)]
+                [model.embed_pooled(chunk, None) for chunk in torch.split(self.image_means, _CHUNK)]
             )
             text = torch.cat(
                 [
