@@ -64,6 +64,7 @@ class RerankConfig:
     heads: int = 4
     ff_dim: int = 256
     dropout: float = 0.1
+    projection_dropout: float = 0.3
     joint: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,8 +147,9 @@ class CrossEncoder(nn.Module):
         super().__init__()
         self.config = config
         e = config.embed_dim
-        self.image = Projection(config.image_dim, e, config.hidden_dim, config.dropout)
-        self.text = Projection(config.text_dim, e, config.hidden_dim, config.dropout)
+        p = config.projection_dropout
+        self.image = Projection(config.image_dim, e, config.hidden_dim, p)
+        self.text = Projection(config.text_dim, e, config.hidden_dim, p)
         self.log_logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1 / 0.07), as in CLIP
         # The separate ablation embeds tokens with maps of its own (linear, standardised).
         self.image_tokens = None if config.joint else Projection(config.image_dim, e, 0, 0.0)
@@ -168,6 +170,8 @@ class CrossEncoder(nn.Module):
         self.out = nn.Linear(config.width, 1)
         # Weight of the bi-encoder's cosine in the match score (joint model only).
         self.cosine_weight = nn.Parameter(torch.tensor(10.0), requires_grad=config.joint)
+        # Weight of the token-level late interaction in the match score.
+        self.token_weight = nn.Parameter(torch.tensor(5.0))
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -215,35 +219,49 @@ class CrossEncoder(nn.Module):
             query = query.expand(len(candidate))
         if len(query) != len(candidate):
             raise InputError(f"{len(query)} queries for {len(candidate)} candidates")
-        parts = [self._tokens(query), self._tokens(candidate)]
+        embedded = [self._embedded_tokens(query), self._embedded_tokens(candidate)]
+        parts = [self._tokens(*side) for side in embedded]
         batch = len(candidate)
         cls = (self.kind.weight[_CLS] + torch.zeros(batch, 1, self.config.width),)
         tokens = torch.cat([*cls, *(t for t, _ in parts)], dim=1)
         mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool), *(m for _, m in parts)], dim=1)
         hidden = self.encoder(tokens, src_key_padding_mask=~mask)
         score: torch.Tensor = self.out(self.norm(hidden[:, 0])).squeeze(-1)
+        score = score + self.token_weight * token_interaction(*embedded[0][:2], *embedded[1][:2])
         if self.config.joint:
             cosine = (self.embed(query) * self.embed(candidate)).sum(dim=-1)
             score = score + self.cosine_weight * cosine
         return score
 
-    def _tokens(self, side: SideTokens) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, T, width)`` embedded image and text tokens of a side and their ``(B, T)`` mask."""
+    def _embedded_tokens(self, side: SideTokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A side's image grid and text tokens in the ``embed_dim`` space, one sequence
+        ``(B, T, E)``, their ``(B, T)`` mask and ``(B, T)`` kind (image or text)."""
         image_embedder = self.image if self.image_tokens is None else self.image_tokens
         text_embedder = self.text if self.text_tokens is None else self.text_tokens
-        pieces, masks = [], []
+        pieces, masks, kinds = [], [], []
         if side.image.shape[1]:
             grid, grid_mask = self._grid(side)
-            image = self.into(linear_part(image_embedder, grid))
-            pieces.append(image + self.kind.weight[_IMAGE] + self.position)
+            pieces.append(linear_part(image_embedder, grid))
             masks.append(grid_mask)
+            kinds.append(torch.full(grid_mask.shape, _IMAGE))
         if side.text.shape[1]:
-            text = self.into(linear_part(text_embedder, side.text))
-            pieces.append(text + self.kind.weight[_TEXT])
+            pieces.append(linear_part(text_embedder, side.text))
             masks.append(side.text_mask)
+            kinds.append(torch.full(side.text_mask.shape, _TEXT))
         if not pieces:
             raise InputError("a query or candidate has neither an image nor a text")
-        return torch.cat(pieces, dim=1), torch.cat(masks, dim=1)
+        return torch.cat(pieces, dim=1), torch.cat(masks, dim=1), torch.cat(kinds, dim=1)
+
+    def _tokens(
+        self, tokens: torch.Tensor, mask: torch.Tensor, kinds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, T, width)`` transformer inputs of embedded tokens and their ``(B, T)`` mask."""
+        hidden = self.into(tokens) + self.kind(kinds)
+        grid = self.config.image_grid**2
+        if kinds.shape[1] and bool((kinds[0, :grid] == _IMAGE).all()) and kinds.shape[1] >= grid:
+            # Image tokens come first in a side and are a grid: give them their places.
+            hidden = torch.cat([hidden[:, :grid] + self.position, hidden[:, grid:]], dim=1)
+        return hidden, mask
 
     def save(self, folder: Path, *, dtype: torch.dtype | None = None) -> None:
         save_head(self, KIND, self.config.to_dict(), folder, dtype=dtype)
@@ -253,6 +271,34 @@ class CrossEncoder(nn.Module):
         model = cls(RerankConfig.from_dict(read_head_config(folder, KIND)))
         load_weights(model, folder)
         return model.eval()
+
+
+def token_interaction(
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    candidate: torch.Tensor,
+    candidate_mask: torch.Tensor,
+) -> torch.Tensor:
+    """``(B,)`` symmetric late interaction of ``(B, Tq, E)`` and ``(B, Tc, E)`` token sets: the
+    mean over each side's real tokens of its best cosine with the other side's, averaged over
+    both directions (a side's tokens are unit-normalised first).
+
+    >>> x, all_real = torch.eye(3)[None], torch.ones(1, 3, dtype=torch.bool)
+    >>> token_interaction(x, all_real, x[:, :2], all_real[:, :2])
+    tensor([0.8333])
+    """
+    cosines = F.normalize(query, dim=-1) @ F.normalize(candidate, dim=-1).transpose(1, 2)
+    pair = query_mask[:, :, None] & candidate_mask[:, None, :]
+    cosines = cosines.masked_fill(~pair, -2.0)
+    forward = masked_best(cosines.max(dim=2).values, query_mask)
+    backward = masked_best(cosines.max(dim=1).values, candidate_mask)
+    return (forward + backward) / 2
+
+
+def masked_best(best: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` mean of ``(B, T)`` best cosines over the True positions of ``mask``."""
+    weights = mask.to(best.dtype)
+    return (best.clamp_min(-1.0) * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
 def linear_part(projection: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -65,8 +65,9 @@ class RerankTrainingConfig:
     heads: int = 4
     ff_dim: int = 256
     dropout: float = 0.1
+    projection_dropout: float = 0.3
     joint: bool = True
-    warmup_epochs: int = 2
+    warmup_epochs: int = 3
     epochs: int = 3
     queries_per_epoch: int = 3000
     query_batch: int = 32
@@ -74,6 +75,9 @@ class RerankTrainingConfig:
     mine_top: int = 20
     contrastive_batch: int = 512
     learning_rate: float = 1e-3
+    #: In joint epochs the bi-encoder's projections learn at this fraction of the rate, so
+    #: the cross-encoder's loss refines what they share without undoing the first stage.
+    joint_projection_rate: float = 0.2
     weight_decay: float = 0.05
     dev_queries: int = 500
     rerank_n: int = 20
@@ -188,6 +192,7 @@ def build_model(
             heads=config.heads,
             ff_dim=config.ff_dim,
             dropout=config.dropout,
+            projection_dropout=config.projection_dropout,
             joint=config.joint,
         )
     )
@@ -257,8 +262,14 @@ def train_rerank(
     model = build_model(train, config, backbone, layer_source)
     data = _Data(train, config)
     dev_data = _Data(dev, config) if dev is not None else None
+    bi_encoder = {id(p) for m in (model.image, model.text) for p in m.parameters()}
+    bi_encoder.add(id(model.log_logit_scale))
+    groups = [
+        [p for p in model.parameters() if p.requires_grad and (id(p) in bi_encoder) == first]
+        for first in (True, False)
+    ]
     optimiser = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
+        [{"params": group} for group in groups],
         lr=config.learning_rate,
         weight_decay=config.weight_decay,
     )
@@ -289,8 +300,9 @@ def train_rerank(
         )
         model.train()
         for step, loss in enumerate(batches):
-            for group in optimiser.param_groups:
-                group["lr"] = learning_rate(config, done + step, total_steps)
+            rate = learning_rate(config, done + step, total_steps)
+            optimiser.param_groups[0]["lr"] = rate * (1.0 if warm else config.joint_projection_rate)
+            optimiser.param_groups[1]["lr"] = rate
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
