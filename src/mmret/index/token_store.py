@@ -125,6 +125,8 @@ class TokenFiles:
 
     def rows(self, modality: str, start: int, count: int) -> np.ndarray:
         """``(count, width)`` float16 view of rows of a file (mapped again when it has grown)."""
+        if count == 0:
+            return np.zeros((0, self.widths[modality]), dtype=np.float16)
         mapped = self._maps.get(modality)
         if mapped is None or start + count > len(mapped):
             total = self.rows_on_disk(modality)
