@@ -38,15 +38,22 @@ from mmret.evaluation.datasets import load_pairs
 from mmret.evaluation.embeddings import embed_images, embed_items, embed_pairs
 from mmret.evaluation.ir import ir_metrics, read_qrels
 from mmret.evaluation.reports import MetricTable, percent
-from mmret.evaluation.rerank import RerankedReport, StoredSides, reranked_retrieval
+from mmret.evaluation.rerank import (
+    RerankedReport,
+    StoredSides,
+    reranked_retrieval,
+    reranking_order,
+)
 from mmret.evaluation.retrieval import (
     RetrievalReport,
     folded_metrics,
     recall_curve,
     retrieval_metrics,
 )
+from mmret.heads.rerank import SideTokens
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import read_items
+from mmret.items import Item
 from mmret.reranker import load_reranker
 from mmret.training.feature_store import layer_feature_set
 from mmret.training.features import PairSet
@@ -339,12 +346,21 @@ def ir(
     fusion: str = typer.Option("transformer", "--fusion", help=FUSION_HELP),
     memory_k: int = typer.Option(10, "--memory-k", min=1, help=MEMORY_K_HELP),
     memory_search: str = typer.Option("uni", "--memory-search", help=SEARCH_HELP),
+    rerank: int = typer.Option(
+        0,
+        "--rerank",
+        min=0,
+        help="Rescore each query's top N documents with the cross-encoder reranker (0: off).",
+    ),
+    reranker: Path | None = typer.Option(None, help=RERANKER_HELP),
 ) -> None:
     """Multimodal retrieval (M-BEIR / M2KR style): R@1/5/10, MRR@10 and nDCG@10, in percent.
 
     Queries and documents may have a text, an image or both (embedded as the encoder combines
     them). R@K counts queries with a relevant document in the top K; nDCG uses the graded
-    relevance with a log2 discount against the ideal ordering of the judged documents.
+    relevance with a log2 discount against the ideal ordering of the judged documents. With
+    --rerank N each query's top N are reordered by the cross-encoder (token features of the
+    queries and of the documents that are candidates are computed once per run).
     """
     started = time.perf_counter()
     check_outputs(plot)
@@ -368,8 +384,31 @@ def ir(
         doc_vectors = embed_items(encoder, doc_items, cache_dir=cache_dir, show_progress=True)
     encode_s = time.perf_counter() - encoding
     query_ids = [item.id for item in query_items]
+    reorder = None
+    if rerank:
+        cross = load_reranker(reranker)
+        features: dict[tuple[str, int], SideTokens] = {}
+
+        def side(kind: str, items: Sequence[Item], row: int) -> SideTokens:
+            if (kind, row) not in features:
+                features[kind, row] = cross.features([items[row]])
+            return features[kind, row]
+
+        reorder = reranking_order(
+            cross.score,
+            lambda q: side("query", query_items, q),
+            lambda d: side("doc", doc_items, d),
+            rerank,
+        )
+        label += f" + rerank top {rerank}"
     metrics = ir_metrics(
-        query_vectors, doc_vectors, query_ids, [d.id for d in doc_items], judgements
+        query_vectors,
+        doc_vectors,
+        query_ids,
+        [d.id for d in doc_items],
+        judgements,
+        reorder=reorder,
+        depth=rerank,
     )
     unknown = len(set(judgements) - set(query_ids))
     if unknown:

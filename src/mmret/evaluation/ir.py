@@ -17,7 +17,7 @@ Only queries with at least one relevant judgement are scored. The functions retu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,9 +137,15 @@ def ir_metrics(
     doc_ids: list[str],
     qrels: Qrels,
     max_k: int = 50,
+    reorder: Callable[[int, np.ndarray], np.ndarray] | None = None,
+    depth: int = 0,
 ) -> IRReport:
     """Score ``(Q, D)`` query vectors against ``(N, D)`` documents by inner product and
-    evaluate them against ``qrels``. Queries without a relevant judgement are left out."""
+    evaluate them against ``qrels``. Queries without a relevant judgement are left out.
+
+    ``reorder(q, ranked)``, when given, returns query row ``q``'s ranked document indices
+    reordered (a reranker); the first stage then ranks at least ``depth`` documents for it.
+    """
     scored = [
         i for i, qid in enumerate(query_ids) if any(r > 0 for r in qrels.get(qid, {}).values())
     ]
@@ -148,10 +154,12 @@ def ir_metrics(
     judged = [qrels[query_ids[i]] for i in scored]
     ranked = np.concatenate(
         [
-            top_k(query_vectors[scored[s : s + _CHUNK]] @ doc_vectors.T, max(max_k, 10))
+            top_k(query_vectors[scored[s : s + _CHUNK]] @ doc_vectors.T, max(max_k, 10, depth))
             for s in range(0, len(scored), _CHUNK)
         ]
     )
+    if reorder is not None:
+        ranked = np.stack([reorder(q, row) for q, row in zip(scored, ranked, strict=True)])
     grades = gains(ranked, doc_ids, judged)
     width = max(len(j) for j in judged)
     ideal = np.zeros((len(judged), width))

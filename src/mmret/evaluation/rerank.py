@@ -173,3 +173,40 @@ def reranked_retrieval(
         i2t,
     )
     return RerankedReport(report, n, 1000.0 * t2i_s, 1000.0 * i2t_s)
+
+
+def stack_sides(sides: Sequence[SideTokens]) -> SideTokens:
+    """One side of all the inputs of ``sides``, padded per modality to the longest."""
+
+    def pad(parts: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        longest = max(part.shape[1] for part in parts)
+        tokens = torch.zeros(sum(len(p) for p in parts), longest, parts[0].shape[2])
+        mask = torch.zeros(len(tokens), longest, dtype=torch.bool)
+        row = 0
+        for part, part_mask in zip(parts, masks, strict=True):
+            tokens[row : row + len(part), : part.shape[1]] = part
+            mask[row : row + len(part), : part.shape[1]] = part_mask
+            row += len(part)
+        return tokens, mask
+
+    image, image_mask = pad([s.image for s in sides], [s.image_mask for s in sides])
+    text, text_mask = pad([s.text for s in sides], [s.text_mask for s in sides])
+    return SideTokens(image, image_mask, text, text_mask)
+
+
+def reranking_order(
+    score: Callable[[SideTokens, SideTokens], np.ndarray],
+    queries: Callable[[int], SideTokens],
+    documents: Callable[[int], SideTokens],
+    n: int,
+) -> Callable[[int, np.ndarray], np.ndarray]:
+    """A ``reorder(q, ranked)`` for :func:`mmret.evaluation.ir.ir_metrics`: query ``q``'s top
+    ``n`` ranked documents reordered by ``score(query, candidates)``, the rest left as they are.
+    ``queries(q)`` and ``documents(d)`` give one input's token features."""
+
+    def reorder(query: int, ranked: np.ndarray) -> np.ndarray:
+        top = ranked[:n]
+        scores = score(queries(query), stack_sides([documents(int(d)) for d in top]))
+        return np.concatenate([top[np.argsort(-scores, kind="stable")], ranked[n:]])
+
+    return reorder

@@ -169,7 +169,7 @@ class CrossEncoder(nn.Module):
         self.norm = nn.LayerNorm(config.width)
         self.out = nn.Linear(config.width, 1)
         # Weight of the bi-encoder's cosine in the match score (joint model only).
-        self.cosine_weight = nn.Parameter(torch.tensor(10.0), requires_grad=config.joint)
+        self.cosine_weight = nn.Parameter(torch.tensor(15.0), requires_grad=config.joint)
         # Weight of the token-level late interaction in the match score.
         self.token_weight = nn.Parameter(torch.tensor(5.0))
 
@@ -215,13 +215,15 @@ class CrossEncoder(nn.Module):
     def forward(self, query: SideTokens, candidate: SideTokens) -> torch.Tensor:
         """``(B,)`` match scores of ``B`` query-candidate pairs (a query side of one input is
         paired with every candidate)."""
-        if len(query) == 1 and len(candidate) != 1:
-            query = query.expand(len(candidate))
-        if len(query) != len(candidate):
-            raise InputError(f"{len(query)} queries for {len(candidate)} candidates")
-        embedded = [self._embedded_tokens(query), self._embedded_tokens(candidate)]
-        parts = [self._tokens(*side) for side in embedded]
         batch = len(candidate)
+        if len(query) not in (1, batch):
+            raise InputError(f"{len(query)} queries for {batch} candidates")
+        # One query's tokens and vector are computed once, then shared by every pair.
+        embedded = [
+            tuple(part.expand(batch, *part.shape[1:]) for part in self._embedded_tokens(query)),
+            self._embedded_tokens(candidate),
+        ]
+        parts = [self._tokens(*side) for side in embedded]
         cls = (self.kind.weight[_CLS] + torch.zeros(batch, 1, self.config.width),)
         tokens = torch.cat([*cls, *(t for t, _ in parts)], dim=1)
         mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool), *(m for _, m in parts)], dim=1)
@@ -229,7 +231,7 @@ class CrossEncoder(nn.Module):
         score: torch.Tensor = self.out(self.norm(hidden[:, 0])).squeeze(-1)
         score = score + self.token_weight * token_interaction(*embedded[0][:2], *embedded[1][:2])
         if self.config.joint:
-            cosine = (self.embed(query) * self.embed(candidate)).sum(dim=-1)
+            cosine = (self.embed(query) * self.embed(candidate)).sum(dim=-1)  # (1 or B) x B
             score = score + self.cosine_weight * cosine
         return score
 
@@ -306,6 +308,7 @@ def linear_part(projection: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     token of ``(B, T, D)``: ``(B, T, out)``. Both are affine, so the mean of the results is the
     linear part of the projection of the mean token."""
     assert isinstance(projection, Projection)
-    standard = projection.dropout((tokens - projection.mean) / projection.std)
+    # No dropout here: the bi-encoder drops pooled inputs, the transformer its own activations.
+    standard = (tokens - projection.mean) / projection.std
     out: torch.Tensor = projection.linear(standard)
     return out

@@ -49,6 +49,7 @@ from mmret.training.hat import set_statistics
 from mmret.training.losses import symmetric_info_nce
 
 _CHUNK = 2048
+_SCALE_RATE = 10.0
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class RerankTrainingConfig:
     projection_dropout: float = 0.3
     joint: bool = True
     warmup_epochs: int = 3
-    epochs: int = 3
+    epochs: int = 4
     queries_per_epoch: int = 3000
     query_batch: int = 32
     negatives: int = 3
@@ -123,7 +124,9 @@ class _Data:
     """A stored feature set as the training loop reads it: image grids by image row, texts by
     caption row, and the bi-encoder inputs (mean tokens) of all of them."""
 
-    def __init__(self, features: LayerFeatureSet, config: RerankTrainingConfig) -> None:
+    def __init__(
+        self, features: LayerFeatureSet, config: RerankTrainingConfig | RerankConfig
+    ) -> None:
         for name, stored, layer in (
             ("image", features.image, config.image_layer),
             ("text", features.text, config.text_layer),
@@ -167,6 +170,13 @@ class _Data:
                 ]
             )
         return image, text
+
+
+def embed_stored(model: CrossEncoder, features: LayerFeatureSet) -> tuple[np.ndarray, np.ndarray]:
+    """The bi-encoder's ``(N, E)`` image and ``(T, E)`` caption unit vectors of a stored set
+    (the first stage of the joint model)."""
+    image, text = _Data(features, model.config).embed(model)
+    return image.numpy(), text.numpy()
 
 
 def _spans(count: int) -> list[tuple[int, int]]:
@@ -264,12 +274,18 @@ def train_rerank(
     dev_data = _Data(dev, config) if dev is not None else None
     bi_encoder = {id(p) for m in (model.image, model.text) for p in m.parameters()}
     bi_encoder.add(id(model.log_logit_scale))
-    groups = [
-        [p for p in model.parameters() if p.requires_grad and (id(p) in bi_encoder) == first]
-        for first in (True, False)
+    # The score's weights and read-out are few and must move far: ten times the rate, no decay.
+    scales = [model.cosine_weight, model.token_weight, *model.out.parameters()]
+    special = bi_encoder | {id(p) for p in scales}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
+    bi = [p for p in model.parameters() if id(p) in bi_encoder]
+    groups: list[dict[str, Any]] = [
+        {"params": bi},
+        {"params": rest},
+        {"params": [p for p in scales if p.requires_grad], "weight_decay": 0.0},
     ]
     optimiser = torch.optim.AdamW(
-        [{"params": group} for group in groups],
+        groups,
         lr=config.learning_rate,
         weight_decay=config.weight_decay,
     )
@@ -303,6 +319,7 @@ def train_rerank(
             rate = learning_rate(config, done + step, total_steps)
             optimiser.param_groups[0]["lr"] = rate * (1.0 if warm else config.joint_projection_rate)
             optimiser.param_groups[1]["lr"] = rate
+            optimiser.param_groups[2]["lr"] = rate * _SCALE_RATE
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
