@@ -4,13 +4,16 @@ repair, the model through save and load, and training is seeded and resumable.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from mmret import InputError, Item, Query, Retriever
+from mmret.cli.main import app
 from mmret.heads.rerank import CrossEncoder, SideTokens
 from mmret.index.integrity import check_index, repair_index
 from mmret.index.token_store import TOKENS_DIR
@@ -18,6 +21,7 @@ from mmret.reranker import Reranker
 
 from .conftest import COLOURS, solid
 from .rerank_fixtures import LayerHashEncoder, tiny_config, tiny_reranker, tiny_spec
+from .test_encoders import tiny_hf
 
 WORDS = ["dog", "cat", "beach", "snow", "red", "ball", "child", "grass"]
 
@@ -179,3 +183,56 @@ def test_scores_do_not_depend_on_which_side_asks(tmp_path: Path) -> None:
         other_way = reranker.model(images, texts)
     torch.testing.assert_close(one_way, other_way, atol=1e-5, rtol=1e-5)
     assert np.isfinite(one_way.numpy()).all()
+
+
+def test_train_index_search_and_evaluate_from_the_cli(manifest: Path, tmp_path: Path) -> None:
+    backbone = tiny_hf(tmp_path / "clip", "clip")
+    out, index = tmp_path / "reranker", tmp_path / "index"
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    train = [
+        "train", "rerank", str(manifest), "--dev", str(manifest), "--out", str(out),
+        "--backbone", backbone.spec, "--image-layer", "-1", "--text-layer", "-1",
+        "--image-grid", "2", "--warmup-epochs", "1", "--epochs", "1", "--negatives", "1",
+        "--mine-top", "2", "--queries-per-epoch", "4", "--width", "16", "--layers", "1", *cache,
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, train)
+    assert result.exit_code == 0, result.output
+    assert "reranked top 20" in " ".join(result.output.split())
+    history = json.loads((out / "training.json").read_text())["history"]
+    assert [entry["epoch"] for entry in history] == [1, 2] and history[1]["dev_reranked"]
+    rerun = CliRunner().invoke(app, train)  # resumes after the last epoch: nothing to do
+    assert rerun.exit_code == 0 and "epoch" not in rerun.output.split("saved")[0]
+
+    made = CliRunner().invoke(
+        app, ["index", str(manifest), "--out", str(index), "--model", backbone.spec,
+              "--token-features", "--reranker", str(out)],
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert check_index(index).ok
+    found = CliRunner().invoke(
+        app, ["search", str(index), "a red square", "--k", "2", "--rerank", "3",
+              "--reranker", str(out), "--json"],
+    )  # fmt: skip
+    assert found.exit_code == 0, found.output
+    hits = json.loads(found.output)["results"]
+    assert len(hits) == 2 and hits[0]["score"] >= hits[1]["score"]
+
+    record = tmp_path / "eval.json"
+    evaluated = CliRunner().invoke(
+        app, ["eval", "retrieval", str(manifest), "--model", backbone.spec, "--rerank", "2",
+              "--rerank", "4", "--reranker", str(out), "--json", str(record), *cache],
+    )  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    reranked = json.loads(record.read_text())["reranked"]
+    assert [entry["n"] for entry in reranked] == [2, 4]
+    assert "Reranked by the cross-encoder" in evaluated.output
+
+    queries, qrels = tmp_path / "queries.jsonl", tmp_path / "qrels.tsv"
+    queries.write_text('{"id": "q1", "text": "a red square"}\n{"id": "q2", "text": "blue"}\n')
+    qrels.write_text("q1 0 red 1\nq2 0 blue 1\n")
+    ir = CliRunner().invoke(
+        app, ["eval", "ir", str(queries), str(manifest), str(qrels), "--model", backbone.spec,
+              "--rerank", "3", "--reranker", str(out), "--json", str(record), *cache],
+    )  # fmt: skip
+    assert ir.exit_code == 0, ir.output
+    assert "rerank top 3" in json.loads(record.read_text())["model"]
