@@ -99,17 +99,6 @@ class SideTokens:
             self.image[index], self.image_mask[index], self.text[index], self.text_mask[index]
         )
 
-    def expand(self, size: int) -> SideTokens:
-        """A side of one input repeated ``size`` times (views, no copy)."""
-        if len(self) != 1:
-            raise InputError(f"only a side of one input expands, not of {len(self)}")
-        return SideTokens(
-            self.image.expand(size, -1, -1),
-            self.image_mask.expand(size, -1),
-            self.text.expand(size, -1, -1),
-            self.text_mask.expand(size, -1),
-        )
-
 
 def empty_side(size: int, image_dim: int, text_dim: int) -> SideTokens:
     """A side of ``size`` inputs with no tokens at all (the parts a side lacks start here)."""
