@@ -1,17 +1,20 @@
 """Retrieve fast, rerank smart on Flickr8k dev: first stages alone and reranked at several N.
 
-    python benchmarks/rerank_dev.py --model joint=DIR [--model separate=DIR] \
-        [--sizes 10,20,50,100] [--captions 5000] [--ceiling 100] [--starter]
+    python benchmarks/rerank_dev.py --model joint=DIR [--model separate=DIR@20] \
+        [--sizes 10,20,50,100] [--captions 1000] [--images 200] [--ceiling 100] [--starter 20]
 
 For each reranker folder (``mmret train rerank``; default the shipped one): its own first
 stage (the bi-encoder it was trained with) alone and with its top N reranked by its
-cross-encoder, t2i and i2t R@1/5/10 and the reranking's milliseconds per query (reading the
-candidates' stored token features plus the cross-encoder, one query at a time). With
-``--starter`` the same cross-encoder also reranks the ``starter`` model's first stage (what
-``mmret search --rerank`` does on a starter index). ``--ceiling Q`` scores Q sampled captions
-against all 1,000 images (and Q / 5 images against all 5,000 captions) with the cross-encoder
-alone: the quality it would reach without a first stage. Everything reads the stored dev layer
-features (float16), as the search path reads features stored beside an index.
+cross-encoder (``DIR@10,20`` picks a model's own N, default ``--sizes``): t2i and i2t
+R@1/5/10 and the reranking's milliseconds per query (reading the candidates' stored token
+features plus the cross-encoder, one query at a time). ``--starter N`` has the first model's
+cross-encoder rerank the ``starter`` model's first stage too (what ``mmret search --rerank``
+does on a starter index). ``--ceiling Q`` scores Q sampled captions against all 1,000 images
+(and Q / 5 images against all 5,000 captions) with the cross-encoder alone: what it reaches
+without a first stage. ``--captions`` and ``--images`` sample the queries (fixed seed) to
+keep the run short on a busy machine; every row of a model scores the same queries (its first
+stage row is "rerank top 1", which reorders nothing). Everything reads
+the stored dev layer features (float16), as search reads the features stored beside an index.
 """
 
 from __future__ import annotations
@@ -75,18 +78,23 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=0, help="caption queries (0: all)")
     parser.add_argument("--images", type=int, default=0, help="image queries (0: all)")
     parser.add_argument("--ceiling", type=int, default=100, help="sampled captions (0: skip)")
-    parser.add_argument("--starter", action="store_true", help="also rerank starter's top N")
+    parser.add_argument("--starter", default="", help="N,...: rerank starter's top N too")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "rerank_dev.json")
     args = parser.parse_args()
     require_flickr()
     torch.set_num_threads(args.threads)
     models = dict(part.split("=", 1) for part in args.model) or {"shipped": str(SHIPPED_RERANKER)}
-    sizes = [int(n) for n in args.sizes.split(",")]
+
+    def numbers(text: str) -> list[int]:
+        return [int(n) for n in text.split(",") if n]
+
+    sizes = numbers(args.sizes)
     rows: list[list[Any]] = []
     extra: dict[str, Any] = {"models": models, "sizes": sizes}
     rng = np.random.default_rng(0)
-    for name, folder in models.items():
+    for number, (name, spec) in enumerate(models.items()):
+        folder, _, own_sizes = spec.partition("@")
         reranker = load_reranker(folder)
         config = reranker.model.config
         dev: LayerFeatureSet = layer_feature_set(
@@ -105,15 +113,21 @@ def main() -> None:
             if args.images
             else None
         )
-        stages = {"own bi-encoder": embed_stored(reranker.model, dev)}
-        if args.starter:
+        stages = {
+            "own bi-encoder": (embed_stored(reranker.model, dev), numbers(own_sizes) or sizes)
+        }
+        if args.starter and number == 0:
             starter = load_encoder("starter")
             assert isinstance(starter, StarterEncoder)
-            stages["starter"] = _starter_vectors(starter, dev)
-        for stage, (image, text) in stages.items():
-            first = retrieval_metrics(image, text, owner)
+            stages["starter"] = (_starter_vectors(starter, dev), numbers(args.starter))
+        for stage, ((image, text), depths) in stages.items():
+            full = retrieval_metrics(image, text, owner)
+            extra[f"{name} / {stage} / first stage, all queries"] = full.to_dict()
+            first = reranked_retrieval(
+                reranker.model, image, text, owner, sides, 1, captions=captions, images=images
+            ).report
             rows.append([name, stage, "-", *recall_cells(first), "-", "-", f"{first.rsum:.1f}"])
-            for n in sizes:
+            for n in depths:
                 result: RerankedReport = reranked_retrieval(
                     reranker.model, image, text, owner, sides, n, captions=captions, images=images
                 )
@@ -128,7 +142,7 @@ def main() -> None:
                         f"{result.report.rsum:.1f}",
                     ]
                 )
-        if args.ceiling:
+        if args.ceiling and number == 0:
             t2i, i2t, ms = ceiling(reranker.model, sides, owner, args.ceiling, seed=1)
             cells = [f"{v:.1f}" for v in (*t2i.values(), *i2t.values())]
             label = f"cross-encoder alone ({args.ceiling} captions, {args.ceiling // 5} images)"

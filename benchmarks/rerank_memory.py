@@ -60,12 +60,16 @@ class SyntheticLayers(HashEncoder):
     def text_layer_count(self) -> int:
         return 6
 
+    # Drawn once: what the features hold does not change what reading them costs.
+    _image = torch.randn(CHUNK, 16, 1280)
+    _text = torch.randn(CHUNK, 14, 384)
+
     def _image_layers(self, images: list[Image.Image], layers: tuple[int, ...]) -> LayerFeatures:
-        tokens = torch.randn(len(images), 16, 1280)
+        tokens = self._image[: len(images)]
         return LayerFeatures(layers, (tokens,), (torch.ones(len(images), 16, dtype=torch.bool),))
 
     def _text_layers(self, texts: list[str], layers: tuple[int, ...]) -> LayerFeatures:
-        tokens = torch.randn(len(texts), 14, 384)
+        tokens = self._text[: len(texts)]
         return LayerFeatures(layers, (tokens,), (torch.ones(len(texts), 14, dtype=torch.bool),))
 
 

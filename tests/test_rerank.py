@@ -17,7 +17,7 @@ from mmret.cli.main import app
 from mmret.heads.rerank import CrossEncoder, SideTokens
 from mmret.index.integrity import check_index, repair_index
 from mmret.index.token_store import TOKENS_DIR
-from mmret.reranker import Reranker
+from mmret.reranker import Reranker, load_reranker
 
 from .conftest import COLOURS, solid
 from .rerank_fixtures import LayerHashEncoder, tiny_config, tiny_reranker, tiny_spec
@@ -236,3 +236,13 @@ def test_train_index_search_and_evaluate_from_the_cli(manifest: Path, tmp_path: 
     )  # fmt: skip
     assert ir.exit_code == 0, ir.output
     assert "rerank top 3" in json.loads(record.read_text())["model"]
+
+
+def test_the_shipped_reranker_serves_offline() -> None:
+    reranker = load_reranker()
+    assert reranker.spec.backbone == "starter" and reranker.model.config.joint
+    images = reranker.features([Item("red", image=solid((220, 30, 30), size=(64, 64)))])
+    texts = reranker.features([Query(text="a red wall"), Query(text="two dogs in the snow")])
+    assert images.image.shape == (1, 16, 1280) and texts.text.shape[2] == 384
+    scores = reranker.score(images, texts)
+    assert scores.shape == (2,) and np.isfinite(scores).all()
