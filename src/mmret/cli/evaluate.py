@@ -164,10 +164,11 @@ def retrieval(
 
     Every image and caption is embedded (and cached). Text-to-image: each caption ranks all
     images, its own is the hit. Image-to-text: each image ranks all captions, any of its own
-    is a hit. Recalls are percentages; ties count in the query's favour. With --rerank N the
-    first stage's top N are rescored by the cross-encoder from stored token features (a query
-    whose hit is not among them keeps its first-stage rank); milliseconds per query are the
-    reranking's own (reading the features and the cross-encoder, one query at a time).
+    is a hit. Recalls are percentages; ties count in the query's favour.
+
+    With --rerank N the first stage's top N are rescored by the cross-encoder from stored
+    token features (a query whose hit is not among them keeps its first-stage rank); ms per
+    query are the reranking's own (features read and scored one query at a time).
     """
     started = time.perf_counter()
     check_outputs(plot)
@@ -358,9 +359,10 @@ def ir(
 
     Queries and documents may have a text, an image or both (embedded as the encoder combines
     them). R@K counts queries with a relevant document in the top K; nDCG uses the graded
-    relevance with a log2 discount against the ideal ordering of the judged documents. With
-    --rerank N each query's top N are reordered by the cross-encoder (token features of the
-    queries and of the documents that are candidates are computed once per run).
+    relevance with a log2 discount against the ideal ordering of the judged documents.
+
+    With --rerank N each query's top N are reordered by the cross-encoder (token features of
+    the queries and of the documents that are candidates are computed once per run).
     """
     started = time.perf_counter()
     check_outputs(plot)
