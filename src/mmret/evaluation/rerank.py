@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mmret.evaluation.retrieval import RetrievalReport, recalls
+from mmret.evaluation.retrieval import RetrievalReport, report_from_ranks
 from mmret.heads.rerank import CrossEncoder, SideTokens
 from mmret.training.feature_store import LayerFeatureSet
 
@@ -162,16 +162,7 @@ def reranked_retrieval(
         n,
         query_batch=query_batch,
     )
-    report = RetrievalReport(
-        recalls(t2i),
-        recalls(i2t),
-        float(np.median(t2i)),
-        float(np.median(i2t)),
-        len(image),
-        len(text),
-        t2i,
-        i2t,
-    )
+    report = report_from_ranks(t2i, i2t, len(image), len(text))
     return RerankedReport(report, n, 1000.0 * t2i_s, 1000.0 * i2t_s)
 
 

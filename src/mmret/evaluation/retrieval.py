@@ -117,13 +117,20 @@ def retrieval_metrics(
     caption t's image."""
     t2i = ranks_text_to_image(image, text, text_image)
     i2t = ranks_image_to_text(image, text, text_image)
+    return report_from_ranks(t2i, i2t, len(image), len(text))
+
+
+def report_from_ranks(
+    t2i: np.ndarray, i2t: np.ndarray, n_images: int, n_texts: int
+) -> RetrievalReport:
+    """The report of ``(T,)`` text-to-image and ``(N,)`` image-to-text 1-based ranks."""
     return RetrievalReport(
         recalls(t2i),
         recalls(i2t),
         float(np.median(t2i)),
         float(np.median(i2t)),
-        len(image),
-        len(text),
+        n_images,
+        n_texts,
         t2i,
         i2t,
     )

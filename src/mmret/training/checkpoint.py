@@ -9,6 +9,7 @@ the previous epoch's. Resuming with another config is refused rather than mixed 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,3 +96,13 @@ def load_checkpoint(
     return TrainingState(
         part("best."), document["best_rsum"], document["epoch"], document["history"]
     )
+
+
+def warmup_cosine(peak: float, step: int, total: int) -> float:
+    """Linear warm-up over the first 10 % of steps, then cosine decay (a function of the step,
+    so a resumed run needs no scheduler state)."""
+    warm = max(1, total // 10)
+    if step < warm:
+        return peak * (step + 1) / warm
+    done = (step - warm) / max(1, total - warm)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * done))

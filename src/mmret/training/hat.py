@@ -11,7 +11,6 @@ finished epoch and ends with the same head as an uninterrupted run.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from mmret.training.checkpoint import (
     has_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    warmup_cosine,
 )
 from mmret.training.feature_store import LayerFeatureSet, StoredLayer
 from mmret.training.losses import symmetric_info_nce
@@ -188,13 +188,8 @@ def hat_loss(
 
 
 def learning_rate(config: HatTrainingConfig, step: int, total: int) -> float:
-    """Linear warm-up over the first 10 % of steps, then cosine decay (a function of the step,
-    so a resumed run needs no scheduler state)."""
-    warm = max(1, total // 10)
-    if step < warm:
-        return config.learning_rate * (step + 1) / warm
-    progress_ = (step - warm) / max(1, total - warm)
-    return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress_))
+    """:func:`~mmret.training.checkpoint.warmup_cosine` from ``config.learning_rate``."""
+    return warmup_cosine(config.learning_rate, step, total)
 
 
 def train_hat(

@@ -18,7 +18,6 @@ fixed sample of queries; the epoch with the best sum of those recalls is kept. C
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from mmret.training.checkpoint import (
     has_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    warmup_cosine,
 )
 from mmret.training.feature_store import LayerFeatureSet
 from mmret.training.hat import set_statistics
@@ -241,16 +241,6 @@ def listwise_loss(
     return F.cross_entropy(scores, targets)
 
 
-def learning_rate(config: RerankTrainingConfig, step: int, total: int) -> float:
-    """Linear warm-up over the first 10 % of steps, then cosine decay (a function of the step,
-    so a resumed run needs no scheduler state)."""
-    warm = max(1, total // 10)
-    if step < warm:
-        return config.learning_rate * (step + 1) / warm
-    done = (step - warm) / max(1, total - warm)
-    return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * done))
-
-
 def train_rerank(
     train: LayerFeatureSet,
     dev: LayerFeatureSet | None,
@@ -316,7 +306,7 @@ def train_rerank(
         )
         model.train()
         for step, loss in enumerate(batches):
-            rate = learning_rate(config, done + step, total_steps)
+            rate = warmup_cosine(config.learning_rate, done + step, total_steps)
             optimiser.param_groups[0]["lr"] = rate * (1.0 if warm else config.joint_projection_rate)
             optimiser.param_groups[1]["lr"] = rate
             optimiser.param_groups[2]["lr"] = rate * _SCALE_RATE
