@@ -7,13 +7,14 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from mmret._files import build_folder
@@ -32,13 +33,16 @@ from mmret.index.manifest import (
     write_manifest,
 )
 from mmret.index.store import ItemStore, StoredItem
+from mmret.index.token_store import TokenFiles
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import ItemSource
 from mmret.items import Item, Query
 from mmret.late_interaction import normalise_tokens
 
 if TYPE_CHECKING:
+    from mmret.heads.rerank import SideTokens
     from mmret.memory.refine import Refiner
+    from mmret.reranker import Reranker, TokenFeatureSpec
 
 ADD_CHUNK = 256
 
@@ -103,6 +107,9 @@ class Retriever:
         # One connection serves every thread: calls take turns so transactions never mix.
         self._mutex = threading.RLock()
         self._columns = MetadataColumns()
+        self._tokens = self._token_files()
+        self._token_backend: Encoder | None = None
+        self._reranker: Reranker | None = None
         self._backend, self._generation = self._load_backend()
 
     # -- opening --------------------------------------------------------------------------
@@ -117,11 +124,14 @@ class Retriever:
         backend: str = "auto",
         backend_options: dict[str, Any] | None = None,
         refiner: Refiner | None = None,
+        token_features: TokenFeatureSpec | None = None,
     ) -> Retriever:
         """Create an empty index folder for ``model`` (or an already built ``encoder``).
 
         With a ``refiner`` (:func:`mmret.memory.load_refiner`), items and queries are refined
         with its memory (RECO), and the index records which memory and fusion it was built with.
+        With ``token_features`` (``load_reranker().spec`` for the shipped reranker), every item's
+        token features are stored beside it, so searches can rerank (``search(rerank=N)``).
         The folder is built aside and renamed into place, so a crash leaves no half-made index.
         """
         folder = Path(folder)
@@ -135,6 +145,7 @@ class Retriever:
             backend_options=dict(backend_options or {}),
             refiner=refiner.record() if refiner is not None else None,
             token_dim=encoder.token_dim,
+            token_features=token_features.to_dict() if token_features is not None else None,
         )
         try:  # fail on a bad backend or option before creating anything
             new_backend(backend, manifest.backend_options, manifest.dim, 0, manifest.token_dim)
@@ -144,6 +155,8 @@ class Retriever:
         with build_folder(folder) as scratch:
             store = ItemStore(scratch / ITEMS_FILE, manifest.dim, create=True)
             store.record_manifest(manifest_text(manifest))
+            if token_features is not None:
+                store.create_tokens_table()
             store.close()
             write_manifest(scratch, manifest)
         return cls.open(folder, encoder=encoder, refiner=refiner)
@@ -336,6 +349,7 @@ class Retriever:
         if not stored:
             return 0
         vectors = self.encoder.encode(contents)
+        tokens = self._token_features(contents)
         with self._mutex:  # another thread may have added some of these ids meanwhile
             taken = self._store.existing_ids([item.id for item in stored])
             keep = [item.id not in taken for item in stored]
@@ -344,7 +358,8 @@ class Retriever:
                     report.skip(f"{row.id}: already in the index")
             stored = [item for item, kept in zip(stored, keep, strict=True) if kept]
             if stored:
-                self._insert(stored, vectors[np.asarray(keep)])
+                kept_tokens = None if tokens is None else tokens.take(torch.tensor(keep))
+                self._insert(stored, vectors[np.asarray(keep)], kept_tokens)
         return len(stored)
 
     def add_vectors(self, items: Sequence[Item], vectors: np.ndarray) -> None:
@@ -368,11 +383,19 @@ class Retriever:
             clashes = self._store.existing_ids(ids) | repeated
             if clashes:
                 raise InputError(f"ids already present or repeated: {sorted(clashes)[:5]}")
-            self._insert(stored, normalise_tokens(vectors, self.manifest.token_dim))
+            self._insert(
+                stored,
+                normalise_tokens(vectors, self.manifest.token_dim),
+                self._token_features(items),
+            )
 
-    def _insert(self, stored: list[StoredItem], vectors: np.ndarray) -> None:
+    def _insert(
+        self, stored: list[StoredItem], vectors: np.ndarray, tokens: SideTokens | None = None
+    ) -> None:
         with self._mutex:
-            keys = self._store.add(stored, vectors)
+            # Token bytes reach the disk before the transaction that refers to them commits.
+            refs = None if tokens is None or self._tokens is None else self._tokens.append(tokens)
+            keys = self._store.add(stored, vectors, refs)
             self._backend.add(keys, vectors)
             self._generation = self._store.generation  # ours alone: we hold the writer lock
 
@@ -425,6 +448,46 @@ class Retriever:
         if self._writer_lock is None:
             raise IndexFormatError(f"{self.folder}: closed")
 
+    # -- token features for reranking -----------------------------------------------------
+
+    @property
+    def token_spec(self) -> TokenFeatureSpec | None:
+        """The token features stored beside the items, if any."""
+        from mmret.reranker import TokenFeatureSpec
+
+        stored = self.manifest.token_features
+        return None if stored is None else TokenFeatureSpec.from_dict(stored)
+
+    def _token_files(self) -> TokenFiles | None:
+        spec = self.token_spec
+        return None if spec is None else TokenFiles(self.folder, spec)
+
+    def _token_features(self, contents: Sequence[Query | Item]) -> SideTokens | None:
+        """Token features of items about to be stored (None: the index stores none)."""
+        spec = self.token_spec
+        if spec is None:
+            return None
+        from mmret.reranker import token_features
+
+        if self._token_backend is None:
+            own = self.encoder if self.encoder.layer_source == spec.source else None
+            self._token_backend = own or load_encoder(spec.backbone)
+        return token_features(self._token_backend, spec, contents)
+
+    def _reranker_for(self, reranker: Reranker | None) -> Reranker:
+        from mmret.reranker import load_reranker
+
+        if reranker is None:
+            if self._reranker is None:
+                own = self.encoder if self.token_spec is not None else None
+                reranker = load_reranker()
+                if own is not None and own.layer_source == reranker.spec.source:
+                    reranker = type(reranker)(reranker.model, own)  # share the loaded towers
+                self._reranker = reranker
+            reranker = self._reranker
+        reranker.check_index(self.token_spec, self.folder)
+        return reranker
+
     # -- searching ------------------------------------------------------------------------
 
     def search(
@@ -433,13 +496,48 @@ class Retriever:
         *,
         k: int = 10,
         filter: Filter | None = None,
+        rerank: int = 0,
+        reranker: Reranker | None = None,
     ) -> list[list[SearchResult]]:
-        """The ``k`` best items for each query (a string is a text query), best first."""
+        """The ``k`` best items for each query (a string is a text query), best first.
+
+        With ``rerank=N``, the first stage's top ``max(N, k)`` are rescored by a cross-encoder
+        (``reranker``, default the shipped one) reading the query's and each candidate's token
+        features (stored beside the items: an index created with ``token_features``); hits are
+        those candidates reordered, and their scores the cross-encoder's.
+        """
         if isinstance(queries, str | Query):
             raise InputError("search takes a list of queries; wrap a single one in [...]")
+        if rerank < 0:
+            raise InputError(f"rerank must be 0 (off) or a number of candidates, got {rerank}")
         normalised = [Query(text=q) if isinstance(q, str) else q for q in queries]
         vectors = self.encoder.for_queries().encode(normalised)
-        return self.search_vectors(vectors, k=k, filter=filter)
+        if not rerank:
+            return self.search_vectors(vectors, k=k, filter=filter)
+        model = self._reranker_for(reranker)
+        first = self._search_keys(vectors, max(k, rerank), filter)
+        sides = model.features(normalised)
+        return [self._rerank(model, sides.take([row]), hits)[:k] for row, hits in enumerate(first)]
+
+    def _rerank(
+        self, model: Reranker, query: SideTokens, hits: list[tuple[int, SearchResult]]
+    ) -> list[SearchResult]:
+        """``hits`` reordered by the cross-encoder's scores, which they then carry."""
+        if not hits:
+            return []
+        assert self._tokens is not None  # check_index refused an index without token features
+        keys = [key for key, _ in hits]
+        with self._mutex:
+            refs = self._store.token_refs(keys)
+        missing = [hit.id for key, hit in hits if key not in refs]
+        if missing:
+            raise IndexFormatError(
+                f"{self.folder}: no stored token features for {missing[:5]} "
+                "(run `mmret check` and `mmret repair`)"
+            )
+        scores = model.score(query, self._tokens.read([refs[key] for key in keys]))
+        order = np.argsort(-scores, kind="stable")
+        return [replace(hits[i][1], score=float(scores[i])) for i in order]
 
     def search_vectors(
         self, vectors: np.ndarray, *, k: int = 10, filter: Filter | None = None
@@ -447,6 +545,12 @@ class Retriever:
         """Like :meth:`search` for ``(Q, dim)`` query vectors in the encoder's space (they are
         L2-normalised here, each token for a multi-vector model, so scores are cosine
         similarities or sums of them)."""
+        return [[hit for _, hit in hits] for hits in self._search_keys(vectors, k, filter)]
+
+    def _search_keys(
+        self, vectors: np.ndarray, k: int, filter: Filter | None
+    ) -> list[list[tuple[int, SearchResult]]]:
+        """:meth:`search_vectors`' hits with each item's store key."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if (
             vectors.ndim == 2
@@ -467,7 +571,8 @@ class Retriever:
             for score, key in zip(row_scores, row_keys, strict=True):
                 row = rows.get(key)  # plain ints: a numpy scalar key costs a hash each time
                 if row is not None:
-                    hits.append(SearchResult(row.id, score, row.text, row.image, row.metadata))
+                    result = SearchResult(row.id, score, row.text, row.image, row.metadata)
+                    hits.append((key, result))
             results.append(hits)
         return results
 

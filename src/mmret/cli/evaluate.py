@@ -44,9 +44,25 @@ from mmret.evaluation.documents import (
 from mmret.evaluation.embeddings import embed_images, embed_items, embed_pairs
 from mmret.evaluation.ir import ir_metrics, read_qrels
 from mmret.evaluation.reports import MetricTable, percent
-from mmret.evaluation.retrieval import folded_metrics, recall_curve, retrieval_metrics
+from mmret.evaluation.rerank import (
+    RerankedReport,
+    StoredSides,
+    reranked_retrieval,
+    reranking_order,
+)
+from mmret.evaluation.retrieval import (
+    RetrievalReport,
+    folded_metrics,
+    recall_curve,
+    retrieval_metrics,
+)
+from mmret.heads.rerank import SideTokens
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import read_items
+from mmret.items import Item
+from mmret.reranker import load_reranker
+from mmret.training.feature_store import layer_feature_set
+from mmret.training.features import PairSet
 
 eval_app = typer.Typer(
     cls=ReflowedHelp,
@@ -59,6 +75,11 @@ HEAD_HELP = "Alignment head folder from `mmret train align` (same as --model sta
 JSON_HELP = "Write the numbers as JSON here."
 MARKDOWN_HELP = "Write the tables as Markdown here."
 CACHE_HELP = "Cache folder for embeddings (default ~/.cache/mmret or $MMRET_CACHE)."
+RERANK_HELP = (
+    "Also score after the cross-encoder reranks the first stage's top N (0: off); "
+    "repeat for several N."
+)
+RERANKER_HELP = "Reranker folder from `mmret train rerank` (default: the shipped one)."
 
 
 def resolve_model(model: str, head: Path | None) -> str:
@@ -142,12 +163,18 @@ def retrieval(
     fusion: str = typer.Option("transformer", "--fusion", help=FUSION_HELP),
     memory_k: int = typer.Option(10, "--memory-k", min=1, help=MEMORY_K_HELP),
     memory_search: str = typer.Option("uni", "--memory-search", help=SEARCH_HELP),
+    rerank: list[int] = typer.Option([], "--rerank", min=1, help=RERANK_HELP),
+    reranker: Path | None = typer.Option(None, help=RERANKER_HELP),
 ) -> None:
     """Image-text retrieval: Recall@1/5/10 both ways, RSUM and median ranks.
 
     Every image and caption is embedded (and cached). Text-to-image: each caption ranks all
     images, its own is the hit. Image-to-text: each image ranks all captions, any of its own
     is a hit. Recalls are percentages; ties count in the query's favour.
+
+    With --rerank N the first stage's top N are rescored by the cross-encoder from stored
+    token features (a query whose hit is not among them keeps its first-stage rank); ms per
+    query are the reranking's own (features read and scored one query at a time).
     """
     started = time.perf_counter()
     check_outputs(plot)
@@ -156,6 +183,8 @@ def retrieval(
     pairs = load_pairs(manifest, split=split, images=images, report=report)
     if folds > len(pairs.images):
         raise InputError(f"--folds {folds}: more folds than the {len(pairs.images)} images")
+    if folds > 1 and rerank:
+        raise InputError("--rerank scores the whole set: it cannot be combined with --folds")
     refiner = open_refiner(memory, fusion, memory_k, memory_search)
     encoder, load_s = load(spec)
     if refiner is not None:
@@ -189,12 +218,14 @@ def retrieval(
         )
     )
     score_s = time.perf_counter() - scoring
+    reranked = rerank_pairs(pairs, arrays, rerank, reranker, cache_dir, report) if rerank else []
     print_skips(report)
     seconds = time.perf_counter() - started
     record = {
         "text_to_image": rounded(metrics.text_to_image),
         "image_to_text": rounded(metrics.image_to_text),
         "rsum": round(metrics.rsum, 4),
+        **({"reranked": [reranked_record(r) for r in reranked]} if reranked else {}),
         "n_images": metrics.n_images,
         "n_texts": metrics.n_texts,
         "model": label,
@@ -216,7 +247,8 @@ def retrieval(
             timings(encoder=load_s, embeddings=encode_s, metrics=score_s, total=seconds),
         ),
     )
-    publish([table], record, "Image-text retrieval", json_out, markdown_out)
+    tables = [table, reranked_table(metrics, reranked)] if reranked else [table]
+    publish(tables, record, "Image-text retrieval", json_out, markdown_out)
     if plot is not None:
         curves = {
             "text→image": recall_curve(metrics.ranks_text_to_image),
@@ -341,12 +373,22 @@ def ir(
     fusion: str = typer.Option("transformer", "--fusion", help=FUSION_HELP),
     memory_k: int = typer.Option(10, "--memory-k", min=1, help=MEMORY_K_HELP),
     memory_search: str = typer.Option("uni", "--memory-search", help=SEARCH_HELP),
+    rerank: int = typer.Option(
+        0,
+        "--rerank",
+        min=0,
+        help="Rescore each query's top N documents with the cross-encoder reranker (0: off).",
+    ),
+    reranker: Path | None = typer.Option(None, help=RERANKER_HELP),
 ) -> None:
     """Multimodal retrieval (M-BEIR / M2KR style): R@1/5/10, MRR@10 and nDCG@10, in percent.
 
     Queries and documents may have a text, an image or both (embedded as the encoder combines
     them). R@K counts queries with a relevant document in the top K; nDCG uses the graded
     relevance with a log2 discount against the ideal ordering of the judged documents.
+
+    With --rerank N each query's top N are reordered by the cross-encoder (token features of
+    the queries and of the documents that are candidates are computed once per run).
     """
     started = time.perf_counter()
     check_outputs(plot)
@@ -372,6 +414,23 @@ def ir(
         doc_vectors = embed_items(encoder, doc_items, cache_dir=cache_dir, show_progress=True)
     encode_s = time.perf_counter() - encoding
     query_ids = [item.id for item in query_items]
+    reorder = None
+    if rerank:
+        cross = load_reranker(reranker)
+        features: dict[tuple[str, int], SideTokens] = {}
+
+        def side(kind: str, items: Sequence[Item], row: int) -> SideTokens:
+            if (kind, row) not in features:
+                features[kind, row] = cross.features([items[row]])
+            return features[kind, row]
+
+        reorder = reranking_order(
+            cross.score,
+            lambda q: side("query", query_items, q),
+            lambda d: side("doc", doc_items, d),
+            rerank,
+        )
+        label += f" + rerank top {rerank}"
     metrics = ir_metrics(
         query_vectors,
         doc_vectors,
@@ -379,6 +438,8 @@ def ir(
         [d.id for d in doc_items],
         judgements,
         token_dim=encoder.token_dim,
+        reorder=reorder,
+        depth=rerank,
     )
     unknown = len(set(judgements) - set(query_ids))
     if unknown:
@@ -438,3 +499,62 @@ def doc_task(
             markup=False,
             soft_wrap=True,
         )
+
+
+def rerank_pairs(
+    pairs: PairSet,
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray],
+    sizes: Sequence[int],
+    folder: Path | None,
+    cache_dir: Path | None,
+    report: SkipReport,
+) -> list[RerankedReport]:
+    """Recalls after reranking the top N for each N in ``sizes``, from stored token features
+    (extracted once into the layer feature store)."""
+    model = load_reranker(folder)
+    config = model.model.config
+    features = layer_feature_set(
+        pairs,
+        model.backbone,
+        [config.image_layer],
+        [config.text_layer],
+        cache_dir=cache_dir / "layers" if cache_dir else None,
+        report=report,
+        show_progress=True,
+    )
+    if len(features.image_ids) != len(arrays[0]):
+        raise InputError("the first stage and the token features kept different images")
+    sides = StoredSides(features, config.image_layer, config.text_layer)
+    return [reranked_retrieval(model.model, *arrays, sides, n) for n in sorted(set(sizes))]
+
+
+def reranked_record(reranked: RerankedReport) -> dict[str, Any]:
+    metrics = reranked.report
+    return {
+        "n": reranked.n,
+        "text_to_image": rounded(metrics.text_to_image),
+        "image_to_text": rounded(metrics.image_to_text),
+        "rsum": round(metrics.rsum, 4),
+        "ms_per_query": {
+            "text_to_image": round(reranked.ms_per_query_text_to_image, 3),
+            "image_to_text": round(reranked.ms_per_query_image_to_text, 3),
+        },
+    }
+
+
+def reranked_table(first: RetrievalReport, reranked: Sequence[RerankedReport]) -> MetricTable:
+    """The first stage and each reranked depth: recalls both ways and ms per query."""
+
+    def row(label: str, report: RetrievalReport, t2i_ms: str, i2t_ms: str) -> tuple[str, ...]:
+        t2i, i2t = report.text_to_image.values(), report.image_to_text.values()
+        return (label, *map(percent, t2i), t2i_ms, *map(percent, i2t), i2t_ms, f"{report.rsum:.1f}")
+
+    rows = [row("first stage", first, "-", "-")]
+    for r in reranked:
+        t2i_ms, i2t_ms = (
+            f"{r.ms_per_query_text_to_image:.1f}",
+            f"{r.ms_per_query_image_to_text:.1f}",
+        )
+        rows.append(row(f"+ rerank top {r.n}", r.report, t2i_ms, i2t_ms))
+    columns = ("", "t2i R@1", "R@5", "R@10", "ms/q", "i2t R@1", "R@5", "R@10", "ms/q", "RSUM")
+    return MetricTable("Reranked by the cross-encoder", columns, tuple(rows))

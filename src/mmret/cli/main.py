@@ -31,6 +31,7 @@ from mmret.cli.output import (
     status,
 )
 from mmret.cli.serve import serve
+from mmret.cli.rerank import train as train_rerank
 from mmret.cli.train import train_app
 from mmret.encoders import DEFAULT_MODEL
 from mmret.engine import Retriever
@@ -40,6 +41,13 @@ from mmret.index.manifest import MANIFEST_FILE
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import read_items
 from mmret.items import Query
+from mmret.reranker import load_reranker
+
+RERANK_HELP = (
+    "Rescore the first stage's top N (at least --k) with the cross-encoder reranker "
+    "(0: off); the index must store token features (mmret index --token-features)."
+)
+RERANKER_HELP = "Reranker folder from `mmret train rerank` (default: the shipped one)."
 
 app = typer.Typer(
     cls=ReflowedHelp,
@@ -51,6 +59,7 @@ app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 app.add_typer(memory_app, name="memory")
 train_app.command("reco")(train_reco)
+train_app.command("rerank")(train_rerank)
 app.command()(check)
 app.command()(repair)
 app.command()(recluster)
@@ -80,6 +89,13 @@ def index(
     fusion: str = typer.Option("transformer", "--fusion", help=FUSION_HELP),
     memory_k: int = typer.Option(10, "--memory-k", min=1, help=MEMORY_K_HELP),
     memory_search: str = typer.Option("uni", "--memory-search", help=SEARCH_HELP),
+    token_features: bool = typer.Option(
+        False,
+        "--token-features",
+        help="Store the token features the reranker reads beside a new index, so searches "
+        "can use --rerank (a second pass of the towers; about 50 KB per image).",
+    ),
+    reranker: Path | None = typer.Option(None, help=RERANKER_HELP),
 ) -> None:
     """Index a folder or manifest into OUT; an existing index gets the new items added."""
     report = SkipReport()
@@ -92,8 +108,11 @@ def index(
             raise InputError(f"{out} uses encoder {retriever.manifest.encoder!r}, not {model!r}")
     else:
         model = model or DEFAULT_MODEL
+        spec = load_reranker(reranker).spec if token_features or reranker else None
         with status(f"Loading encoder {model}..."):
-            retriever = Retriever.create(out, model=model, backend=backend, refiner=refiner)
+            retriever = Retriever.create(
+                out, model=model, backend=backend, refiner=refiner, token_features=spec
+            )
     with retriever:
         result = retriever.add(items, report=report, show_progress=True, total=len(items))
         summary = {
@@ -125,6 +144,8 @@ def search(
     fusion: str = typer.Option("transformer", "--fusion", help=FUSION_HELP),
     memory_k: int = typer.Option(10, "--memory-k", min=1, help=MEMORY_K_HELP),
     memory_search: str = typer.Option("uni", "--memory-search", help=SEARCH_HELP),
+    rerank: int = typer.Option(0, "--rerank", min=0, help=RERANK_HELP),
+    reranker: Path | None = typer.Option(None, help=RERANKER_HELP),
 ) -> None:
     """Search an index with a text, an image, or both.
 
@@ -136,7 +157,10 @@ def search(
     query = Query(text=text, image=image)
     refiner = open_refiner(memory, fusion, memory_k, memory_search)
     with Retriever.open(index_dir, readonly=True, refiner=refiner) as retriever:
-        hits = retriever.search([query], k=k, filter=parse_filter(filters) or None)[0]
+        model = load_reranker(reranker) if rerank and reranker else None
+        hits = retriever.search(
+            [query], k=k, filter=parse_filter(filters) or None, rerank=rerank, reranker=model
+        )[0]
     if as_json:
         print_json({"results": [hit.to_dict() for hit in hits]})
         return

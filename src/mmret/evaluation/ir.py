@@ -17,7 +17,7 @@ Only queries with at least one relevant judgement are scored. The functions retu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,10 +139,16 @@ def ir_metrics(
     qrels: Qrels,
     max_k: int = 50,
     token_dim: int | None = None,
+    reorder: Callable[[int, np.ndarray], np.ndarray] | None = None,
+    depth: int = 0,
 ) -> IRReport:
     """Score ``(Q, D)`` query vectors against ``(N, D)`` documents the way the model scores
     (:func:`~mmret.late_interaction.similarity`: inner product, or MaxSim with ``token_dim``)
-    and evaluate them against ``qrels``. Queries without a relevant judgement are left out."""
+    and evaluate them against ``qrels``. Queries without a relevant judgement are left out.
+
+    ``reorder(q, ranked)``, when given, returns query row ``q``'s ranked document indices
+    reordered (a reranker); the first stage then ranks at least ``depth`` documents for it.
+    """
     scored = [
         i for i, qid in enumerate(query_ids) if any(r > 0 for r in qrels.get(qid, {}).values())
     ]
@@ -153,11 +159,13 @@ def ir_metrics(
         [
             top_k(
                 similarity(query_vectors[scored[s : s + _CHUNK]], doc_vectors, token_dim),
-                max(max_k, 10),
+                max(max_k, 10, depth),
             )
             for s in range(0, len(scored), _CHUNK)
         ]
     )
+    if reorder is not None:
+        ranked = np.stack([reorder(q, row) for q, row in zip(scored, ranked, strict=True)])
     grades = gains(ranked, doc_ids, judged)
     width = max(len(j) for j in judged)
     ideal = np.zeros((len(judged), width))

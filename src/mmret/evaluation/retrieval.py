@@ -136,13 +136,20 @@ def retrieval_metrics(
     queries_i = image if image_queries is None else image_queries
     t2i = ranks_text_to_image(image, queries_t, text_image, token_dim)
     i2t = ranks_image_to_text(queries_i, text, text_image, token_dim)
+    return report_from_ranks(t2i, i2t, len(image), len(text))
+
+
+def report_from_ranks(
+    t2i: np.ndarray, i2t: np.ndarray, n_images: int, n_texts: int
+) -> RetrievalReport:
+    """The report of ``(T,)`` text-to-image and ``(N,)`` image-to-text 1-based ranks."""
     return RetrievalReport(
         recalls(t2i),
         recalls(i2t),
         float(np.median(t2i)),
         float(np.median(i2t)),
-        len(image),
-        len(text),
+        n_images,
+        n_texts,
         t2i,
         i2t,
     )

@@ -7,7 +7,9 @@ whenever they are stale or unreadable. So:
 * a damaged manifest is restored from the database's copy;
 * a damaged database is salvaged row by row into a fresh one: every row SQLite can still read
   and whose vector is whole is kept, the damaged files are moved to ``damaged-<time>/``;
-* caches and files left by interrupted writes are dropped and rebuilt.
+* caches and files left by interrupted writes are dropped and rebuilt;
+* token features kept for reranking that are missing or damaged are computed again from the
+  items' images and texts (:mod:`mmret.index.token_check`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from mmret._files import fsync_folder, write_atomic
+from mmret.encoders.base import Encoder
 from mmret.errors import IndexFormatError, MmretError
 from mmret.index.base import INDEXES, new_backend
 from mmret.index.lock import WriterLock
@@ -37,6 +40,7 @@ from mmret.index.manifest import (
     read_manifest,
 )
 from mmret.index.store import ItemStore, StoredItem, row_digest
+from mmret.index.token_check import check_tokens, repair_tokens
 
 SALVAGED = f"{ITEMS_FILE}.salvaged"
 _SALVAGE_RANGE = 1000
@@ -52,7 +56,7 @@ class CheckReport:
     items: int = 0
     problems: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
-    #: Which parts are damaged: ``"manifest"``, ``"items"`` and/or ``"cache"``.
+    #: Which parts are damaged: ``"manifest"``, ``"items"``, ``"cache"`` and/or ``"tokens"``.
     damaged: set[str] = field(default_factory=set)
 
     @property
@@ -115,6 +119,8 @@ def check_index(folder: str | Path) -> CheckReport:
         with store.snapshot():
             keys = _check_store(store, manifest, report)
             _check_backend(store, manifest, folder, report, keys)
+            if manifest.token_features is not None:
+                check_tokens(store, manifest, folder, report, keys)
     except IndexFormatError as error:
         report.problem("items", str(error))
     finally:
@@ -209,10 +215,14 @@ class RepairReport:
         return asdict(self)
 
 
-def repair_index(folder: str | Path, *, wait: float = 0.0) -> RepairReport:
+def repair_index(
+    folder: str | Path, *, wait: float = 0.0, encoder: Encoder | None = None
+) -> RepairReport:
     """Restore a damaged index folder as far as its files allow; see the module docstring.
 
     Takes the writer lock, so it never runs beside a writer. Readers should reopen afterwards.
+    Token features that are missing or damaged are computed again from the items' images and
+    texts by ``encoder`` (default: the backbone the index records).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -220,12 +230,12 @@ def repair_index(folder: str | Path, *, wait: float = 0.0) -> RepairReport:
     lock = WriterLock(folder)
     lock.acquire(wait)
     try:
-        return _repair(folder)
+        return _repair(folder, encoder)
     finally:
         lock.release()
 
 
-def _repair(folder: Path) -> RepairReport:
+def _repair(folder: Path, encoder: Encoder | None) -> RepairReport:
     report = RepairReport(str(folder))
     for leftover in sorted(folder.glob("*.tmp")):
         leftover.unlink()
@@ -248,6 +258,8 @@ def _repair(folder: Path) -> RepairReport:
         report.items = len(store)
     finally:
         store.close()
+    if manifest.token_features is not None and ("tokens" in before.damaged or store_damaged):
+        repair_tokens(folder, manifest, report.actions, encoder)
     if "cache" in before.damaged or store_damaged:
         for name in INDEXES:  # whichever backend wrote it: "auto" may have used either
             for cache in INDEXES.get(name)(manifest.dim).cache_files(folder):

@@ -33,6 +33,9 @@ class IndexManifest:
     #: then ``T * token_dim``; ``None`` for one vector per item (and in manifests written
     #: before multi-vector models existed).
     token_dim: int | None = None
+    #: The token features stored beside the items for reranking (a
+    #: :class:`~mmret.reranker.TokenFeatureSpec`; None: none stored).
+    token_features: dict[str, Any] | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     mmret_version: str = __version__
@@ -43,6 +46,8 @@ class IndexManifest:
             # Left out rather than null: a single-vector index's manifest stays byte for byte
             # what older versions wrote (and its copy in the database keeps matching).
             del data["token_dim"]
+        if data["token_features"] is None:  # as manifests written before the field read
+            del data["token_features"]
         return data
 
     @classmethod

@@ -33,12 +33,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from mmret.errors import IndexFormatError, InputError, MmretError
 from mmret.index.filters import Filter, json_path, to_sql
+
+if TYPE_CHECKING:
+    from mmret.index.token_store import TokenRef
 
 T = TypeVar("T")
 _JOINED = (
@@ -226,8 +229,17 @@ class ItemStore:
                 found.update(row[0] for row in self._db.execute(query, list(chunk)))
         return found
 
-    def add(self, items: Sequence[StoredItem], vectors: np.ndarray) -> np.ndarray:
-        """Insert items with their ``(N, dim)`` vectors in one transaction; returns their keys."""
+    def add(
+        self,
+        items: Sequence[StoredItem],
+        vectors: np.ndarray,
+        tokens: Sequence[TokenRef] | None = None,
+    ) -> np.ndarray:
+        """Insert items with their ``(N, dim)`` vectors in one transaction; returns their keys.
+
+        ``tokens`` records where each item's token features lie (:mod:`mmret.index.token_store`)
+        in the same transaction.
+        """
         if vectors.shape != (len(items), self.dim):
             raise InputError(
                 f"expected vectors of shape ({len(items)}, {self.dim}), got {vectors.shape}"
@@ -246,6 +258,10 @@ class ItemStore:
                 )
                 keys[row] = key = int(cursor.lastrowid or 0)
                 self._db.execute("INSERT INTO vectors VALUES (?, ?)", (key, blob))
+                if tokens is not None:
+                    self._db.execute(
+                        "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)", tokens[row].as_row(key)
+                    )
                 checksum ^= row_digest(item.id, item.text, item.image, metadata, blob)
             self._update_totals(len(items), checksum)
         return keys
@@ -264,6 +280,8 @@ class ItemStore:
                     checksum ^= row_digest(*fields)
                 self._db.execute(f"DELETE FROM items WHERE id IN ({marks})", list(chunk))
                 self._db.executemany("DELETE FROM vectors WHERE key = ?", [(k,) for k in keys])
+                if self.has_tokens:
+                    self._db.executemany("DELETE FROM tokens WHERE key = ?", [(k,) for k in keys])
                 removed.extend(keys)
             generation = self.generation + 1  # the one this transaction commits
             self._db.executemany(
@@ -272,6 +290,48 @@ class ItemStore:
             )
             self._update_totals(-len(removed), checksum)
         return np.asarray(sorted(removed), dtype=np.int64)
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether the store has a ``tokens`` table (an index with token features)."""
+        with self._errors():
+            query = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'tokens'"
+            return bool(self._db.execute(query).fetchone()[0])
+
+    def create_tokens_table(self) -> None:
+        from mmret.index.token_store import TABLE
+
+        with self._transaction():
+            self._db.execute(TABLE)
+
+    def token_refs(self, keys: Iterable[int] | None = None) -> dict[int, TokenRef]:
+        """Where the token features of ``keys`` (default: every item) lie; items without
+        recorded features are absent."""
+        from mmret.index.token_store import TokenRef
+
+        found: dict[int, TokenRef] = {}
+        with self.snapshot():
+            if keys is None:
+                rows = self._db.execute("SELECT * FROM tokens ORDER BY key").fetchall()
+            else:
+                rows = []
+                for chunk in _chunks([int(k) for k in keys]):
+                    marks = ",".join("?" * len(chunk))
+                    rows += self._db.execute(
+                        f"SELECT * FROM tokens WHERE key IN ({marks})", chunk
+                    ).fetchall()
+        for key, *fields in rows:
+            found[key] = TokenRef(*fields)
+        return found
+
+    def set_token_refs(self, refs: dict[int, TokenRef]) -> None:
+        """Record (or replace) where items' token features lie, in one transaction (repair)."""
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
+                [ref.as_row(key) for key, ref in refs.items()],
+            )
+            self._db.execute("DELETE FROM tokens WHERE key NOT IN (SELECT key FROM items)")
 
     def _update_totals(self, delta: int, checksum: int) -> None:
         old = int(self._state("checksum") or "0", 16)

@@ -112,7 +112,7 @@ def embed_set(
         )
 
 
-def _set_statistics(projection: torch.nn.Module, stored: StoredLayer) -> None:
+def set_statistics(projection: torch.nn.Module, stored: StoredLayer) -> None:
     """Standardise with the store's mean and std, summed chunk by chunk (never all in memory)."""
     assert isinstance(projection, Projection)
     total = torch.zeros(stored.pooled.shape[1], dtype=torch.float64)
@@ -147,9 +147,9 @@ def build_head(
         )
     )
     for projection, layer in zip(head.image, config.image_layers, strict=True):
-        _set_statistics(projection, train.image[layer])
+        set_statistics(projection, train.image[layer])
     for projection, layer in zip(head.text, config.text_layers, strict=True):
-        _set_statistics(projection, train.text[layer])
+        set_statistics(projection, train.text[layer])
     return head
 
 

@@ -1,0 +1,171 @@
+"""Retrieve fast, rerank smart on Flickr8k dev: first stages alone and reranked at several N.
+
+    python benchmarks/rerank_dev.py --model joint=DIR [--model separate=DIR@20] \
+        [--sizes 10,20,50,100] [--captions 1000] [--images 200] [--ceiling 100] [--starter 20]
+
+For each reranker folder (``mmret train rerank``; default the shipped one): its own first
+stage (the bi-encoder it was trained with) alone and with its top N reranked by its
+cross-encoder (``DIR@10,20`` picks a model's own N, default ``--sizes``): t2i and i2t
+R@1/5/10 and the reranking's milliseconds per query (reading the candidates' stored token
+features plus the cross-encoder, one query at a time). ``--starter N`` has the first model's
+cross-encoder rerank the ``starter`` model's first stage too (what ``mmret search --rerank``
+does on a starter index). ``--ceiling Q`` scores Q sampled captions against all 1,000 images
+(and Q / 5 images against all 5,000 captions) with the cross-encoder alone: what it reaches
+without a first stage. ``--captions`` and ``--images`` sample the queries (fixed seed) to
+keep the run short on a busy machine; every row of a model scores the same queries (its first
+stage row is "rerank top 1", which reorders nothing). Everything reads
+the stored dev layer features (float16), as search reads the features stored beside an index.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from _common import FLICKR, RESULTS, report, require_flickr
+from mmret.encoders import load_encoder
+from mmret.encoders.starter import StarterEncoder
+from mmret.evaluation.rerank import RerankedReport, StoredSides, reranked_ranks, reranked_retrieval
+from mmret.evaluation.retrieval import RetrievalReport, recalls, retrieval_metrics
+from mmret.reranker import SHIPPED_RERANKER, load_reranker
+from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
+from mmret.training.features import read_pairs
+from mmret.training.rerank import embed_stored
+
+
+def recall_cells(metrics: RetrievalReport) -> list[str]:
+    t2i, i2t = metrics.text_to_image, metrics.image_to_text
+    return [f"{v:.1f}" for v in (*t2i.values(), *i2t.values())]
+
+
+def ceiling(
+    model: Any, sides: StoredSides, owner: np.ndarray, queries: int, seed: int
+) -> tuple[dict[str, float], dict[str, float], float]:
+    """Cross-encoder alone over the whole collection for a sample of queries."""
+    rng = np.random.default_rng(seed)
+    captions = np.sort(rng.choice(len(owner), queries, replace=False))
+    images = np.sort(rng.choice(owner.max() + 1, max(1, queries // 5), replace=False))
+    captions_of = [np.flatnonzero(owner == i) for i in range(owner.max() + 1)]
+    flat = np.zeros((len(captions), owner.max() + 1))  # every candidate tied: all reranked
+    t2i, t2i_s = reranked_ranks(
+        model,
+        flat,
+        lambda q: owner[captions[q : q + 1]],
+        lambda rows: sides.texts(captions[rows]),
+        sides.images,
+        flat.shape[1],
+    )
+    flat_t = np.zeros((len(images), len(owner)))
+    i2t, _ = reranked_ranks(
+        model,
+        flat_t,
+        lambda q: captions_of[images[q]],
+        lambda rows: sides.images(images[rows]),
+        sides.texts,
+        flat_t.shape[1],
+    )
+    return recalls(t2i), recalls(i2t), 1000.0 * t2i_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", action="append", default=[], help="NAME=DIR (repeatable)")
+    parser.add_argument("--sizes", default="10,20,50,100")
+    parser.add_argument("--captions", type=int, default=0, help="caption queries (0: all)")
+    parser.add_argument("--images", type=int, default=0, help="image queries (0: all)")
+    parser.add_argument("--ceiling", type=int, default=100, help="sampled captions (0: skip)")
+    parser.add_argument("--starter", default="", help="N,...: rerank starter's top N too")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS / "rerank_dev.json")
+    args = parser.parse_args()
+    require_flickr()
+    torch.set_num_threads(args.threads)
+    models = dict(part.split("=", 1) for part in args.model) or {"shipped": str(SHIPPED_RERANKER)}
+
+    def numbers(text: str) -> list[int]:
+        return [int(n) for n in text.split(",") if n]
+
+    sizes = numbers(args.sizes)
+    rows: list[list[Any]] = []
+    extra: dict[str, Any] = {"models": models, "sizes": sizes}
+    rng = np.random.default_rng(0)
+    for number, (name, spec) in enumerate(models.items()):
+        folder, _, own_sizes = spec.partition("@")
+        reranker = load_reranker(folder)
+        config = reranker.model.config
+        dev: LayerFeatureSet = layer_feature_set(
+            read_pairs(FLICKR / "dev.jsonl"),
+            reranker.backbone,
+            [config.image_layer],
+            [config.text_layer],
+        )
+        owner = np.asarray(dev.text_image)
+        sides = StoredSides(dev, config.image_layer, config.text_layer)
+        captions = (
+            np.sort(rng.choice(len(owner), args.captions, replace=False)) if args.captions else None
+        )
+        images = (
+            np.sort(rng.choice(len(dev.image_ids), args.images, replace=False))
+            if args.images
+            else None
+        )
+        stages = {
+            "own bi-encoder": (embed_stored(reranker.model, dev), numbers(own_sizes) or sizes)
+        }
+        if args.starter and number == 0:
+            starter = load_encoder("starter")
+            assert isinstance(starter, StarterEncoder)
+            stages["starter"] = (_starter_vectors(starter, dev), numbers(args.starter))
+        for stage, ((image, text), depths) in stages.items():
+            full = retrieval_metrics(image, text, owner)
+            extra[f"{name} / {stage} / first stage, all queries"] = full.to_dict()
+            first = reranked_retrieval(
+                reranker.model, image, text, owner, sides, 1, captions=captions, images=images
+            ).report
+            rows.append([name, stage, "-", *recall_cells(first), "-", "-", f"{first.rsum:.1f}"])
+            for n in depths:
+                result: RerankedReport = reranked_retrieval(
+                    reranker.model, image, text, owner, sides, n, captions=captions, images=images
+                )
+                rows.append(
+                    [
+                        name,
+                        stage,
+                        n,
+                        *recall_cells(result.report),
+                        f"{result.ms_per_query_text_to_image:.1f}",
+                        f"{result.ms_per_query_image_to_text:.1f}",
+                        f"{result.report.rsum:.1f}",
+                    ]
+                )
+        if args.ceiling and number == 0:
+            t2i, i2t, ms = ceiling(reranker.model, sides, owner, args.ceiling, seed=1)
+            cells = [f"{v:.1f}" for v in (*t2i.values(), *i2t.values())]
+            label = f"cross-encoder alone ({args.ceiling} captions, {args.ceiling // 5} images)"
+            rows.append([name, label, "all", *cells, f"{ms:.0f}", "-", "-"])
+    columns = ["model", "first stage", "rerank N", "t2i R@1", "R@5", "R@10", "i2t R@1", "R@5"]
+    columns += ["R@10", "t2i ms/q", "i2t ms/q", "RSUM"]
+    extra["queries"] = {"captions": args.captions or "all", "images": args.images or "all"}
+    report("Flickr8k dev: first stage and reranked", columns, rows, args.out, extra)
+
+
+def _starter_vectors(
+    starter: StarterEncoder, dev: LayerFeatureSet
+) -> tuple[np.ndarray, np.ndarray]:
+    """The starter's unit vectors of the stored dev set (its head on the stored last layers)."""
+    with torch.inference_mode():
+        rows_i, rows_t = np.arange(len(dev.image_ids)), np.arange(len(dev.text_image))
+        image = starter.head.image(dev.image[8].read_pooled(rows_i))
+        text = starter.head.text(torch.nn.functional.normalize(dev.text[6].read_pooled(rows_t)))
+    return (
+        torch.nn.functional.normalize(image, dim=-1).numpy(),
+        torch.nn.functional.normalize(text, dim=-1).numpy(),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,437 @@
+"""Joint training of the bi-encoder and the cross-encoder (``mmret train rerank``).
+
+The first ``warmup_epochs`` train the bi-encoder alone (symmetric InfoNCE over every caption),
+so that there is a first stage to mine negatives with. Each later epoch first **mines hard
+negatives** with the current bi-encoder: for a sample of captions, the images it ranks highest
+that are not theirs; for a sample of images, the captions of other images it ranks highest.
+Then each step trains both ways of using the model at once: InfoNCE on a batch of pairs for
+the bi-encoder, plus a listwise cross-entropy for the cross-encoder over each query's true
+match and ``negatives`` drawn from its mined top ``mine_top`` (half the queries captions, half
+images). In the joint model the two share the token projections, so both losses shape them;
+with ``joint=False`` they share nothing (two separately trained models, the ablation).
+
+After each epoch the dev set is scored after reranking the bi-encoder's top ``rerank_n`` for a
+fixed sample of queries; the epoch with the best sum of those recalls is kept. Checkpoints
+(:mod:`mmret.training.checkpoint`) make a run resumable; it is seeded.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F  # noqa: N812 - the universal torch idiom
+
+from mmret._progress import progress
+from mmret.errors import InputError
+from mmret.evaluation.rerank import (
+    RerankedReport,
+    StoredSides,
+    repeat_side,
+    reranked_retrieval,
+)
+from mmret.evaluation.retrieval import RetrievalReport, retrieval_metrics
+from mmret.heads.rerank import CrossEncoder, RerankConfig, SideTokens, image_grid
+from mmret.training.checkpoint import (
+    TrainingState,
+    has_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+    warmup_cosine,
+)
+from mmret.training.feature_store import LayerFeatureSet
+from mmret.training.hat import set_statistics
+from mmret.training.losses import symmetric_info_nce
+
+_CHUNK = 2048
+_SCALE_RATE = 10.0
+
+
+@dataclass(frozen=True)
+class RerankTrainingConfig:
+    """Hyper-parameters of :func:`train_rerank` (defaults chosen on Flickr8k dev)."""
+
+    image_layer: int = 8
+    text_layer: int = 6
+    image_grid: int = 4
+    embed_dim: int = 256
+    hidden_dim: int = 1024
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    ff_dim: int = 256
+    dropout: float = 0.1
+    projection_dropout: float = 0.3
+    joint: bool = True
+    warmup_epochs: int = 3
+    epochs: int = 4
+    queries_per_epoch: int = 3000
+    query_batch: int = 32
+    negatives: int = 3
+    mine_top: int = 20
+    contrastive_batch: int = 512
+    learning_rate: float = 1e-3
+    #: In joint epochs the bi-encoder's projections learn at this fraction of the rate, so
+    #: the cross-encoder's loss refines what they share without undoing the first stage.
+    joint_projection_rate: float = 0.2
+    weight_decay: float = 0.05
+    dev_queries: int = 500
+    rerank_n: int = 20
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RerankTrainingConfig:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class RerankEpochLog:
+    """One epoch: the loss, the bi-encoder's dev metrics and the reranked dev sample's."""
+
+    epoch: int
+    loss: float
+    dev: RetrievalReport | None
+    reranked: RerankedReport | None
+
+    def to_dict(self) -> dict[str, Any]:
+        reranked = None
+        if self.reranked is not None:
+            report = self.reranked.report
+            reranked = {
+                "n": self.reranked.n,
+                "text_to_image": report.text_to_image,
+                "image_to_text": report.image_to_text,
+                "rsum": report.rsum,
+                "queries": [len(report.ranks_text_to_image), len(report.ranks_image_to_text)],
+            }
+        return {
+            "epoch": self.epoch,
+            "loss": self.loss,
+            "dev": self.dev.to_dict() if self.dev else None,
+            "dev_reranked": reranked,
+        }
+
+
+class _Data:
+    """A stored feature set as the training loop reads it: image grids by image row, texts by
+    caption row, and the bi-encoder inputs (mean tokens) of all of them."""
+
+    def __init__(
+        self, features: LayerFeatureSet, config: RerankTrainingConfig | RerankConfig
+    ) -> None:
+        for name, stored, layer in (
+            ("image", features.image, config.image_layer),
+            ("text", features.text, config.text_layer),
+        ):
+            if layer not in stored:
+                raise InputError(f"the feature store has no {name} layer {layer}")
+        self.features = features
+        self.images = features.image[config.image_layer]
+        self.texts = features.text[config.text_layer]
+        self.grid = config.image_grid
+        self.owner = np.asarray(features.text_image, dtype=np.int64)
+        self.sides = StoredSides(features, config.image_layer, config.text_layer)
+        # The bi-encoder reads the mean of the pooled grid (what a stored grid gives too).
+        self.image_means = torch.cat(
+            [
+                image_grid(
+                    self.images.read(np.arange(s, min(s + _CHUNK, len(self.images))))[0], self.grid
+                ).mean(dim=1)
+                for s in range(0, len(self.images), _CHUNK)
+            ]
+        )
+        self.captions_of = [np.flatnonzero(self.owner == i) for i in range(len(self.images))]
+
+    def image_side(self, rows: np.ndarray) -> SideTokens:
+        return self.sides.images(rows)
+
+    def text_side(self, rows: np.ndarray) -> SideTokens:
+        return self.sides.texts(rows)
+
+    def embed(self, model: CrossEncoder) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, E)`` image and ``(T, E)`` caption unit vectors of the bi-encoder."""
+        model.eval()
+        with torch.inference_mode():
+            image = torch.cat(
+                [model.embed_pooled(chunk, None) for chunk in torch.split(self.image_means, _CHUNK)]
+            )
+            text = torch.cat(
+                [
+                    model.embed_pooled(None, self.texts.read_pooled(np.arange(s, e)))
+                    for s, e in _spans(len(self.texts))
+                ]
+            )
+        return image, text
+
+
+def embed_stored(model: CrossEncoder, features: LayerFeatureSet) -> tuple[np.ndarray, np.ndarray]:
+    """The bi-encoder's ``(N, E)`` image and ``(T, E)`` caption unit vectors of a stored set
+    (the first stage of the joint model)."""
+    image, text = _Data(features, model.config).embed(model)
+    return image.numpy(), text.numpy()
+
+
+def _spans(count: int) -> list[tuple[int, int]]:
+    return [(s, min(s + _CHUNK, count)) for s in range(0, count, _CHUNK)]
+
+
+def build_model(
+    train: LayerFeatureSet, config: RerankTrainingConfig, backbone: str, layer_source: str
+) -> CrossEncoder:
+    model = CrossEncoder(
+        RerankConfig(
+            backbone=backbone,
+            layer_source=layer_source,
+            image_layer=config.image_layer,
+            text_layer=config.text_layer,
+            image_dim=train.image[config.image_layer].tokens.shape[1],
+            text_dim=train.text[config.text_layer].tokens.shape[1],
+            image_grid=config.image_grid,
+            embed_dim=config.embed_dim,
+            hidden_dim=config.hidden_dim,
+            width=config.width,
+            layers=config.layers,
+            heads=config.heads,
+            ff_dim=config.ff_dim,
+            dropout=config.dropout,
+            projection_dropout=config.projection_dropout,
+            joint=config.joint,
+        )
+    )
+    for projection in (model.image, model.image_tokens):
+        if projection is not None:
+            set_statistics(projection, train.image[config.image_layer])
+    for projection in (model.text, model.text_tokens):
+        if projection is not None:
+            set_statistics(projection, train.text[config.text_layer])
+    return model
+
+
+def mine(
+    query: torch.Tensor, collection: torch.Tensor, own: Callable[[int], np.ndarray], top: int
+) -> np.ndarray:
+    """``(Q, top)`` rows of ``(N, E)`` ``collection`` that ``(Q, E)`` ``query`` ranks highest,
+    leaving out each query's own (``own(q)``: its true matches)."""
+    pools = np.empty((len(query), top), dtype=np.int64)
+    for start in range(0, len(query), _CHUNK):
+        scores = (query[start : start + _CHUNK] @ collection.T).numpy()
+        for offset, row in enumerate(scores):
+            row[own(start + offset)] = -np.inf
+        best = np.argpartition(-scores, top, axis=1)[:, :top]
+        order = np.take_along_axis(scores, best, axis=1).argsort(axis=1)[:, ::-1]
+        pools[start : start + len(scores)] = np.take_along_axis(best, order, axis=1)
+    return pools
+
+
+def listwise_loss(
+    model: CrossEncoder, query: SideTokens, candidates: SideTokens, per_query: int
+) -> torch.Tensor:
+    """Cross-entropy of each query's true match (its first candidate) among its ``per_query``
+    candidates; ``candidates`` holds ``Q * per_query`` inputs, query by query."""
+    scores = model(repeat_side(query, per_query), candidates).view(len(query), per_query)
+    targets = torch.zeros(len(query), dtype=torch.long)
+    return F.cross_entropy(scores, targets)
+
+
+def train_rerank(
+    train: LayerFeatureSet,
+    dev: LayerFeatureSet | None,
+    config: RerankTrainingConfig,
+    *,
+    backbone: str,
+    layer_source: str,
+    checkpoint_dir: Path | None = None,
+    on_epoch: Callable[[RerankEpochLog], None] | None = None,
+    show_progress: bool = False,
+) -> tuple[CrossEncoder, list[dict[str, Any]]]:
+    """Train the joint (or, with ``joint=False``, the separate) model; see the module docstring.
+
+    Returns the model of the best epoch (by the dev sample's reranked recalls; without ``dev``
+    the last) and every epoch's :meth:`RerankEpochLog.to_dict`.
+    """
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    model = build_model(train, config, backbone, layer_source)
+    data = _Data(train, config)
+    dev_data = _Data(dev, config) if dev is not None else None
+    bi_encoder = {id(p) for m in (model.image, model.text) for p in m.parameters()}
+    bi_encoder.add(id(model.log_logit_scale))
+    # The score's weights and read-out are few and must move far: ten times the rate, no decay.
+    scales = [model.cosine_weight, model.token_weight, *model.out.parameters()]
+    special = bi_encoder | {id(p) for p in scales}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
+    bi = [p for p in model.parameters() if id(p) in bi_encoder]
+    groups: list[dict[str, Any]] = [
+        {"params": bi},
+        {"params": rest},
+        {"params": [p for p in scales if p.requires_grad], "weight_decay": 0.0},
+    ]
+    optimiser = torch.optim.AdamW(
+        groups,
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+    )
+    warm_steps = max(1, len(data.owner) // config.contrastive_batch)
+    joint_steps = max(1, config.queries_per_epoch // config.query_batch)
+    total_steps = config.warmup_epochs * warm_steps + config.epochs * joint_steps
+    state = TrainingState(copy.deepcopy(model.state_dict()), -1.0, 0, [])
+    if has_checkpoint(checkpoint_dir):
+        assert checkpoint_dir is not None
+        state = resume_checkpoint(checkpoint_dir, config.to_dict(), model, optimiser, generator)
+    for epoch in range(state.epoch + 1, config.warmup_epochs + config.epochs + 1):
+        warm = epoch <= config.warmup_epochs
+        done = (
+            (epoch - 1) * warm_steps
+            if warm
+            else config.warmup_epochs * warm_steps
+            + (epoch - 1 - config.warmup_epochs) * joint_steps
+        )
+        steps = warm_steps if warm else joint_steps
+        epoch_loop = _warmup_steps if warm else _joint_steps
+        total = 0.0
+        label = f"Rerank epoch {epoch} ({'bi-encoder' if warm else 'joint'})"
+        batches = progress(
+            epoch_loop(model, data, config, generator),
+            total=steps,
+            description=label,
+            enabled=show_progress,
+        )
+        model.train()
+        for step, loss in enumerate(batches):
+            rate = warmup_cosine(config.learning_rate, done + step, total_steps)
+            optimiser.param_groups[0]["lr"] = rate * (1.0 if warm else config.joint_projection_rate)
+            optimiser.param_groups[1]["lr"] = rate
+            optimiser.param_groups[2]["lr"] = rate * _SCALE_RATE
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += float(loss.detach())
+        log = _evaluate(model, dev_data, config, epoch, total / steps, warm)
+        state.logs.append(log.to_dict())
+        score = log.reranked.report.rsum if log.reranked else -1.0
+        if log.reranked is None or score > state.best_score or dev_data is None:
+            state.best_score = score
+            state.best = copy.deepcopy(model.state_dict())
+        state.epoch = epoch
+        if checkpoint_dir is not None:
+            save_checkpoint(checkpoint_dir, config.to_dict(), model, optimiser, generator, state)
+        if on_epoch is not None:
+            on_epoch(log)
+    model.load_state_dict(state.best)
+    return model.eval(), state.logs
+
+
+def _warmup_steps(
+    model: CrossEncoder, data: _Data, config: RerankTrainingConfig, generator: torch.Generator
+) -> Any:
+    """Bi-encoder losses over every caption once, in a random order."""
+    order = torch.randperm(len(data.owner), generator=generator).numpy()
+    for step in range(max(1, len(order) // config.contrastive_batch)):
+        captions = order[step * config.contrastive_batch : (step + 1) * config.contrastive_batch]
+        yield _contrastive(model, data, captions)
+
+
+def _contrastive(model: CrossEncoder, data: _Data, captions: np.ndarray) -> torch.Tensor:
+    images = data.owner[captions]
+    image = model.embed_pooled(data.image_means[images], None)
+    text = model.embed_pooled(None, data.texts.read_pooled(captions))
+    return symmetric_info_nce(image, text, torch.from_numpy(images), model.logit_scale)
+
+
+def _joint_steps(
+    model: CrossEncoder, data: _Data, config: RerankTrainingConfig, generator: torch.Generator
+) -> Any:
+    """Mine hard negatives with the current bi-encoder, then yield the joint losses."""
+    half = config.queries_per_epoch // 2
+    captions = torch.randperm(len(data.owner), generator=generator)[:half].numpy()
+    images = torch.randperm(len(data.images), generator=generator)[:half].numpy()
+    image_vectors, text_vectors = data.embed(model)
+    model.train()
+    caption_pool = mine(
+        text_vectors[captions],
+        image_vectors,
+        lambda q: data.owner[captions[q : q + 1]],
+        config.mine_top,
+    )
+    image_pool = mine(
+        image_vectors[images],
+        text_vectors,
+        lambda q: data.captions_of[images[q]],
+        config.mine_top,
+    )
+    contrastive_order = torch.randperm(len(data.owner), generator=generator).numpy()
+    per_side = max(1, config.query_batch // 2)
+    per_query = 1 + config.negatives
+    for step in range(max(1, config.queries_per_epoch // config.query_batch)):
+        rows = np.arange(step * per_side, (step + 1) * per_side) % half
+        picks = torch.rand(len(rows), config.mine_top, generator=generator).argsort(dim=1)
+        negatives = picks[:, : config.negatives].numpy()
+        # Captions ask for images: their own image first, then mined ones.
+        t2i = np.concatenate(
+            [
+                data.owner[captions[rows]][:, None],
+                np.take_along_axis(caption_pool[rows], negatives, axis=1),
+            ],
+            axis=1,
+        )
+        own_caption = torch.randint(0, 5, (len(rows),), generator=generator).numpy()
+        positives = np.asarray(
+            [
+                data.captions_of[i][c % len(data.captions_of[i])]
+                for i, c in zip(images[rows], own_caption, strict=True)
+            ]
+        )
+        i2t = np.concatenate(
+            [positives[:, None], np.take_along_axis(image_pool[rows], negatives, axis=1)], axis=1
+        )
+        cross = listwise_loss(
+            model, data.text_side(captions[rows]), data.image_side(t2i.reshape(-1)), per_query
+        ) + listwise_loss(
+            model, data.image_side(images[rows]), data.text_side(i2t.reshape(-1)), per_query
+        )
+        start = (step * config.contrastive_batch) % len(contrastive_order)
+        batch = contrastive_order[start : start + config.contrastive_batch]
+        yield cross / 2 + _contrastive(model, data, batch)
+
+
+def _evaluate(
+    model: CrossEncoder,
+    dev: _Data | None,
+    config: RerankTrainingConfig,
+    epoch: int,
+    loss: float,
+    warm: bool,
+) -> RerankEpochLog:
+    if dev is None:
+        return RerankEpochLog(epoch, loss, None, None)
+    image, text = dev.embed(model)
+    metrics = retrieval_metrics(image.numpy(), text.numpy(), dev.owner)
+    if warm:
+        return RerankEpochLog(epoch, loss, metrics, None)
+    sample = np.random.default_rng(config.seed)
+    captions = np.sort(
+        sample.choice(len(dev.owner), min(config.dev_queries, len(dev.owner)), replace=False)
+    )
+    images = np.sort(
+        sample.choice(len(dev.images), min(config.dev_queries // 5, len(dev.images)), replace=False)
+    )
+    reranked = reranked_retrieval(
+        model,
+        image.numpy(),
+        text.numpy(),
+        dev.owner,
+        dev.sides,
+        config.rerank_n,
+        captions=captions,
+        images=images,
+        query_batch=16,
+    )
+    return RerankEpochLog(epoch, loss, metrics, reranked)

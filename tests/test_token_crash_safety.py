@@ -1,0 +1,97 @@
+"""The kill test for the token features kept beside an index for reranking.
+
+As in ``test_crash_safety``: a child applies a fixed sequence of writes (adds of 20 items with
+their token features, removals of 10) to an index that stores token features, and is killed
+with SIGKILL at random points. After every kill the index must hold the state before or after
+the write under way, ``check_index`` (which verifies every item's token rows, ranges and
+digests) must find nothing wrong, the stored features must be exactly those of the items, and
+a reranked search must work. ``MMRET_KILL_POINTS`` sets the number of kills (default 15).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmret import Item, Query, Retriever
+from mmret.index.integrity import check_index
+
+from .forking import exit_code, fork
+from .rerank_fixtures import LayerHashEncoder, tiny_reranker, tiny_spec
+from .test_crash_safety import operation, state_after, stored_ids
+
+KILL_POINTS = int(os.environ.get("MMRET_KILL_POINTS", "15"))
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+
+
+def item(item_id: str) -> Item:
+    return Item(item_id, text=f"word{item_id.replace('-', ' word')}", metadata={"n": 1})
+
+
+def run_writer(folder: Path, start: int, report_fd: int) -> None:
+    encoder = LayerHashEncoder(16)
+    retriever = Retriever.open(folder, encoder=encoder)
+    for number in range(start, 10**9):
+        kind, batch = operation(number)
+        if kind == "add":
+            items = [item(i) for i in batch]
+            retriever.add_vectors(items, encoder.encode(items))
+        else:
+            retriever.remove(batch)
+        os.write(report_fd, f"{number + 1}\n".encode())
+
+
+def kill_once(folder: Path, start: int, delay: float) -> int:
+    read_fd, write_fd = os.pipe()
+    pid = fork(lambda: run_writer(folder, start, write_fd))
+    os.close(write_fd)
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    exit_code(pid)
+    with os.fdopen(read_fd, "rb") as reader:
+        lines = reader.read().split()
+    return int(lines[-1]) if lines else start
+
+
+def test_kill_minus_nine_never_breaks_the_token_features(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    encoder = LayerHashEncoder(16)
+    Retriever.create(folder, encoder=encoder, token_features=tiny_spec(encoder)).close()
+    reranker = tiny_reranker(encoder)
+    rng = random.Random(12)
+    done = 0
+    for _ in range(KILL_POINTS):
+        reported = kill_once(folder, done, rng.uniform(0.02, 0.3))
+        report = check_index(folder)
+        assert report.ok, report.problems
+        ids = stored_ids(folder)
+        matches = [n for n in (reported, reported + 1) if state_after(n) == ids]
+        assert matches, f"after {reported} reported writes the index holds an unexpected state"
+        done = matches[-1]
+        if not ids:
+            continue
+        with Retriever.open(folder, encoder=encoder, readonly=True) as retriever:
+            chosen = rng.sample(sorted(ids), min(3, len(ids)))
+            stored = retriever._tokens  # the features on disk are exactly the items'
+            refs = retriever._store.token_refs()
+            keys = {
+                hit.id: key
+                for key, hit in retriever._search_keys(
+                    encoder.encode([item(i) for i in chosen]), 10**6, None
+                )[0]
+            }
+            assert stored is not None
+            for item_id in chosen:
+                want = reranker.features([item(item_id)]).text[0].half().numpy()
+                got = stored.read([refs[keys[item_id]]]).text[0].numpy()
+                np.testing.assert_array_equal(got, want.astype(np.float32))
+            hits = retriever.search([Query(text="word1")], k=5, rerank=5, reranker=reranker)
+            assert len(hits[0]) == min(5, len(ids))
+    assert done >= KILL_POINTS // 2, f"only {done} writes in {KILL_POINTS} runs"
