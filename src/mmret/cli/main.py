@@ -30,8 +30,8 @@ from mmret.cli.output import (
     results_table,
     status,
 )
-from mmret.cli.serve import serve
 from mmret.cli.rerank import train as train_rerank
+from mmret.cli.serve import serve
 from mmret.cli.train import train_app
 from mmret.encoders import DEFAULT_MODEL
 from mmret.engine import Retriever
