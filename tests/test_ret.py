@@ -288,6 +288,15 @@ def test_train_ret_cli_and_evaluation_end_to_end(
     assert (
         "red" in found.output and "maxsim" in CliRunner().invoke(app, ["info", str(index)]).output
     )
+    classes = tmp_path / "classes"
+    for name, picture in zip(("red", "green"), images(), strict=False):
+        (classes / name).mkdir(parents=True)
+        picture.save(classes / name / "a.png")
+    zero_shot = CliRunner().invoke(
+        app, ["eval", "zeroshot", str(classes), "--model", model, "--cache-dir", cache]
+    )
+    assert zero_shot.exit_code == 0, zero_shot.output
+    assert "top-1 accuracy" in zero_shot.output
 
 
 def test_the_global_head_starts_the_model_at_the_heads_scores(
