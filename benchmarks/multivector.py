@@ -182,7 +182,13 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=None)
     parser.add_argument("--rescore", type=int, default=None)
     parser.add_argument("--codec", default=None, help="plaid's codec in the main table")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run (1,500 documents; its own JSON file)"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.documents, args.recall_queries, args.timed_queries = 1500, 10, 3
+        args.repeats, args.codecs = 1, ""
     torch.set_num_threads(1)
     options = {
         name: value
@@ -202,7 +208,7 @@ def main() -> None:
     )  # fmt: skip
     results: dict[str, Any] = {"sources": pool.origin, str(args.documents): extra}
 
-    flickr = token_sets.flickr_collection(TOKEN_DIM)
+    flickr = None if args.quick else token_sets.flickr_collection(TOKEN_DIM)
     if flickr is not None:
         documents, flickr_queries, origin = flickr
         flickr_rows, flickr_extra, _ = compare(
@@ -239,7 +245,7 @@ def main() -> None:
         ["collection", "backend", "documents", "ms/query single", "ms/query batched",
          "speedup", "recall@10", "bytes/token", "bytes/doc", "build s"],
         rows,
-        RESULTS / "multivector.json",
+        RESULTS / ("multivector_quick.json" if args.quick else "multivector.json"),
         results,
     )  # fmt: skip
 
