@@ -15,6 +15,7 @@ share tokens the way related images or passages do. A query is drawn the same wa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,22 +55,68 @@ def store_layers(layer: int = 8) -> list[Path]:
     return [folder for _, folder in sorted(found, reverse=True)]
 
 
-def real_sources(folder: Path, token_dim: int, seed: int = 0) -> TokenSources:
-    """Every image's tokens in one stored layer folder, projected to ``token_dim``."""
+def _layer(folder: Path) -> np.ndarray:
+    """``(S, 49, D)`` float32 token features of one stored image layer."""
     tokens = np.load(folder / "tokens.npy", mmap_mode="r")
-    offsets = np.load(folder / "offsets.npy")
-    counts = np.diff(offsets)
+    counts = np.diff(np.load(folder / "offsets.npy"))
     if not (counts == _SOURCE_TOKENS).all():
         raise ValueError(f"{folder}: expected {_SOURCE_TOKENS} tokens per image")
-    features = np.asarray(tokens, dtype=np.float32)
-    features -= features.mean(axis=0)
+    return np.asarray(tokens, dtype=np.float32).reshape(len(counts), _SOURCE_TOKENS, -1)
+
+
+def _projector(
+    features: np.ndarray, token_dim: int, seed: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Centres by ``features``' mean token and projects to ``token_dim`` unit tokens."""
+    mean = features.reshape(-1, features.shape[-1]).mean(axis=0)
     rng = np.random.default_rng(seed)
-    projection = rng.standard_normal((features.shape[1], token_dim)).astype(np.float32)
-    projected = normalise_tokens(features @ projection, None)
+    projection = rng.standard_normal((features.shape[-1], token_dim)).astype(np.float32)
+
+    def project(tokens: np.ndarray) -> np.ndarray:
+        flat = (tokens.reshape(-1, tokens.shape[-1]) - mean) @ projection
+        return normalise_tokens(flat, None).reshape(*tokens.shape[:-1], token_dim)
+
+    return project
+
+
+def real_sources(folder: Path, token_dim: int, seed: int = 0) -> TokenSources:
+    """Every image's tokens in one stored layer folder, projected to ``token_dim``."""
+    features = _layer(folder)
+    projected = _projector(features, token_dim, seed)(features)
     return TokenSources(
-        projected.reshape(len(counts), _SOURCE_TOKENS, token_dim),
-        f"real: {folder.parent.name}/{folder.name} ({len(counts)} images)",
+        projected, f"real: {folder.parent.name}/{folder.name} ({len(features)} images)"
     )
+
+
+def flickr_collection(token_dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """The largest stored image set as ``(S, 49 * token_dim)`` documents and a disjoint
+    stored image set (Flickr8k dev beside train) as queries, projected alike; ``None`` when
+    the store does not hold two such sets."""
+    import json
+
+    folders = store_layers()
+    if len(folders) < 2:
+        return None
+
+    def image_ids(folder: Path) -> set[str]:
+        pairs = json.loads((folder.parent / "pairs.json").read_text())
+        return set(pairs["image_ids"])
+
+    documents_folder = folders[0]
+    taken = image_ids(documents_folder)
+    others = [f for f in folders[1:] if not image_ids(f) & taken]
+    if not others:
+        return None
+    features = _layer(documents_folder)
+    project = _projector(features, token_dim, seed)
+    documents = project(features).reshape(len(features), -1)
+    query_features = _layer(others[0])
+    queries = project(query_features).reshape(len(query_features), -1)
+    origin = (
+        f"{len(documents)} images of {documents_folder.parent.name} searched with "
+        f"{len(queries)} images of {others[0].parent.name}"
+    )
+    return documents, queries, origin
 
 
 def synthetic_sources(sources: int, token_dim: int, seed: int = 0) -> TokenSources:
@@ -100,7 +147,9 @@ def topics(pool: TokenSources, seed: int = 0) -> list[np.ndarray]:
 
     means = normalise_tokens(pool.tokens.mean(axis=1), None)
     count = max(1, len(means) // _SOURCES_PER_TOPIC)
-    kmeans = faiss.Kmeans(means.shape[1], count, niter=20, seed=seed + 1, spherical=True)
+    kmeans = faiss.Kmeans(
+        means.shape[1], count, niter=20, seed=seed + 1, spherical=True, min_points_per_centroid=1
+    )
     kmeans.train(np.ascontiguousarray(means))
     _, assigned = kmeans.index.search(np.ascontiguousarray(means), 1)
     groups = [np.flatnonzero(assigned[:, 0] == topic) for topic in range(count)]

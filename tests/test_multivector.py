@@ -12,7 +12,7 @@ import pytest
 from mmret import InputError, Item, Retriever, read_items
 from mmret.encoders import load_encoder
 from mmret.encoders.hashing import HashEncoder, TokenHashEncoder
-from mmret.index.base import new_backend
+from mmret.index.base import AUTO_PLAID_FROM, new_backend
 from mmret.index.integrity import check_index, repair_index
 from mmret.index.manifest import MANIFEST_FILE, IndexManifest, manifest_text, parse_manifest
 from mmret.index.maxsim import MaxSimIndex
@@ -99,7 +99,8 @@ def test_add_vectors_normalises_each_token(tmp_path: Path, token_encoder: TokenH
 
 
 def test_backends_must_fit_the_model_kind(tmp_path: Path) -> None:
-    assert new_backend("auto", {}, 64, 10**7, token_dim=16).name == "maxsim"
+    assert new_backend("auto", {}, 64, AUTO_PLAID_FROM - 1, token_dim=16).name == "maxsim"
+    assert new_backend("auto", {}, 64, AUTO_PLAID_FROM, token_dim=16).name == "plaid"
     assert new_backend("auto", {}, 64, 10).name == "exact"
     with pytest.raises(InputError, match="gives token sets"):
         new_backend("faiss", {}, 64, 0, token_dim=16)

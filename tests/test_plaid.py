@@ -137,6 +137,14 @@ def test_bad_options_are_named() -> None:
         PlaidIndex(DIM, token_dim=TOKEN_DIM, candidates=10, rescore=20)
     with pytest.raises(InputError, match="probes"):
         PlaidIndex(DIM, token_dim=TOKEN_DIM, probes=0)
+    too_fine = PlaidIndex(DIM, token_dim=TOKEN_DIM, codec="PQ8x10", train_from=20)
+    with pytest.warns(RuntimeWarning, match="cannot be trained on 160 residuals"):
+        too_fine.add(np.arange(20), clustered(20, seed=6))
+    assert len(too_fine) == 20 and too_fine.centroid_count == 0  # kept, searched exactly
+    assert too_fine.search(clustered(20, seed=6)[[3]], 1)[1][0, 0] == 3
+    small = PlaidIndex(DIM, token_dim=TOKEN_DIM, train_from=20)  # auto: fewer bits when small
+    small.add(np.arange(20), clustered(20, seed=6))
+    assert small.centroid_count > 0 and len(small) == 20
 
 
 def make_index(folder: Path, count: int) -> Retriever:

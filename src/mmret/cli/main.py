@@ -80,8 +80,8 @@ def index(
     ),
     backend: str = typer.Option(
         "auto",
-        help="auto, exact, faiss or maxsim (auto: exact below 100k items, faiss above; "
-        "maxsim for multi-vector models).",
+        help="auto, exact, faiss, maxsim or plaid (auto: exact below 100k items, faiss "
+        "above; for multi-vector models maxsim below 10k items, plaid above).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
     wait: float = typer.Option(10.0, help="Seconds to wait if another writer has OUT open."),

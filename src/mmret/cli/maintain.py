@@ -69,6 +69,11 @@ def recluster(
         report = recluster_index(index_dir, wait=wait)
     if as_json:
         print_json(report.to_dict())
+    elif report.centroids == 0:
+        console.print(
+            f"[green]ok[/]: {index_dir}: {report.documents} documents, too few to cluster "
+            "(below the backend's train_from): searched exactly"
+        )
     else:
         console.print(
             f"[green]ok[/]: {index_dir}: {report.documents} documents, {report.centroids} "

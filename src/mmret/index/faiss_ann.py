@@ -23,6 +23,7 @@ from mmret.index.base import (
     GrowableArray,
     VectorIndex,
     check_vectors,
+    live_rows,
     rows_of,
     scores_allowed_directly,
     top_k,
@@ -132,12 +133,7 @@ class FaissIndex(VectorIndex):
         all_keys = self._keys.view
         if self._index is None:
             return top_k(np.zeros((len(queries), 0), np.float32), all_keys[:0], k)
-        rows = None
-        if allowed is not None:
-            rows = rows_of(all_keys, np.asarray(allowed, dtype=np.int64))
-            rows = rows[self._alive.view[rows]]
-        elif self._dead:
-            rows = np.flatnonzero(self._alive.view)
+        rows = live_rows(all_keys, self._alive.view, self._dead, allowed)
         if rows is not None and scores_allowed_directly(
             len(rows), len(self), up_to=self.exact_below, below_share=_DIRECT_BELOW_SHARE
         ):

@@ -2,8 +2,9 @@
 
 Every document token is stored as the id of its nearest token centroid (k-means,
 ``faiss.Kmeans``) plus its residual from that centroid, compressed by a FAISS codec (product
-quantisation by default: ``token_dim / 4`` bytes, 2 bits per dimension). A query is answered
-in three stages, each on fewer documents:
+quantisation by default: ``token_dim / 4`` sub-vectors of 10 bits, 2.5 bits a dimension, 40
+bytes for 128 dimensions; chosen by the recall/size table of ``benchmarks/multivector.py``).
+A query is answered in three stages, each on fewer documents:
 
 1. **probe**: per query token, the ``probes`` centroids nearest to it; an inverted list
    (centroid -> documents with a token there) gives every document an approximate score:
@@ -24,6 +25,7 @@ quarter are dead). The cache is the compressed structure; the item store stays t
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,6 +38,7 @@ from mmret.index.base import (
     GrowableArray,
     VectorIndex,
     check_vectors,
+    live_rows,
     rows_of,
     scores_allowed_directly,
     top_k,
@@ -61,6 +64,7 @@ _GRAPH_FROM = 1024
 _GRAPH_NEIGHBOURS = 32
 _GRAPH_SEARCH = 64
 _CODEC_TRAIN_TOKENS = 65_536
+_ENCODE_BLOCK = 4096  # documents compressed at a time
 
 
 @INDEXES.register("plaid")
@@ -69,7 +73,7 @@ class PlaidIndex(VectorIndex):
 
     Options: ``centroids`` (0: about ``4 sqrt(tokens)``, a power of two, fixed when first
     trained), ``codec`` (a FAISS factory string for the residual codec, e.g. ``PQ32``,
-    ``PQ16``, ``SQ4``; ``auto``: ``PQ{token_dim // 4}``), ``probes`` (centroids per query
+    ``PQ16``, ``SQ4``; ``auto``: ``PQ{token_dim // 4}x10``), ``probes`` (centroids per query
     token), ``candidates`` (documents kept after probing), ``rescore`` (documents
     decompressed and scored exactly), ``train_from`` (documents needed before clustering),
     ``exact_below`` (a filter allowing at most this many documents scores them directly).
@@ -108,6 +112,7 @@ class PlaidIndex(VectorIndex):
         self.train_from, self.exact_below = train_from, exact_below
         new_codec(self.codec, self.token_dim)  # a bad codec string fails here, not at training
         self._trained: _Trained | None = None
+        self._retry_from = 0  # after a failed training: the document count to try again at
 
     def config(self) -> dict[str, Any]:
         return {
@@ -151,15 +156,24 @@ class PlaidIndex(VectorIndex):
         if self._trained is not None:
             self._trained.add(keys, vectors)
             return
-        if len(self._pending) + len(keys) < self.train_from:
+        if len(self._pending) + len(keys) < max(self.train_from, self._retry_from):
             self._pending.add(keys, vectors)
             return
         held_keys, held = self._pending.stored_keys(), self._pending.stored_vectors()
         all_keys = np.concatenate([held_keys, keys])
         everything = np.concatenate([held, vectors])
-        self._trained = _Trained.fit(everything, self.token_dim, self.centroids, self.codec)
-        self._trained.add(all_keys, everything)
-        self._pending = MaxSimIndex(self.dim, self.token_dim)
+        try:
+            trained = _Trained.fit(everything, self.token_dim, self.centroids, self.codec)
+        except InputError as error:
+            # Too few tokens for the codec asked for: the rows stay searchable exactly (the
+            # store has them already) and training is tried again at twice as many.
+            self._pending.add(keys, vectors)
+            self._retry_from = 2 * len(self._pending)
+            message = f"plaid: {error}; searching exactly for now"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            return
+        trained.add(all_keys, everything)
+        self._trained, self._pending = trained, MaxSimIndex(self.dim, self.token_dim)
 
     def remove(self, keys: np.ndarray) -> None:
         if self._trained is None:
@@ -177,12 +191,9 @@ class PlaidIndex(VectorIndex):
         if trained is None:
             return self._pending.search(queries, k, allowed)
         all_keys = trained.keys.view
-        rows = None
-        if allowed is not None:
-            rows = rows_of(all_keys, np.asarray(allowed, dtype=np.int64))
-            rows = rows[trained.alive.view[rows]]
-        elif trained.dead or trained.live <= self.exact_below:
-            rows = np.flatnonzero(trained.alive.view)
+        rows = live_rows(all_keys, trained.alive.view, trained.dead, allowed)
+        if rows is None and trained.live <= self.exact_below:
+            rows = np.arange(len(all_keys))
         if rows is not None and scores_allowed_directly(
             len(rows), trained.live, up_to=self.exact_below, below_share=_DIRECT_BELOW_SHARE
         ):
@@ -328,10 +339,16 @@ class _Trained:
             verbose=False,
         )
         kmeans.train(np.ascontiguousarray(sample))
-        trained = cls(kmeans.centroids, new_codec(codec, token_dim))
         codec_sample = sample[:_CODEC_TRAIN_TOKENS]
+        trained = cls(kmeans.centroids, new_codec(codec, token_dim, len(codec_sample)))
         nearest = trained.assign(codec_sample)
-        trained.codec.train(codec_sample - trained.centroids[nearest])
+        try:
+            trained.codec.train(codec_sample - trained.centroids[nearest])
+        except RuntimeError as error:
+            raise InputError(
+                f"codec {codec!r} cannot be trained on {len(codec_sample)} residuals "
+                f"({_faiss_message(error)}): raise train_from or choose a smaller codec"
+            ) from None
         return trained
 
     @classmethod
@@ -366,17 +383,21 @@ class _Trained:
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         if not len(keys):
             return
-        n, per_doc = len(keys), vectors.shape[1] // self.token_dim
-        tokens = vectors.reshape(-1, self.token_dim)
-        nearest = self.assign(tokens)
-        codes = self.codec.sa_encode(np.ascontiguousarray(tokens - self.centroids[nearest]))
+        per_doc = vectors.shape[1] // self.token_dim
         if not len(self.cids):  # the widths are known from the first rows
             self.cids = GrowableArray(np.uint16, per_doc)
             self.codes = GrowableArray(np.uint8, per_doc * self.code_size)
+        # A block at a time: the residuals of 100,000 documents of 32 x 128 would be 1.6 GB.
+        for start in range(0, len(keys), _ENCODE_BLOCK):
+            block = vectors[start : start + _ENCODE_BLOCK]
+            n = len(block)
+            tokens = block.reshape(-1, self.token_dim)
+            nearest = self.assign(tokens)
+            codes = self.codec.sa_encode(np.ascontiguousarray(tokens - self.centroids[nearest]))
+            self.cids.append(nearest.astype(np.uint16).reshape(n, per_doc))
+            self.codes.append(codes.reshape(n, per_doc * self.code_size))
         self.keys.append(keys)
-        self.alive.append(np.ones(n, dtype=np.bool_))
-        self.cids.append(nearest.astype(np.uint16).reshape(n, per_doc))
-        self.codes.append(codes.reshape(n, per_doc * self.code_size))
+        self.alive.append(np.ones(len(keys), dtype=np.bool_))
         self._lists = None
 
     def remove(self, keys: np.ndarray) -> None:
@@ -428,18 +449,25 @@ class _Trained:
         probes = min(probes, n_centroids)
         probed = np.argpartition(-centroid_scores, probes - 1, axis=1)[:, :probes]
         probed_scores = np.take_along_axis(centroid_scores, probed, axis=1)
-        floor = probed_scores.min(axis=1)  # a document with no probed centroid: at most this
+        # Best first within each query token, so a document's first entry is its best.
+        order = np.argsort(-probed_scores, axis=1)
+        probed = np.take_along_axis(probed, order, axis=1)
+        probed_scores = np.take_along_axis(probed_scores, order, axis=1)
+        floor = probed_scores[:, -1]  # a document with no probed centroid: at most this
         starts, lengths = offsets[probed].ravel(), (offsets[probed + 1] - offsets[probed]).ravel()
         total = int(lengths.sum())
         # Every probed list's rows, concatenated: positions start..start+length per list.
         shift = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
-        docs = rows[shift + np.arange(total)]
+        docs = rows[shift + np.arange(total)].astype(np.int64)
         gains = np.repeat((probed_scores - floor[:, None]).ravel(), lengths)
         token_of = np.repeat(np.arange(n_tokens).repeat(probes), lengths)
         n_docs = len(self.keys)
-        best = np.zeros(n_tokens * n_docs, dtype=np.float32)
-        np.maximum.at(best, token_of * n_docs + docs, gains)
-        approximate: np.ndarray = best.reshape(n_tokens, n_docs).sum(axis=0) + floor.sum()
+        # Each (query token, document) pair counts once, with its best gain: its first entry
+        # (np.unique's return_index gives first occurrences). Sparse: the entries are a few
+        # per cent of the tokens x documents a dense buffer would zero and sum.
+        _, first = np.unique(token_of * n_docs + docs, return_index=True)
+        approximate: np.ndarray = np.bincount(docs[first], gains[first], minlength=n_docs)
+        approximate = approximate.astype(np.float32) + np.float32(floor.sum())
         return approximate
 
 
@@ -449,17 +477,30 @@ def default_centroids(tokens: int) -> int:
     return int(min(_MAX_CENTROIDS, 2 ** math.floor(math.log2(wanted))))
 
 
-def new_codec(codec: str, token_dim: int) -> Any:
+def resolved_codec(codec: str, token_dim: int, training_tokens: int | None = None) -> str:
+    """The FAISS factory string ``codec`` stands for: ``auto`` is ``PQ{token_dim // 4}x10``,
+    with fewer bits when there are too few ``training_tokens`` for 1,024 codes a sub-vector
+    (a small index), and ``SQ8`` when ``token_dim`` is not a multiple of 4."""
+    if codec != "auto":
+        return codec
+    if token_dim % 4:
+        return "SQ8"
+    bits = 10
+    if training_tokens is not None:
+        bits = min(10, max(1, int(math.log2(max(training_tokens, 2))) - 2))
+    return f"PQ{token_dim // 4}x{bits}"
+
+
+def new_codec(codec: str, token_dim: int, training_tokens: int | None = None) -> Any:
     """An untrained FAISS residual codec for ``token_dim`` dimensions from a factory string
-    (``auto``: ``PQ{token_dim // 4}``, 2 bits per dimension, when ``token_dim`` allows)."""
-    if codec == "auto":
-        codec = f"PQ{token_dim // 4}" if token_dim % 4 == 0 and token_dim >= 4 else "SQ8"
+    (``auto``: ``PQ{token_dim // 4}x10``, 2.5 bits a dimension, when ``token_dim`` allows)."""
+    codec = resolved_codec(codec, token_dim, training_tokens)
     try:
         made = faiss.index_factory(token_dim, codec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
-        first = str(error).strip().splitlines()[-1] if str(error).strip() else ""
         raise InputError(
-            f"codec {codec!r} is not a FAISS codec for {token_dim} dimensions ({first})"
+            f"codec {codec!r} is not a FAISS codec for {token_dim} dimensions "
+            f"({_faiss_message(error)})"
         ) from None
     if hasattr(made, "do_polysemous_training"):
         # Polysemous training reorders PQ codes for Hamming search, which is not used here,
@@ -469,6 +510,12 @@ def new_codec(codec: str, token_dim: int) -> Any:
         # A small index trains its codec on few residuals, knowingly: no warning on stderr.
         made.pq.cp.min_points_per_centroid = 1
     return made
+
+
+def _faiss_message(error: RuntimeError) -> str:
+    """The last line of a FAISS error (the first names C++ source locations)."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def _best_rows(scores: np.ndarray, count: int) -> np.ndarray:
