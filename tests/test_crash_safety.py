@@ -38,14 +38,15 @@ BACKENDS: dict[str, dict[str, object]] = {
     "maxsim": {},
     # Clustered from 64 documents on, and searched through its stages whatever the size, so
     # kills land while it trains, compresses and rewrites its cache. Its 4 centroids (from 64
-    # documents) would prune the later hundreds poorly: every document is kept to the end,
-    # and its tokens are kept at 8 bits a dimension (SQ8), so its own vector finds each.
+    # documents) would prune the later thousands poorly: every document is kept to the end
+    # (an idle machine writes over 10,000 in one run), and its tokens are kept at 8 bits a
+    # dimension (SQ8), so its own vector finds each.
     "plaid": {
         "train_from": 64,
         "codec": "SQ8",
         "exact_below": 0,
-        "candidates": 4096,
-        "rescore": 4096,
+        "candidates": 1_000_000,
+        "rescore": 1_000_000,
     },
 }
 MULTI_VECTOR = {"maxsim", "plaid"}
