@@ -45,7 +45,7 @@ from mmret.generation.fewshot import (
     neighbour_votes,
     split_shots,
 )
-from mmret.items import Query
+from mmret.items import Item, Query
 
 from .cli import run
 from .conftest import solid
@@ -237,6 +237,16 @@ def test_consensus_captions_come_from_other_images(memory: Path, manifest: Path)
     assert made.text and "blue" not in made.text and "blue" not in made.context.ids
     lines = run("caption", own, "--memory", memory, "--json")
     assert json.loads(lines)[0]["caption"] == made.text
+
+
+def test_caption_says_when_the_memory_has_no_other_captioned_image(
+    tmp_path: Path, manifest: Path
+) -> None:
+    alone = tmp_path / "alone"
+    with Retriever.create(alone, encoder=HashEncoder(32)) as retriever:
+        retriever.add([Item("red", image=manifest.parent / "images" / "red.png", text="red")])
+    printed = run("caption", manifest.parent / "images" / "red.png", "--memory", alone)
+    assert "no captioned neighbour in the memory" in printed
 
 
 class _Recorder(BaseHTTPRequestHandler):

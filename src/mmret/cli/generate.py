@@ -197,7 +197,8 @@ def caption(
         print_json(rows)
         return
     for path, made_caption in zip(images, made, strict=True):
-        console.print(f"[bold]{escape(str(path))}[/]: {escape(made_caption.text)}")
+        text = escape(made_caption.text) or "[dim](no captioned neighbour in the memory)[/]"
+        console.print(f"[bold]{escape(str(path))}[/]: {text}")
 
 
 #: Not in ``eval caption``'s JSON record: the note is printed, per-image scores go to --captions.
