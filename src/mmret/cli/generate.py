@@ -22,7 +22,7 @@ from mmret.evaluation.embeddings import embed_images
 from mmret.evaluation.reports import MetricTable, percent
 from mmret.generation.chat import ChatEndpoint
 from mmret.generation.consensus import CONSENSUS_POLICY, consensus_captions
-from mmret.generation.context import retrieve_context, to_chat, to_markdown
+from mmret.generation.context import Context, retrieve_context, to_chat, to_markdown
 from mmret.generation.fewshot import FewShotOptions, few_shot_probabilities, split_shots
 from mmret.generation.policy import MODALITIES, ContextPolicy
 from mmret.index.filters import parse_filter
@@ -87,6 +87,12 @@ def _query(text: str | None, image: Path | None) -> Query:
     return Query(text=text, image=image)
 
 
+def _select(index_dir: Path, query: Query, policy: ContextPolicy, filters: list[str]) -> Context:
+    """The context ``policy`` selects for ``query`` from the index at ``index_dir``."""
+    with Retriever.open(index_dir, readonly=True) as retriever:
+        return retrieve_context(retriever, query, policy, filter=parse_filter(filters) or None)
+
+
 @friendly_errors
 def context(
     index_dir: Path = typer.Argument(..., metavar="DIR", help="Index folder (the memory)."),
@@ -113,10 +119,7 @@ def context(
     policy = _policy(
         k, candidates, modality, modality_bonus, diversity, duplicate_threshold, temperature, seed
     )
-    with Retriever.open(index_dir, readonly=True) as retriever:
-        chosen = retrieve_context(
-            retriever, _query(text, image), policy, filter=parse_filter(filters) or None
-        )
+    chosen = _select(index_dir, _query(text, image), policy, filters)
     if output_format == "json":
         print_json(chosen.to_dict())
     elif output_format == "chat":
@@ -157,10 +160,7 @@ def ask(
     policy = _policy(
         k, candidates, modality, modality_bonus, diversity, duplicate_threshold, temperature, seed
     )
-    with Retriever.open(index_dir, readonly=True) as retriever:
-        chosen = retrieve_context(
-            retriever, _query(question, image), policy, filter=parse_filter(filters) or None
-        )
+    chosen = _select(index_dir, _query(question, image), policy, filters)
     if show_context:
         console.print(escape(to_markdown(chosen)), highlight=False)
     print(endpoint.complete(to_chat(chosen, question, image_side=image_side)))

@@ -90,7 +90,8 @@ def select(
     hits, vectors = list(hits[: policy.candidates]), vectors[: policy.candidates]
     if not hits:
         return []
-    relevance = normalised_similarity(query[None, :], vectors, token_dim)[0]
+    to_query = normalised_similarity(query[None, :], vectors, token_dim)[0]
+    relevance = to_query
     both = np.array([hit.image is not None and hit.text is not None for hit in hits])
     if policy.modality == "prefer":
         relevance = relevance + policy.modality_bonus * both
@@ -100,9 +101,7 @@ def select(
     open_ = relevance < np.inf
     if policy.modality == "require":
         open_ &= both
-    open_ &= normalised_similarity(query[None, :], vectors, token_dim)[0] < (
-        policy.duplicate_threshold
-    )
+    open_ &= to_query < policy.duplicate_threshold
     between = normalised_similarity(vectors, vectors, token_dim)
     closest = np.full(len(hits), -np.inf)  # similarity to the nearest chosen document
     chosen: list[int] = []
