@@ -235,7 +235,7 @@ def test_consensus_captions_come_from_other_images(memory: Path, manifest: Path)
     with Retriever.open(memory, readonly=True) as retriever:
         (made,) = consensus_captions(retriever, [own])
     assert made.text and "blue" not in made.text and "blue" not in made.context.ids
-    lines = run("caption", own, "--memory", memory, "--json")
+    lines = run("caption", own, "--memory", memory, "--model", "consensus", "--json")
     assert json.loads(lines)[0]["caption"] == made.text
 
 
@@ -245,7 +245,8 @@ def test_caption_says_when_the_memory_has_no_other_captioned_image(
     alone = tmp_path / "alone"
     with Retriever.create(alone, encoder=HashEncoder(32)) as retriever:
         retriever.add([Item("red", image=manifest.parent / "images" / "red.png", text="red")])
-    printed = run("caption", manifest.parent / "images" / "red.png", "--memory", alone)
+    red = manifest.parent / "images" / "red.png"
+    printed = run("caption", red, "--memory", alone, "--model", "consensus")
     assert "no captioned neighbour in the memory" in printed
 
 
@@ -352,6 +353,8 @@ def test_eval_caption_cli(memory: Path, manifest: Path, tmp_path: Path) -> None:
         manifest,
         "--memory",
         memory,
+        "--model",
+        "consensus",
         "--k",
         "2",
         "--json",

@@ -576,6 +576,11 @@ class Retriever:
             results.append(hits)
         return results
 
+    def ids(self) -> list[str]:
+        """Every stored item's id, oldest first."""
+        with self._mutex:
+            return [row[1] for row in self._store.scan()]
+
     def stored_vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         """The ``(dim,)`` vector stored for each of ``ids`` still in the index (for example,
         to compare search hits with each other)."""

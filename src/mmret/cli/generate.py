@@ -20,11 +20,12 @@ from mmret.evaluation.captioning import caption_metrics
 from mmret.evaluation.classification import class_embeddings, read_class_folders
 from mmret.evaluation.embeddings import embed_images
 from mmret.evaluation.reports import MetricTable, percent
+from mmret.generation.captioner import DOCUMENT_VIEWS, DocumentView, RetrievalCaptioner
 from mmret.generation.chat import ChatEndpoint
-from mmret.generation.consensus import CONSENSUS_POLICY, consensus_captions
+from mmret.generation.consensus import CONSENSUS_POLICY, Caption, consensus_captions
 from mmret.generation.context import Context, retrieve_context, to_chat, to_markdown
 from mmret.generation.fewshot import FewShotOptions, few_shot_probabilities, split_shots
-from mmret.generation.policy import MODALITIES, ContextPolicy
+from mmret.generation.policy import MODALITIES, ContextPolicy, Modality
 from mmret.index.filters import parse_filter
 from mmret.ingest.report import SkipReport
 from mmret.items import Query
@@ -166,32 +167,98 @@ def ask(
     print(endpoint.complete(to_chat(chosen, question, image_side=image_side)))
 
 
+CAPTIONER = typer.Option(
+    "decoder",
+    "--model",
+    help="decoder (the retrieval-augmented decoder shipped with mmret), a decoder folder from "
+    "`mmret train caption`, or consensus (the neighbours' consensus caption, no training).",
+)
+CAPTION_K = typer.Option(
+    None,
+    "--k",
+    "-k",
+    min=1,
+    help="Neighbours read by consensus (default 10; a decoder reads "
+    "the number it was trained with).",
+)
+CAPTION_DIVERSITY = typer.Option(
+    None, "--diversity", min=0.0, max=1.0, help=f"{DIVERSITY_HELP} Default: the model's."
+)
+
+
+def _captions(
+    retriever: Retriever,
+    images: list[Path],
+    model: str,
+    k: int | None,
+    diversity: float | None,
+    *,
+    modality: str | None = None,
+    view: DocumentView = "both",
+    query_vectors: np.ndarray | None = None,
+) -> tuple[list[Caption], str]:
+    """Captions of ``images`` from ``retriever``'s memory by ``model`` and what made them."""
+    if model == "consensus":
+        policy = replace(CONSENSUS_POLICY, k=k or CONSENSUS_POLICY.k)
+        policy = replace(policy, candidates=max(policy.candidates, policy.k))
+        policy = replace(policy, diversity=diversity or 0.0)
+        made = consensus_captions(retriever, images, policy, show_progress=len(images) > 1)
+        return made, f"consensus k={policy.k} diversity={policy.diversity}"
+    captioner = RetrievalCaptioner.load(None if model == "decoder" else Path(model))
+    policy = captioner.policy
+    if k is not None and k != captioner.model.config.documents:
+        raise InputError(
+            f"the decoder reads the {captioner.model.config.documents} documents it was "
+            f"trained with; --k {k} applies to --model consensus"
+        )
+    if diversity is not None:
+        policy = replace(policy, diversity=diversity)
+    if modality is not None:
+        policy = replace(policy, modality=_modality(modality))
+    made = captioner.caption(
+        images,
+        retriever,
+        policy=policy,
+        view=view,
+        query_vectors=query_vectors,
+        show_progress=len(images) > 1,
+    )
+    if not captioner.uses_retrieval:
+        return made, f"decoder {model} without retrieval"
+    return made, (
+        f"decoder {model} k={policy.k} modality={policy.modality} "
+        f"diversity={policy.diversity} read={view}"
+    )
+
+
+def _modality(text: str) -> Modality:
+    for modality in MODALITIES:
+        if modality == text:
+            return modality
+    raise InputError(f"--modality must be one of {', '.join(MODALITIES)}, got {text!r}")
+
+
 @friendly_errors
 def caption(
     images: list[Path] = typer.Argument(..., help="Images to caption."),
     memory: Path = typer.Option(
         ..., "--memory", help="An index of captioned images (e.g. `mmret index train.jsonl`)."
     ),
-    k: int = typer.Option(CONSENSUS_POLICY.k, "--k", "-k", min=1, help="Neighbours read."),
+    model: str = CAPTIONER,
+    k: int | None = CAPTION_K,
+    diversity: float | None = CAPTION_DIVERSITY,
     as_json: bool = typer.Option(False, "--json", help="Print captions and sources as JSON."),
 ) -> None:
-    """Caption images by nearest-neighbour consensus: of the captions of the image's nearest
-    neighbours in the memory, the one that agrees best with the others."""
+    """Caption images from a memory of captioned images: by default the shipped decoder writes
+    a caption from the image and the documents retrieved for it."""
     for path in images:
         if not path.is_file():
             raise InputError(f"{path}: no such image file")
-    policy = ContextPolicy(
-        k, max(CONSENSUS_POLICY.candidates, k), CONSENSUS_POLICY.modality, diversity=0.0
-    )
     with Retriever.open(memory, readonly=True) as retriever:
-        made = consensus_captions(retriever, list(images), policy, show_progress=len(images) > 1)
+        made, _ = _captions(retriever, list(images), model, k, diversity)
     if as_json:
         rows = [
-            {
-                "image": str(path),
-                "caption": c.text,
-                "neighbours": [d.id for d in c.context.documents],
-            }
+            {"image": str(path), "caption": c.text, "neighbours": c.context.ids}
             for path, c in zip(images, made, strict=True)
         ]
         print_json(rows)
@@ -211,8 +278,18 @@ def eval_caption(
     memory: Path = typer.Option(
         ..., "--memory", help="An index of captioned images that does not hold these images."
     ),
-    k: int = typer.Option(CONSENSUS_POLICY.k, "--k", "-k", min=1, help="Neighbours read."),
-    diversity: float = typer.Option(0.0, "--diversity", min=0.0, max=1.0, help=DIVERSITY_HELP),
+    model: str = CAPTIONER,
+    k: int | None = CAPTION_K,
+    diversity: float | None = CAPTION_DIVERSITY,
+    modality: str | None = typer.Option(
+        None, "--modality", help="A decoder's policy modality (any, prefer, require)."
+    ),
+    read: str = typer.Option(
+        "both",
+        "--read",
+        help="What a decoder reads of each document: both, text (its caption only) or vector "
+        "(its embedding only).",
+    ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N images."),
     meteor: bool = typer.Option(True, help="Also METEOR (about 20 s of Java start-up)."),
     json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
@@ -222,30 +299,50 @@ def eval_caption(
         "--captions",
         help="Write each image's caption, CIDEr and neighbours here (JSON Lines).",
     ),
+    cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
 ) -> None:
-    """Caption quality (BLEU-4, METEOR, CIDEr with the COCO caption evaluation code) of
-    nearest-neighbour consensus captions from a memory."""
+    """Caption quality (BLEU-4, METEOR, CIDEr with the COCO caption evaluation code) of the
+    captions a model writes from a memory."""
+    views = {view: view for view in DOCUMENT_VIEWS}
+    if read not in views:
+        raise InputError(f"--read must be one of {', '.join(DOCUMENT_VIEWS)}, got {read!r}")
     started = time.perf_counter()
     report = SkipReport()
     pairs = read_pairs(manifest, report)
     count = len(pairs.images) if limit is None else min(limit, len(pairs.images))
-    references: dict[str, list[str]] = {image_id: [] for image_id in pairs.image_ids[:count]}
-    for text, owner in zip(pairs.texts, pairs.text_image.tolist(), strict=True):
-        if owner < count:
-            references[pairs.image_ids[owner]].append(text)
-    policy = replace(CONSENSUS_POLICY, k=k, candidates=max(CONSENSUS_POLICY.candidates, k))
-    policy = replace(policy, diversity=diversity)
     with Retriever.open(memory, readonly=True) as retriever:
-        made = consensus_captions(retriever, pairs.images[:count], policy, show_progress=True)
+        vectors, decoded = embed_images(
+            retriever.encoder,
+            pairs.images[:count],
+            cache_dir=cache_dir,
+            report=report,
+            show_progress=True,
+        )
+        keep = np.flatnonzero(decoded)
+        ids = [pairs.image_ids[i] for i in keep]
+        made, captioner = _captions(
+            retriever,
+            [pairs.images[i] for i in keep],
+            model,
+            k,
+            diversity,
+            modality=modality,
+            view=views[read],
+            query_vectors=vectors[keep],
+        )
         label = retriever.manifest.encoder
-    captions = {image_id: c.text for image_id, c in zip(references, made, strict=True)}
+    references: dict[str, list[str]] = {image_id: [] for image_id in ids}
+    for text, owner in zip(pairs.texts, pairs.text_image.tolist(), strict=True):
+        if pairs.image_ids[owner] in references:
+            references[pairs.image_ids[owner]].append(text)
+    captions = {image_id: c.text for image_id, c in zip(ids, made, strict=True)}
     with status("Scoring captions (COCO caption evaluation)..."):
         scores = caption_metrics(references, captions, meteor=meteor)
     if captions_out is not None:
         cider = scores["per_image_cider"]
         rows = (
             {"id": i, "caption": c.text, "CIDEr": round(cider[i], 4), "neighbours": c.context.ids}
-            for i, c in zip(references, made, strict=True)
+            for i, c in zip(ids, made, strict=True)
         )
         captions_out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     print_skips(report)
@@ -257,15 +354,15 @@ def eval_caption(
             for name, v in scores.items()
             if name not in SKIPPED
         },
-        "captioner": f"consensus k={k} diversity={diversity}",
+        "captioner": captioner,
         "memory": str(memory),
         "model": label,
         "seconds": round(seconds, 3),
     }
     table = MetricTable(
-        f"{manifest.name}: {count} images, consensus of {k} neighbours ({label})",
+        f"{manifest.name}: {len(ids)} images, memory {memory.name} ({label})",
         ("captioner", *shown),
-        (("consensus", *("-" if v is None else f"{v:.1f}" for v in shown.values())),),
+        ((captioner, *("-" if v is None else f"{v:.1f}" for v in shown.values())),),
         (*([scores["note"]] if "note" in scores else []), f"time: {seconds:.1f} s"),
     )
     publish([table], record, "Captioning", json_out, markdown_out)

@@ -33,6 +33,7 @@ from mmret.cli.output import (
 from mmret.cli.rerank import train as train_rerank
 from mmret.cli.serve import serve
 from mmret.cli.train import train_app
+from mmret.cli.train_caption import train as train_caption
 from mmret.encoders import DEFAULT_MODEL
 from mmret.engine import Retriever
 from mmret.errors import InputError
@@ -60,6 +61,7 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(memory_app, name="memory")
 train_app.command("reco")(train_reco)
 train_app.command("rerank")(train_rerank)
+train_app.command("caption")(train_caption)
 app.command()(check)
 app.command()(repair)
 app.command()(recluster)

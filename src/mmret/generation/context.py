@@ -93,13 +93,16 @@ def retrieve_context(
     policy: ContextPolicy | None = None,
     *,
     filter: Filter | None = None,
+    vector: np.ndarray | None = None,
 ) -> Context:
-    """Select documents for ``query`` from ``retriever``'s index (RA-CM3's retrieval policy).
+    """Select documents for ``query`` from ``retriever``'s index (RA-CM3's retrieval policy);
+    ``vector`` is the query's embedding if already computed.
 
     A document holding the query's own image file is never selected, whatever its score.
     """
     policy = policy or ContextPolicy()
-    vector = retriever.encoder.encode([query])[0]
+    if vector is None:
+        vector = retriever.encoder.encode([query])[0]
     hits = retriever.search_vectors(vector[None, :], k=policy.candidates, filter=filter)[0]
     hits = [hit for hit in hits if not _same_image(hit.image, query.image)]
     stored = retriever.stored_vectors([hit.id for hit in hits])

@@ -1,0 +1,209 @@
+"""Captioning with the retrieval-augmented decoder (:mod:`mmret.heads.captioner`).
+
+:class:`RetrievalCaptioner` embeds the image with the memory's encoder, selects documents from
+the memory with the decoder's retrieval policy (:mod:`mmret.generation.policy`) and writes a
+caption by greedy decoding from the image and the documents (each document's embedding, as the
+index stores it, and its first caption line). A decoder trained without retrieval needs no
+memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from mmret._progress import progress
+from mmret.engine import Retriever
+from mmret.errors import InputError
+from mmret.generation.consensus import Caption
+from mmret.generation.context import Context, retrieve_context
+from mmret.generation.policy import ContextPolicy
+from mmret.generation.vocabulary import BOS, EOS, SEP, UNK, Vocabulary
+from mmret.heads.captioner import (
+    CAPTION,
+    DOC_TEXT,
+    DOC_VECTOR,
+    PAD,
+    QUERY,
+    CaptionDecoder,
+    DecoderInput,
+)
+from mmret.items import ImageInput, Query
+
+#: What the decoder reads of each document: its embedding, its caption, or both.
+DocumentView = Literal["both", "text", "vector"]
+DOCUMENT_VIEWS: tuple[DocumentView, ...] = ("both", "text", "vector")
+SHIPPED_DECODER = Path(__file__).resolve().parent.parent / "weights" / "caption"
+_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sequence to assemble: the ``(D,)`` query embedding, the documents (each an embedding
+    and word ids, either may be ``None``), and the caption's word ids (``None`` to generate)."""
+
+    query: np.ndarray
+    documents: Sequence[tuple[np.ndarray | None, Sequence[int] | None]]
+    caption: Sequence[int] | None = None
+
+
+def assemble(samples: Sequence[Sample], prefix: int, *, left_pad: bool) -> DecoderInput:
+    """One padded :class:`DecoderInput` for ``samples``: per sample the documents, ``prefix``
+    query slots, then ``<bos>`` and the caption with ``<eos>`` (only ``<bos>`` when it has no
+    caption yet). ``left_pad`` ends every row at its last token (for generation)."""
+    rows: list[list[tuple[int, int, int]]] = []  # per sample: (kind, token, vector row)
+    vectors: list[np.ndarray] = []
+    for sample in samples:
+        row: list[tuple[int, int, int]] = []
+        for vector, words in sample.documents:
+            if vector is not None:
+                row.append((DOC_VECTOR, 0, len(vectors)))
+                vectors.append(vector)
+            if words is not None:
+                row += [(DOC_TEXT, word, -1) for word in [*words, SEP]]
+        row += [(QUERY, slot, len(vectors)) for slot in range(prefix)]
+        vectors.append(sample.query)
+        caption = [] if sample.caption is None else [*sample.caption, EOS]
+        row += [(CAPTION, word, -1) for word in [BOS, *caption]]
+        rows.append(row)
+    length = max(len(row) for row in rows)
+    table = torch.zeros((len(rows), length, 3), dtype=torch.long)
+    table[..., 0], table[..., 2] = PAD, -1
+    for i, row in enumerate(rows):
+        span = slice(length - len(row), length) if left_pad else slice(0, len(row))
+        table[i, span] = torch.tensor(row)
+    kinds_t, tokens_t, rows_t = table.unbind(dim=-1)
+    stacked = torch.from_numpy(np.stack(vectors).astype(np.float32))
+    return DecoderInput(kinds_t, tokens_t, rows_t, stacked)
+
+
+def extend(batch: DecoderInput, words: torch.Tensor) -> DecoderInput:
+    """``batch`` with one more caption word per row (``words (B,)``) at the end."""
+    column = torch.full_like(words, CAPTION)
+    return replace(
+        batch,
+        kinds=torch.cat([batch.kinds, column[:, None]], dim=1),
+        tokens=torch.cat([batch.tokens, words[:, None]], dim=1),
+        vector_rows=torch.cat([batch.vector_rows, torch.full_like(words, -1)[:, None]], dim=1),
+    )
+
+
+def generate(model: CaptionDecoder, samples: Sequence[Sample]) -> list[list[int]]:
+    """Greedy captions (word ids, without ``<bos>``/``<eos>``) for ``samples``; ``<unk>`` and
+    the previous word are never written."""
+    if not samples:
+        return []
+    batch = assemble(samples, model.config.prefix, left_pad=True)
+    out = torch.zeros((len(samples), 0), dtype=torch.long)
+    done = torch.zeros(len(samples), dtype=torch.bool)
+    previous = torch.full((len(samples),), BOS, dtype=torch.long)
+    with torch.inference_mode():
+        for _ in range(model.config.max_words + 1):
+            logits = model.logits(model(batch)[:, -1]).float()
+            logits[:, UNK] = -torch.inf
+            logits[torch.arange(len(samples)), previous] = -torch.inf
+            if out.shape[1] == 0:
+                logits[:, EOS] = -torch.inf  # no empty captions
+            words = torch.where(done, EOS, logits.argmax(dim=1))
+            out = torch.cat([out, words[:, None]], dim=1)
+            done |= words == EOS
+            if done.all():
+                break
+            batch, previous = extend(batch, words), words
+    return [[w for w in row if w != EOS][: model.config.max_words] for row in out.tolist()]
+
+
+class RetrievalCaptioner:
+    """A trained caption decoder with its vocabulary and retrieval policy."""
+
+    def __init__(self, model: CaptionDecoder, vocabulary: Vocabulary, policy: ContextPolicy):
+        self.model = model
+        self.vocabulary = vocabulary
+        self.policy = policy
+
+    @classmethod
+    def load(cls, folder: str | Path | None = None) -> RetrievalCaptioner:
+        """The decoder saved in ``folder`` (the one shipped with mmret by default)."""
+        model, extra = CaptionDecoder.load(Path(folder) if folder else SHIPPED_DECODER)
+        policy = ContextPolicy(**extra["policy"]) if model.config.documents else ContextPolicy()
+        return cls(model, Vocabulary.from_dict(extra["vocabulary"]), policy)
+
+    @property
+    def uses_retrieval(self) -> bool:
+        return self.model.config.documents > 0
+
+    def check_memory(self, memory: Retriever | None) -> None:
+        if not self.uses_retrieval:
+            return
+        if memory is None:
+            raise InputError("this caption decoder reads retrieved documents: give it a --memory")
+        if memory.manifest.encoder != self.model.config.encoder:
+            raise InputError(
+                f"the caption decoder reads {self.model.config.encoder!r} embeddings, but the "
+                f"memory {memory.folder} was built with {memory.manifest.encoder!r}; index the "
+                f"memory with --model {self.model.config.encoder}"
+            )
+
+    def sample(
+        self,
+        query: np.ndarray,
+        context: Context,
+        vectors: dict[str, np.ndarray],
+        view: DocumentView = "both",
+    ) -> Sample:
+        """The decoder's input for a query embedding and its selected documents."""
+        documents = []
+        for document in context.documents:
+            line = next((x for x in (document.text or "").split("\n") if x.strip()), None)
+            words = self.vocabulary.encode(line, self.model.config.max_words) if line else None
+            vector = vectors.get(document.id)
+            documents.append(
+                (
+                    vector if view != "text" else None,
+                    words if view != "vector" else None,
+                )
+            )
+        return Sample(query, documents)
+
+    def caption(
+        self,
+        images: Sequence[ImageInput],
+        memory: Retriever | None,
+        *,
+        policy: ContextPolicy | None = None,
+        view: DocumentView = "both",
+        query_vectors: np.ndarray | None = None,
+        show_progress: bool = False,
+    ) -> list[Caption]:
+        """A caption for each image, written from what ``memory`` holds (an index of captioned
+        images built with the decoder's encoder). ``query_vectors`` are the images' embeddings
+        if already computed; an image in the memory never reads itself."""
+        self.check_memory(memory)
+        policy = replace(policy or self.policy, k=self.model.config.documents or 1)
+        if query_vectors is None:
+            if memory is None:
+                raise InputError("without a memory, give the images' embeddings")
+            query_vectors = memory.encoder.encode_images(images, show_progress=show_progress)
+        made: list[Caption] = []
+        spans = range(0, len(images), _BATCH)
+        for start in progress(
+            spans, total=len(spans), description="Captioning", enabled=show_progress
+        ):
+            samples, contexts = [], []
+            for image, vector in zip(
+                images[start : start + _BATCH], query_vectors[start : start + _BATCH], strict=True
+            ):
+                context = Context(None, None, ())
+                if memory is not None and self.uses_retrieval:
+                    context = retrieve_context(memory, Query(image=image), policy, vector=vector)
+                stored = memory.stored_vectors(context.ids) if memory is not None else {}
+                samples.append(self.sample(vector, context, stored, view))
+                contexts.append(context)
+            for ids, context in zip(generate(self.model, samples), contexts, strict=True):
+                made.append(Caption(self.vocabulary.decode(ids), context))
+        return made
