@@ -92,6 +92,22 @@ def test_padding_side_does_not_change_what_the_decoder_computes() -> None:
     torch.testing.assert_close(left[0, -length:], alone[0], atol=1e-5, rtol=1e-4)
 
 
+def test_cached_steps_match_the_full_forward_pass() -> None:
+    model = _decoder()
+    rng = np.random.default_rng(4)
+    vectors = _unit(rng.normal(size=(2, DIM)))
+    contexts = [[(vectors[1], [5, 6, 7])], [(None, [8])]]
+    prompts = [Sample(v, c) for v, c in zip(vectors, contexts, strict=True)]
+    whole = [Sample(v, c, caption=[9, 10]) for v, c in zip(vectors, contexts, strict=True)]
+    with torch.inference_mode():
+        _, cache = model.prefill(assemble(prompts, 4, left_pad=True))
+        first, cache = model.step(cache, torch.tensor([9, 9]))
+        second, _ = model.step(cache, torch.tensor([10, 10]))
+        full = model(assemble(whole, 4, left_pad=True))  # ends ... <bos> 9 10 <eos>
+    torch.testing.assert_close(first, full[:, -3], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(second, full[:, -2], atol=1e-5, rtol=1e-4)
+
+
 def test_the_decoder_is_causal() -> None:
     model = _decoder()
     vector = np.ones(DIM, dtype=np.float32)
@@ -233,6 +249,16 @@ def test_train_caption_and_caption_from_the_cli(
     printed = run("caption", image, "--memory", memory, "--model", out, "--json")
     [made] = json.loads(printed)
     assert made["caption"] and "red" not in made["neighbours"]
+    scores = tmp_path / "scores.json"
+    run(
+        "eval", "caption", manifest, "--memory", memory, "--model", out, "--read", "text",
+        "--modality", "require", "--no-meteor", "--json", scores,
+    )  # fmt: skip
+    record = json.loads(scores.read_text())
+    assert record["n_images"] == 4 and "read=text" in record["captioner"]
+    assert "modality=require" in record["captioner"]
+    printed = run("caption", image, "--memory", memory, "--model", out, "--k", "3", code=1)
+    assert "reads the 2 documents it was trained with" in printed
     with Retriever.create(tmp_path / "other", encoder=HashEncoder(16)) as other:
         other.add(read_items(manifest))
     with (

@@ -1,6 +1,7 @@
 """Retrieval for generation (RA-CM3): select relevant, multimodal, diverse context from an
 index, write it for a generator, and generators that use it."""
 
+from mmret.generation.captioner import RetrievalCaptioner
 from mmret.generation.consensus import Caption, consensus_captions
 from mmret.generation.context import (
     Context,
@@ -18,6 +19,7 @@ __all__ = [
     "Context",
     "ContextPolicy",
     "Document",
+    "RetrievalCaptioner",
     "consensus_captions",
     "from_chat",
     "from_markdown",

@@ -82,17 +82,6 @@ def assemble(samples: Sequence[Sample], prefix: int, *, left_pad: bool) -> Decod
     return DecoderInput(kinds_t, tokens_t, rows_t, stacked)
 
 
-def extend(batch: DecoderInput, words: torch.Tensor) -> DecoderInput:
-    """``batch`` with one more caption word per row (``words (B,)``) at the end."""
-    column = torch.full_like(words, CAPTION)
-    return replace(
-        batch,
-        kinds=torch.cat([batch.kinds, column[:, None]], dim=1),
-        tokens=torch.cat([batch.tokens, words[:, None]], dim=1),
-        vector_rows=torch.cat([batch.vector_rows, torch.full_like(words, -1)[:, None]], dim=1),
-    )
-
-
 def generate(model: CaptionDecoder, samples: Sequence[Sample]) -> list[list[int]]:
     """Greedy captions (word ids, without ``<bos>``/``<eos>``) for ``samples``; ``<unk>`` and
     the previous word are never written."""
@@ -103,8 +92,10 @@ def generate(model: CaptionDecoder, samples: Sequence[Sample]) -> list[list[int]
     done = torch.zeros(len(samples), dtype=torch.bool)
     previous = torch.full((len(samples),), BOS, dtype=torch.long)
     with torch.inference_mode():
+        hidden, cache = model.prefill(batch)
+        last = hidden[:, -1]
         for _ in range(model.config.max_words + 1):
-            logits = model.logits(model(batch)[:, -1]).float()
+            logits = model.logits(last).float()
             logits[:, UNK] = -torch.inf
             logits[torch.arange(len(samples)), previous] = -torch.inf
             if out.shape[1] == 0:
@@ -114,7 +105,8 @@ def generate(model: CaptionDecoder, samples: Sequence[Sample]) -> list[list[int]
             done |= words == EOS
             if done.all():
                 break
-            batch, previous = extend(batch, words), words
+            last, cache = model.step(cache, words)
+            previous = words
     return [[w for w in row if w != EOS][: model.config.max_words] for row in out.tolist()]
 
 

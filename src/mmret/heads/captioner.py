@@ -33,6 +33,8 @@ from mmret.heads.folder import load_weights, read_head_config, save_head
 
 KIND = "caption-decoder"
 
+KeysValues = tuple[torch.Tensor, torch.Tensor]
+
 # What each position holds (the segment embedding tells the model).
 PAD, DOC_VECTOR, DOC_TEXT, QUERY, CAPTION = 0, 1, 2, 3, 4
 
@@ -101,18 +103,33 @@ class _Block(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """``(B, L, W)`` -> ``(B, L, W)``; ``allowed (B, 1, L, L)`` says who attends to whom."""
+    def forward(
+        self, hidden: torch.Tensor, allowed: torch.Tensor, past: KeysValues | None = None
+    ) -> tuple[torch.Tensor, KeysValues]:
+        """``(B, L, W)`` -> ``(B, L, W)`` and this layer's keys and values (``past`` ones
+        first); ``allowed (B, 1, L, past + L)`` says who attends to whom."""
         batch, length, width = hidden.shape
         q, k, v = (
             part.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
             for part in self.qkv(self.attention_norm(hidden)).chunk(3, dim=-1)
         )
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         drop = self.dropout.p if self.training else 0.0
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=drop)
         hidden = hidden + self.dropout(self.out(attended.transpose(1, 2).reshape_as(hidden)))
         out: torch.Tensor = hidden + self.dropout(self.mlp(self.mlp_norm(hidden)))
-        return out
+        return out, (k, v)
+
+
+@dataclass
+class DecoderCache:
+    """What generation keeps between steps: every layer's keys and values, which of the
+    positions are real (``(B, L)``) and each row's next position (``(B,)``)."""
+
+    layers: list[KeysValues]
+    real: torch.Tensor
+    next_position: torch.Tensor
 
 
 class CaptionDecoder(nn.Module):
@@ -164,17 +181,39 @@ class CaptionDecoder(nn.Module):
     def forward(self, batch: DecoderInput) -> torch.Tensor:
         """``(B, L, W)`` final hidden states; :meth:`logits` of position ``t`` predict the
         token at ``t + 1``."""
+        return self.prefill(batch)[0]
+
+    def prefill(self, batch: DecoderInput) -> tuple[torch.Tensor, DecoderCache]:
+        """:meth:`forward` that also returns the cache :meth:`step` continues from."""
         kinds = batch.kinds
         length = kinds.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=kinds.device).tril()
-        real = (kinds != PAD)[:, None, None, :]
+        real = kinds != PAD
         # A padding row would attend to nothing; it may see itself (its output is unused).
-        allowed = (causal & real) | torch.eye(length, dtype=torch.bool, device=kinds.device)
+        allowed = (causal & real[:, None, None, :]) | torch.eye(
+            length, dtype=torch.bool, device=kinds.device
+        )
         hidden = self.dropout(self.embed(batch))
+        layers = []
         for block in self.blocks:
-            hidden = block(hidden, allowed)
-        out: torch.Tensor = self.norm(hidden)
-        return out
+            hidden, keys_values = block(hidden, allowed)
+            layers.append(keys_values)
+        cache = DecoderCache(layers, real, real.long().sum(dim=1))
+        return self.norm(hidden), cache
+
+    def step(self, cache: DecoderCache, words: torch.Tensor) -> tuple[torch.Tensor, DecoderCache]:
+        """Append one caption word per row (``words (B,)``) after what ``cache`` holds:
+        ``(B, W)`` hidden states of the new position and the extended cache."""
+        position = cache.next_position.clamp(max=self.config.max_length - 1)
+        hidden = self.words(words) + self.positions(position) + self.segments.weight[CAPTION]
+        real = torch.cat([cache.real, torch.ones_like(cache.real[:, :1])], dim=1)
+        allowed = real[:, None, None, :]
+        hidden = hidden[:, None, :]
+        layers = []
+        for block, past in zip(self.blocks, cache.layers, strict=True):
+            hidden, keys_values = block(hidden, allowed, past)
+            layers.append(keys_values)
+        return self.norm(hidden[:, 0]), DecoderCache(layers, real, cache.next_position + 1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(..., W)`` hidden states -> ``(..., vocab_size)`` next-word logits (the output
