@@ -204,6 +204,8 @@ def test_training_learns_to_read_the_retrieved_documents_and_resumes(tmp_path: P
     written = [vocabulary.decode(ids) for ids in generate(model, samples)]
     right = sum(w == c[0] for w, c in zip(written, dev.captions, strict=True))
     assert right >= 0.8 * len(samples)
+    searched = [vocabulary.decode(ids) for ids in generate(model, samples, beam=3)]
+    assert sum(w == c[0] for w, c in zip(searched, dev.captions, strict=True)) >= right - 2
 
     # Killed after epoch 3 and run again: the same weights as the uninterrupted run.
     def stop_after_three(log: dict[str, object]) -> None:

@@ -20,7 +20,7 @@ from mmret.evaluation.captioning import caption_metrics
 from mmret.evaluation.classification import class_embeddings, read_class_folders
 from mmret.evaluation.embeddings import embed_images
 from mmret.evaluation.reports import MetricTable, percent
-from mmret.generation.captioner import DOCUMENT_VIEWS, DocumentView, RetrievalCaptioner
+from mmret.generation.captioner import BEAM, DOCUMENT_VIEWS, DocumentView, RetrievalCaptioner
 from mmret.generation.chat import ChatEndpoint
 from mmret.generation.consensus import CONSENSUS_POLICY, Caption, consensus_captions
 from mmret.generation.context import Context, retrieve_context, to_chat, to_markdown
@@ -181,6 +181,7 @@ CAPTION_K = typer.Option(
     help="Neighbours read by consensus (default 10; a decoder reads "
     "the number it was trained with).",
 )
+BEAM_OPTION = typer.Option(BEAM, "--beam", min=1, help="A decoder's beam width (1: greedy).")
 CAPTION_DIVERSITY = typer.Option(
     None, "--diversity", min=0.0, max=1.0, help=f"{DIVERSITY_HELP} Default: the model's."
 )
@@ -196,6 +197,7 @@ def _captions(
     modality: str | None = None,
     view: DocumentView = "both",
     query_vectors: np.ndarray | None = None,
+    beam: int = BEAM,
 ) -> tuple[list[Caption], str]:
     """Captions of ``images`` from ``retriever``'s memory by ``model`` and what made them."""
     if model == "consensus":
@@ -221,13 +223,14 @@ def _captions(
         policy=policy,
         view=view,
         query_vectors=query_vectors,
+        beam=beam,
         show_progress=len(images) > 1,
     )
     if not captioner.uses_retrieval:
-        return made, f"decoder {model} without retrieval"
+        return made, f"decoder {model} without retrieval beam={beam}"
     return made, (
         f"decoder {model} k={policy.k} modality={policy.modality} "
-        f"diversity={policy.diversity} read={view}"
+        f"diversity={policy.diversity} read={view} beam={beam}"
     )
 
 
@@ -247,6 +250,7 @@ def caption(
     model: str = CAPTIONER,
     k: int | None = CAPTION_K,
     diversity: float | None = CAPTION_DIVERSITY,
+    beam: int = BEAM_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print captions and sources as JSON."),
 ) -> None:
     """Caption images from a memory of captioned images: by default the shipped decoder writes
@@ -255,7 +259,7 @@ def caption(
         if not path.is_file():
             raise InputError(f"{path}: no such image file")
     with Retriever.open(memory, readonly=True) as retriever:
-        made, _ = _captions(retriever, list(images), model, k, diversity)
+        made, _ = _captions(retriever, list(images), model, k, diversity, beam=beam)
     if as_json:
         rows = [
             {"image": str(path), "caption": c.text, "neighbours": c.context.ids}
@@ -290,6 +294,7 @@ def eval_caption(
         help="What a decoder reads of each document: both, text (its caption only) or vector "
         "(its embedding only).",
     ),
+    beam: int = BEAM_OPTION,
     limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N images."),
     meteor: bool = typer.Option(True, help="Also METEOR (about 20 s of Java start-up)."),
     json_out: Path | None = typer.Option(None, "--json", help=JSON_HELP),
@@ -329,6 +334,7 @@ def eval_caption(
             modality=modality,
             view=views[read],
             query_vectors=vectors[keep],
+            beam=beam,
         )
         label = retriever.manifest.encoder
     references: dict[str, list[str]] = {image_id: [] for image_id in ids}

@@ -131,6 +131,12 @@ class DecoderCache:
     real: torch.Tensor
     next_position: torch.Tensor
 
+    def select(self, rows: torch.Tensor) -> DecoderCache:
+        """The cache of ``rows`` (``(R,)`` indices, repeats allowed: beam search)."""
+        return DecoderCache(
+            [(k[rows], v[rows]) for k, v in self.layers], self.real[rows], self.next_position[rows]
+        )
+
 
 class CaptionDecoder(nn.Module):
     """Reads a :class:`DecoderInput`, gives next-word logits at every position."""
