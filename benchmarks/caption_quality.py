@@ -64,6 +64,7 @@ def main() -> None:
             ("relevance only, documents' captions only", [*relevance, "--read", "text"]),
             ("relevance only, documents' embeddings only", [*relevance, "--read", "vector"]),
             ("relevance only, image+text documents", relevance),
+            ("the same, greedy decoding (beam 1)", [*relevance, "--beam", "1"]),
             (f"+ diversity {args.diversity}", diverse),
         ):
             rows.append((label, alpha, args.memory, options))

@@ -42,6 +42,7 @@ from mmret.heads.captioner import (
 )
 from mmret.training.checkpoint import (
     TrainingState,
+    descend,
     has_checkpoint,
     resume_checkpoint,
     save_checkpoint,
@@ -301,18 +302,13 @@ def train_captioner(
             rate = warmup_cosine(
                 config.learning_rate, (epoch - 1) * steps + step, config.epochs * steps
             )
-            for group in optimiser.param_groups:
-                group["lr"] = rate
             rows = order[step * config.batch_size : (step + 1) * config.batch_size]
             batch = assemble(
                 [samples.draw(int(i), rng) for i in rows], config.prefix, left_pad=False
             )
-            loss = caption_loss(model, batch, config.alpha)
-            optimiser.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimiser.step()
-            total += float(loss.detach())
+            total += descend(
+                optimiser, caption_loss(model, batch, config.alpha), rate, (model, 1.0)
+            )
         log: dict[str, Any] = {"epoch": epoch, "loss": total / steps}
         score = float(epoch)  # without dev, the last epoch is kept
         if dev is not None:

@@ -50,6 +50,24 @@ def warmup_cosine(base_rate: float, step: int, total: int) -> float:
     return base_rate * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
+def descend(
+    optimiser: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    rate: float,
+    clip: tuple[torch.nn.Module, float] | None = None,
+) -> float:
+    """One step of ``optimiser`` on ``loss`` with every group's learning rate set to ``rate``
+    (gradients first clipped to norm ``clip[1]`` over ``clip[0]``'s parameters); the loss."""
+    for group in optimiser.param_groups:
+        group["lr"] = rate
+    optimiser.zero_grad()
+    loss.backward()  # type: ignore[no-untyped-call]
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip[0].parameters(), clip[1])
+    optimiser.step()
+    return float(loss.detach())
+
+
 def has_checkpoint(folder: Path | None) -> bool:
     return folder is not None and (folder / STATE_FILE).is_file()
 

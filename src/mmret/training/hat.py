@@ -25,6 +25,7 @@ from mmret.heads.alignment import Projection
 from mmret.heads.hat import HatConfig, HierarchicalAlignmentHead
 from mmret.training.checkpoint import (
     TrainingState,
+    descend,
     has_checkpoint,
     resume_checkpoint,
     save_checkpoint,
@@ -222,8 +223,6 @@ def train_hat(
             rate = warmup_cosine(
                 config.learning_rate, (epoch - 1) * steps + step, config.epochs * steps
             )
-            for group in optimiser.param_groups:
-                group["lr"] = rate
             captions = order[step * config.batch_size : (step + 1) * config.batch_size]
             images = owner[captions]
             loss = hat_loss(
@@ -233,10 +232,7 @@ def train_hat(
                 torch.from_numpy(images),
                 config.level_loss,
             )
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            total += float(loss.detach())
+            total += descend(optimiser, loss, rate)
         metrics = None
         if dev is not None:
             metrics = retrieval_metrics(*embed_set(head, dev), np.asarray(dev.text_image))

@@ -39,6 +39,7 @@ from mmret.heads.ret import RetConfig, RetModel, RetTower
 from mmret.late_interaction import maxsim_tensors
 from mmret.training.checkpoint import (
     TrainingState,
+    descend,
     has_checkpoint,
     resume_checkpoint,
     save_checkpoint,
@@ -357,15 +358,10 @@ def train_ret(
             rate = warmup_cosine(
                 config.learning_rate, (epoch - 1) * steps + step, config.epochs * steps
             )
-            for group in optimiser.param_groups:
-                group["lr"] = rate
             images = order[step * config.batch_size : (step + 1) * config.batch_size]
             captions, partners = batches.pick(images, draws[images])
             loss = task_loss(model, train, TASKS[tasks[step]], captions, images, partners)
-            optimiser.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimiser.step()
-            total += float(loss.detach())
+            total += descend(optimiser, loss, rate)
         retrieval = documents = None
         if dev is not None:
             retrieval, documents = evaluate_stored(model, dev, full=False)
