@@ -40,7 +40,7 @@ class ContextPolicy:
     candidates: int = 50
     modality: Modality = "prefer"
     modality_bonus: float = 0.05
-    diversity: float = 0.3
+    diversity: float = 0.0
     duplicate_threshold: float = 0.95
     temperature: float = 0.0
     seed: int = 0

@@ -61,7 +61,7 @@ class CaptionTrainingConfig:
 
     documents: int = 5
     sample_from: int = 10
-    alpha: float = 0.1
+    alpha: float = 0.0
     drop_vector: float = 0.15
     drop_text: float = 0.15
     duplicate_threshold: float = 0.95
@@ -73,7 +73,7 @@ class CaptionTrainingConfig:
     dropout: float = 0.1
     max_words: int = 20
     min_count: int = 5
-    epochs: int = 10
+    epochs: int = 6
     batch_size: int = 64
     learning_rate: float = 5e-4
     weight_decay: float = 0.01
