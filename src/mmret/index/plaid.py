@@ -4,7 +4,7 @@ Every document token is stored as the id of its nearest token centroid (k-means,
 ``faiss.Kmeans``) plus its residual from that centroid, compressed by a FAISS codec (product
 quantisation by default: ``token_dim / 4`` sub-vectors of 10 bits, 2.5 bits a dimension, 40
 bytes for 128 dimensions; chosen by the recall/size table of ``benchmarks/multivector.py``).
-A query is answered in three stages, each on fewer documents:
+A query is answered in four stages, each on fewer documents:
 
 1. **probe**: per query token, the ``probes`` centroids nearest to it; an inverted list
    (centroid -> documents with a token there) gives every document an approximate score:
