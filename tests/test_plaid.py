@@ -97,6 +97,34 @@ def test_with_every_document_kept_it_ranks_the_decompressed_tokens_exactly(
     assert recall(reference, exact_top(keys, documents, queries)) >= 0.97  # SQ8 is near exact
 
 
+def test_exact_re_scoring_reads_only_the_best_refine_k_from_the_store(
+    collection: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    keys, documents, queries = collection
+    # A coarse codec (4 bytes a token of 32 dimensions) ranks near-ties wrongly on its own.
+    index = PlaidIndex(DIM, token_dim=TOKEN_DIM, exact_below=0, codec="PQ4", refine=3)
+    index.add(keys, documents)
+    expected = exact_top(keys, documents, queries)
+    coarse = recall(index.search(queries, 10)[1], expected)  # no store: stage 3's ranking
+    reads: list[np.ndarray] = []
+
+    def read(wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        reads.append(wanted)
+        return wanted[::-1], documents[np.searchsorted(keys, wanted[::-1])]  # any order
+
+    index.vector_reader = read
+    scores, found = index.search(queries, 10)
+    assert recall(found, expected) >= 0.97 > coarse
+    assert len(reads) == len(queries) and all(len(r) == 30 for r in reads)  # refine * k
+    rows = np.searchsorted(keys, found)
+    for query, row_scores, row in zip(queries, scores, rows, strict=True):  # exact scores
+        np.testing.assert_allclose(
+            row_scores, maxsim(query[None], documents[row], TOKEN_DIM)[0], rtol=1e-6
+        )
+    index.refine, reads[:] = 0, []
+    assert recall(index.search(queries, 10)[1], expected) == coarse and not reads  # refine=0
+
+
 def test_it_searches_exactly_until_it_holds_train_from_documents() -> None:
     documents = clustered(300, seed=3)
     index = PlaidIndex(DIM, token_dim=TOKEN_DIM, train_from=200)
@@ -137,6 +165,8 @@ def test_bad_options_are_named() -> None:
         PlaidIndex(DIM, token_dim=TOKEN_DIM, candidates=10, rescore=20)
     with pytest.raises(InputError, match="probes"):
         PlaidIndex(DIM, token_dim=TOKEN_DIM, probes=0)
+    with pytest.raises(InputError, match="refine"):
+        PlaidIndex(DIM, token_dim=TOKEN_DIM, refine=-1)
     too_fine = PlaidIndex(DIM, token_dim=TOKEN_DIM, codec="PQ8x10", train_from=20)
     with pytest.warns(RuntimeWarning, match="cannot be trained on 160 residuals"):
         too_fine.add(np.arange(20), clustered(20, seed=6))
@@ -166,6 +196,10 @@ def test_through_the_engine_with_filters_reopen_check_and_repair(tmp_path: Path)
         assert retriever.backend_name == "plaid"
         hits = retriever.search_vectors(vectors[[7]], k=3, filter={"even": False})[0]
         assert hits[0].id == "doc-7" and all(int(h.id[4:]) % 2 for h in hits)
+        # The engine lets plaid re-score on the stored vectors: the scores are exact MaxSim.
+        for hit in retriever.search_vectors(vectors[[11]], k=5)[0]:
+            exact = maxsim(vectors[[11]], vectors[[int(hit.id[4:])]], TOKEN_DIM)[0, 0]
+            assert hit.score == pytest.approx(exact, rel=1e-5)
         retriever.remove(["doc-7"])
     assert check_index(folder).ok
     with Retriever.open(folder, readonly=True) as reader:

@@ -273,6 +273,7 @@ class Retriever:
                 self._store.recorded_count,
                 manifest.token_dim,
             )
+            backend.vector_reader = self._store.vectors_by_key  # for exact re-scoring
             cached = backend.load(self.folder, epoch)
             if cached is None or cached > generation:
                 keys, vectors = self._store.vectors()

@@ -12,6 +12,9 @@ import numpy as np
 from mmret.errors import InputError
 from mmret.registry import Registry
 
+#: Full-precision vectors by key: ``(N,)`` keys in, ``(M,)`` keys found and ``(M, dim)`` out.
+VectorReader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
 
 class VectorIndex(ABC):
     """Inner-product search over ``(N, dim)`` unit vectors, each identified by an int64 key.
@@ -28,6 +31,10 @@ class VectorIndex(ABC):
     multi_vector = False
     #: Set by :meth:`load` when the cache it read is in an older layout: a writer saves it anew.
     cache_outdated = False
+    #: Set by the engine: reads the full-precision vectors of some keys from the item store
+    #: (``(M,)`` keys found, ``(M, dim)`` vectors), for backends that re-score their best
+    #: candidates exactly; called inside the search's store snapshot.
+    vector_reader: VectorReader | None = None
 
     def __init__(self, dim: int) -> None:
         self.dim = dim

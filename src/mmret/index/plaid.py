@@ -4,7 +4,7 @@ Every document token is stored as the id of its nearest token centroid (k-means,
 ``faiss.Kmeans``) plus its residual from that centroid, compressed by a FAISS codec (product
 quantisation by default: ``token_dim / 4`` sub-vectors of 10 bits, 2.5 bits a dimension, 40
 bytes for 128 dimensions; chosen by the recall/size table of ``benchmarks/multivector.py``).
-A query is answered in three stages, each on fewer documents:
+A query is answered in four stages, each on fewer documents:
 
 1. **probe**: per query token, the ``probes`` centroids nearest to it; an inverted list
    (centroid -> documents with a token there) gives every document an approximate score:
@@ -12,14 +12,19 @@ A query is answered in three stages, each on fewer documents:
    lowest probed centroid's score (an upper bound). The best ``candidates`` go on.
 2. **centroid interaction**: MaxSim against the candidates' tokens read as their centroids;
    the best ``rescore`` go on.
-3. **exact**: those documents' tokens are decompressed (centroid + decoded residual) and
-   scored by :func:`mmret.late_interaction.maxsim`; the best ``k`` are returned.
+3. **decompressed**: those documents' tokens are decompressed (centroid + decoded residual)
+   and scored by :func:`mmret.late_interaction.maxsim`;
+4. **exact**: the best ``refine * k`` of them are re-scored by MaxSim on their full-precision
+   vectors, read just in time from the item store (:attr:`VectorIndex.vector_reader`, set by
+   the engine; never held in memory), and the best ``k`` returned. Without a store (a bare
+   index) or with ``refine=0``, stage 3's best ``k`` are returned.
 
 Until ``train_from`` documents are present there is nothing to cluster: rows are kept as they
 are and searched exactly (:class:`~mmret.index.maxsim.MaxSimIndex`). New tokens afterwards take
 the existing centroids; :func:`mmret.index.maintenance.recluster_index` re-clusters from the
 item store when the collection has drifted. Removal tombstones documents (compacted once a
-quarter are dead). The cache is the compressed structure; the item store stays the truth.
+quarter are dead). The cache is the compressed structure (at most 48 bytes a token by
+default); the item store stays the truth and keeps every token in float32.
 """
 
 from __future__ import annotations
@@ -75,7 +80,8 @@ class PlaidIndex(VectorIndex):
     trained), ``codec`` (a FAISS factory string for the residual codec, e.g. ``PQ32``,
     ``PQ16``, ``SQ4``; ``auto``: ``PQ{token_dim // 4}x10``), ``probes`` (centroids per query
     token), ``candidates`` (documents kept after probing), ``rescore`` (documents
-    decompressed and scored exactly), ``train_from`` (documents needed before clustering),
+    decompressed and scored), ``refine`` (``refine * k`` of those re-scored on the stored
+    full-precision vectors; 0: none), ``train_from`` (documents needed before clustering),
     ``exact_below`` (a filter allowing at most this many documents scores them directly).
     """
 
@@ -89,8 +95,9 @@ class PlaidIndex(VectorIndex):
         centroids: int = 0,
         codec: str = "auto",
         probes: int = 4,
-        candidates: int = 1024,
-        rescore: int = 256,
+        candidates: int = 1536,
+        rescore: int = 384,
+        refine: int = 4,
         train_from: int = 1024,
         exact_below: int = 2_000,
     ) -> None:
@@ -105,10 +112,13 @@ class PlaidIndex(VectorIndex):
                 raise InputError(f"{option} must be at least 1, got {value}")
         if rescore < 1 or rescore > candidates:
             raise InputError(f"rescore must be in [1, candidates={candidates}], got {rescore}")
+        if refine < 0:
+            raise InputError(f"refine must be at least 0, got {refine}")
         if train_from < 1:
             raise InputError(f"train_from must be at least 1, got {train_from}")
         self.centroids, self.codec = centroids, codec
         self.probes, self.candidates, self.rescore = probes, candidates, rescore
+        self.refine = refine
         self.train_from, self.exact_below = train_from, exact_below
         new_codec(self.codec, self.token_dim)  # a bad codec string fails here, not at training
         self._trained: _Trained | None = None
@@ -122,6 +132,7 @@ class PlaidIndex(VectorIndex):
             "probes": self.probes,
             "candidates": self.candidates,
             "rescore": self.rescore,
+            "refine": self.refine,
             "train_from": self.train_from,
             "exact_below": self.exact_below,
         }
@@ -198,7 +209,12 @@ class PlaidIndex(VectorIndex):
             len(rows), trained.live, up_to=self.exact_below, below_share=_DIRECT_BELOW_SHARE
         ):
             scores = maxsim(queries, trained.decode(rows), self.token_dim)
-            return top_k(scores, all_keys[rows], k)
+            if not self._refining:
+                return top_k(scores, all_keys[rows], k)
+            out = [
+                self._exact(query, scores[i], all_keys[rows], k) for i, query in enumerate(queries)
+            ]
+            return np.stack([s for s, _ in out]), np.stack([key for _, key in out])
         excluded = None
         if rows is not None:
             excluded = np.ones(len(all_keys), dtype=bool)
@@ -225,8 +241,29 @@ class PlaidIndex(VectorIndex):
         if not len(chosen):
             return  # the filter allows nothing: the row stays padded
         scores = maxsim(tokens.reshape(1, -1), trained.decode(chosen), self.token_dim)
-        best_scores, best_keys = top_k(scores, trained.keys.view[chosen], k)
-        out_scores[:], out_keys[:] = best_scores[0], best_keys[0]
+        out_scores[:], out_keys[:] = self._exact(
+            tokens.reshape(-1), scores[0], trained.keys.view[chosen], k
+        )
+
+    @property
+    def _refining(self) -> bool:
+        return self.refine > 0 and self.vector_reader is not None
+
+    def _exact(
+        self, query: np.ndarray, scores: np.ndarray, keys: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(k,)`` best scores and keys of one ``(dim,)`` query among documents ``keys`` with
+        decompressed ``scores`` (stage 4): the best ``refine * k`` re-scored on the stored
+        vectors when there is a store to read them from."""
+        if not self._refining or not len(keys):
+            best_scores, best_keys = top_k(scores[None], keys, k)
+            return best_scores[0], best_keys[0]
+        assert self.vector_reader is not None
+        kept = _best_rows(scores, self.refine * k)
+        found, vectors = self.vector_reader(keys[kept])
+        exact = maxsim(query[None], vectors, self.token_dim)
+        best_scores, best_keys = top_k(exact, found, k)
+        return best_scores[0], best_keys[0]
 
     def _survivors(
         self, trained: _Trained, tokens: np.ndarray, excluded: np.ndarray | None, k: int
@@ -502,13 +539,16 @@ def new_codec(codec: str, token_dim: int, training_tokens: int | None = None) ->
             f"codec {codec!r} is not a FAISS codec for {token_dim} dimensions "
             f"({_faiss_message(error)})"
         ) from None
-    if hasattr(made, "do_polysemous_training"):
+    inner = made  # behind a rotation (OPQ), the options are the codec's
+    if isinstance(made, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(made.index)
+    if hasattr(inner, "do_polysemous_training"):
         # Polysemous training reorders PQ codes for Hamming search, which is not used here,
         # and took 64 s of the 65 s training PQ8 on 5,000 residuals.
-        made.do_polysemous_training = False
-    if hasattr(made, "pq"):
+        inner.do_polysemous_training = False
+    if hasattr(inner, "pq"):
         # A small index trains its codec on few residuals, knowingly: no warning on stderr.
-        made.pq.cp.min_points_per_centroid = 1
+        inner.pq.cp.min_points_per_centroid = 1
     return made
 
 

@@ -373,6 +373,19 @@ class ItemStore:
         """The ``(dim,)`` stored vector of each of ``ids`` that is present."""
         return {id_: vector for id_, (_, vector) in self.lookup(ids).items()}
 
+    def vectors_by_key(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The stored ``(M, dim)`` vectors of those of ``(N,)`` ``keys`` present, with their
+        ``(M,)`` keys (in no particular order): read just in time for a backend's exact
+        re-scoring, inside the caller's snapshot."""
+        rows: list[Any] = []
+        with self.snapshot():
+            for chunk in _chunks([int(key) for key in keys]):
+                query = (
+                    f"SELECT key, vector FROM vectors WHERE key IN ({','.join('?' * len(chunk))})"
+                )
+                rows += self._db.execute(query, list(chunk)).fetchall()
+        return self._unpack(rows)
+
     def filter_keys(self, filter_: Filter) -> np.ndarray:
         """Sorted keys of the items whose metadata satisfies ``filter_``."""
         where, params = to_sql(filter_)
