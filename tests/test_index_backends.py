@@ -14,6 +14,7 @@ from mmret.index.exact import ExactIndex
 from mmret.index.faiss_ann import FaissIndex
 from mmret.index.ivfpq import IvfPqIndex
 from mmret.index.maxsim import MaxSimIndex
+from mmret.index.milvus import MilvusIndex
 from mmret.index.plaid import PlaidIndex
 from mmret.late_interaction import normalise_tokens, similarity
 
@@ -39,6 +40,12 @@ BACKENDS: dict[str, Callable[[], VectorIndex]] = {
     "plaid": lambda: PlaidIndex(TOKENS * DIM, exact_below=0, **PLAID),
     "plaid-filtered-exact": lambda: PlaidIndex(TOKENS * DIM, **PLAID),
 }
+try:  # an optional extra: pip install 'mmret[milvus]'
+    import pymilvus  # noqa: F401
+
+    BACKENDS["milvus"] = lambda: MilvusIndex(DIM)  # Milvus Lite, in a private temporary folder
+except ImportError:
+    pass
 #: Backends that store compressed vectors: their scores are close to exact, not equal.
 LOSSY = (PlaidIndex,)
 

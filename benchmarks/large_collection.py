@@ -1,0 +1,302 @@
+"""Large collections on one machine: exact, FAISS (HNSW) and the ``ivfpq`` backend side by side.
+
+    python benchmarks/large_collection.py --sizes 1M --backends exact,faiss,ivfpq
+    python benchmarks/large_collection.py --sizes 10M --backends ivfpq --scratch /big/disk
+
+Vectors (d = 256 by default) are drawn around real embeddings: the starter model's Flickr8k dev
+photos and captions (6,000, or ``--centres`` an ``.npy`` of ``(N, 512)`` embeddings), turned to
+``dim`` dimensions by a fixed random rotation, each item a centre plus noise, renormalised.
+Queries are items plus noise (like ``search_throughput.py``). The collection is generated in
+chunks into a float32 file under ``--scratch`` and memory-mapped, so 10M x 256 (10 GB) never
+sits in memory; the exact top-10 is one streaming pass over it.
+
+Each backend is built and then searched in a process of its own (resident memory is per
+process): ``build s`` and ``build peak RSS`` while building from the file in chunks, ``disk``
+what its cache takes, then, reopened in a fresh process, ``RSS`` after the queries (``VmRSS``,
+the Python process with numpy and FAISS included; ``base RSS`` is that process before opening),
+the median latency of one query at a time on one thread, and recall@10 against exact search.
+``ivfpq`` re-scores its candidates with full vectors read by ``pread`` from the float32 file,
+row by row, as it reads them from SQLite inside an index: those pages are page cache, not
+resident memory of the process. Exact keeps every vector in memory, as the ``exact`` backend
+does; past ``--exact-up-to`` items (and FAISS past ``--faiss-up-to``) they are not run, since
+their float32 vectors alone outgrow this machine's share of memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from _common import (
+    CONSOLE,
+    RESULTS,
+    flickr_embeddings,
+    folder_bytes,
+    parse_sizes,
+    report,
+    reset_peak_rss,
+    rss_bytes,
+)
+
+_CHUNK = 1 << 20  # rows generated, scanned and added at a time (1 GB at d = 256)
+_NOISE = 0.5  # norm of an item's offset from its centre (unit centres)
+_QUERY_NOISE = 0.3
+
+
+def real_centres(path: str | None) -> np.ndarray:
+    """``(N, 512)`` real embeddings: ``path``, or the starter model's Flickr8k dev split."""
+    if path:
+        return np.asarray(np.load(path), dtype=np.float32)
+    dev = flickr_embeddings("dev")
+    return np.concatenate([dev.image, dev.text]).astype(np.float32)
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def generate(n: int, dim: int, centres: np.ndarray, path: Path) -> None:
+    """Write ``(n, dim)`` float32 unit items around the rotated ``centres`` to ``path``."""
+    rotation = np.linalg.qr(np.random.default_rng(0).standard_normal((centres.shape[1], dim)))[0]
+    projected = _unit(centres @ rotation).astype(np.float32)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+    rng = np.random.default_rng(1)
+    for start in range(0, n, _CHUNK):
+        rows = min(_CHUNK, n - start)
+        noise = _unit(rng.standard_normal((rows, dim), dtype=np.float32)) * _NOISE
+        noise += projected[rng.integers(0, len(projected), rows)]
+        out[start : start + rows] = _unit(noise)
+    out.flush()
+    del out
+
+
+def queries_and_truth(vectors: np.ndarray, count: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(Q, dim)`` queries near random items and their exact top ``k`` rows, one pass."""
+    rng = np.random.default_rng(2)
+    picked = np.asarray(vectors[np.sort(rng.choice(len(vectors), count, replace=False))])
+    queries = _unit(picked + _QUERY_NOISE * _unit(rng.standard_normal(picked.shape))).astype(
+        np.float32
+    )
+    best_scores = np.full((count, k), -np.inf, np.float32)
+    best_rows = np.zeros((count, k), np.int64)
+    for start in range(0, len(vectors), _CHUNK):
+        scores = queries @ np.asarray(vectors[start : start + _CHUNK]).T
+        joined = np.concatenate([best_scores, scores], axis=1)
+        rows = np.concatenate(
+            [best_rows, np.broadcast_to(np.arange(start, start + scores.shape[1]), scores.shape)],
+            axis=1,
+        )
+        top = np.argsort(-joined, axis=1)[:, :k]
+        best_scores = np.take_along_axis(joined, top, axis=1)
+        best_rows = np.take_along_axis(rows, top, axis=1)
+    return queries, best_rows
+
+
+class RowReader:
+    """``(M,)`` sorted row numbers -> ``(M, dim)`` vectors, each row read by ``pread`` from the
+    float32 ``.npy`` file (page cache, as SQLite reads its rows; nothing mapped)."""
+
+    def __init__(self, path: Path, dim: int) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        with path.open("rb") as handle:
+            np.lib.format.read_magic(handle)
+            np.lib.format.read_array_header_1_0(handle)
+            self.offset = handle.tell()
+        self.row_bytes = dim * 4
+        self.dim = dim
+        self.rows_read = 0
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        self.rows_read += len(rows)
+        size, offset = self.row_bytes, self.offset
+        blob = b"".join(os.pread(self.fd, size, offset + int(row) * size) for row in rows)
+        return np.frombuffer(blob, dtype=np.float32).reshape(len(rows), self.dim)
+
+
+def new_index(backend: str, dim: int, n: int) -> Any:
+    from mmret.index.base import new_backend
+
+    return new_backend(backend, {}, dim, n)
+
+
+def child_build(backend: str, data: Path, folder: Path) -> dict[str, Any]:
+    """Build ``backend`` over the file's rows (keys = row numbers) and save its cache."""
+    vectors = np.load(data, mmap_mode="r")
+    n, dim = vectors.shape
+    index = new_index(backend, dim, n)
+    index.use_stored_vectors(RowReader(data, dim))
+    reset_peak_rss()
+    start = time.perf_counter()
+    chunks = (
+        (np.arange(s, min(s + _CHUNK, n)), np.asarray(vectors[s : s + _CHUNK]))
+        for s in range(0, n, _CHUNK)
+    )
+    index.build(chunks, n)
+    build_s = time.perf_counter() - start
+    peak = rss_bytes("VmHWM")
+    index.save(folder, "bench", 1)
+    return {"build_s": build_s, "build_peak_rss": peak, "save_s": time.perf_counter() - start}
+
+
+def child_search(
+    backend: str, data: Path, folder: Path, queries: np.ndarray, truth: np.ndarray, k: int
+) -> dict[str, Any]:
+    """Reopen the saved cache (or, for exact, read every vector) and time single queries."""
+    vectors = np.load(data, mmap_mode="r")
+    n, dim = vectors.shape
+    base = rss_bytes("VmRSS")
+    index = new_index(backend, dim, n)
+    reader = RowReader(data, dim)
+    index.use_stored_vectors(reader)
+    start = time.perf_counter()
+    if index.load(folder, "bench") is None:  # exact: no cache file, vectors read into memory
+        for s in range(0, n, _CHUNK):
+            index.add(np.arange(s, min(s + _CHUNK, n)), np.asarray(vectors[s : s + _CHUNK]))
+    open_s = time.perf_counter() - start
+    found, times = [], []
+    for query in queries:
+        begin = time.perf_counter()
+        _, keys = index.search(query[None, :], k)
+        times.append(time.perf_counter() - begin)
+        found.append(keys[0])
+    recall = np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth, strict=True)])
+    return {
+        "open_s": open_s,
+        "base_rss": base,
+        "rss": rss_bytes("VmRSS"),
+        "median_ms": 1000 * statistics.median(times),
+        "p95_ms": 1000 * float(np.percentile(times, 95)),
+        "recall": float(recall),
+        "rows_read_per_query": reader.rows_read / len(queries),
+    }
+
+
+def run_child(args: list[str]) -> dict[str, Any]:
+    threads = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    env = {**os.environ, **dict.fromkeys(threads, "1")}
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True
+    )
+    if done.returncode:
+        raise RuntimeError(f"child {args[:2]} failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def child_main(args: argparse.Namespace) -> None:
+    import faiss
+
+    import mmret.index  # imported before the base RSS is read: torch comes with it
+
+    faiss.omp_set_num_threads(1)
+    assert mmret.index.INDEXES
+    data, folder = Path(args.data), Path(args.folder)
+    if args.child == "build":
+        result = child_build(args.backend, data, folder)
+    else:
+        with np.load(args.query_file) as saved:
+            queries, truth = saved["queries"], saved["truth"]
+        result = child_search(args.backend, data, folder, queries, truth, args.k)
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1M")
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--backends", default="exact,faiss,ivfpq")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--centres", help="an .npy of (N, 512) real embeddings")
+    parser.add_argument("--scratch", help="folder for the generated vectors (GBs)")
+    parser.add_argument("--exact-up-to", type=int, default=2_000_000)
+    parser.add_argument("--faiss-up-to", type=int, default=2_000_000)
+    parser.add_argument("--out", default=str(RESULTS / "large_collection.json"))
+    parser.add_argument("--child", choices=["build", "search"], help=argparse.SUPPRESS)
+    parser.add_argument("--backend", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--query-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(args)
+        return
+    centres = real_centres(args.centres)
+    limits = {"exact": args.exact_up_to, "faiss": args.faiss_up_to}
+    rows: list[list[Any]] = []
+    with tempfile.TemporaryDirectory(dir=args.scratch) as scratch_name:
+        scratch = Path(scratch_name)
+        for n in parse_sizes(args.sizes):
+            data = scratch / f"vectors-{n}.npy"
+            start = time.perf_counter()
+            generate(n, args.dim, centres, data)
+            CONSOLE.print(f"{n:,} vectors generated in {time.perf_counter() - start:.0f} s")
+            start = time.perf_counter()
+            queries, truth = queries_and_truth(np.load(data, mmap_mode="r"), args.queries, args.k)
+            scan_s = time.perf_counter() - start
+            CONSOLE.print(f"exact top-{args.k} of {args.queries} queries: one pass, {scan_s:.0f} s")
+            saved = scratch / f"queries-{n}.npz"
+            np.savez(saved, queries=queries, truth=truth)
+            for backend in args.backends.split(","):
+                if n > limits.get(backend, n):
+                    CONSOLE.print(f"{backend} at {n:,}: not run (float32 vectors in memory)")
+                    continue
+                folder = scratch / f"{backend}-{n}"
+                folder.mkdir()
+                common = ["--backend", backend, "--data", str(data), "--folder", str(folder)]
+                built = run_child(["build", *common]) if backend != "exact" else {}
+                searched = ["search", *common, "--query-file", str(saved), "--k", str(args.k)]
+                found = run_child(searched)
+                row = [
+                    n,
+                    backend,
+                    built.get("build_s", found["open_s"]),
+                    built.get("build_peak_rss", found["rss"]) / 2**20,
+                    folder_bytes(folder) / 2**20,
+                    found["base_rss"] / 2**20,
+                    found["rss"] / 2**20,
+                    n * args.dim * 4 / 2**20,
+                    found["median_ms"],
+                    found["p95_ms"],
+                    found["recall"],
+                    found["rows_read_per_query"],
+                ]
+                CONSOLE.print(row)
+                rows.append(row)
+            data.unlink()
+    columns = [
+        "items",
+        "backend",
+        "build s",
+        "build peak RSS MiB",
+        "disk MiB",
+        "base RSS MiB",
+        "RSS MiB",
+        "float32 MiB",
+        "query ms (median)",
+        "query ms (p95)",
+        "recall@10",
+        "full rows read/query",
+    ]
+    extra = {"args": {key: str(value) for key, value in vars(args).items()}}
+    report(
+        f"Large collections, d={args.dim}, one query at a time, one thread",
+        columns,
+        rows,
+        Path(args.out),
+        extra,
+    )
+
+
+if __name__ == "__main__":
+    main()
