@@ -126,3 +126,32 @@ def test_an_index_rescores_from_its_store_through_reopening_check_and_repair(
     with Retriever.open(folder, readonly=True) as reader:
         assert len(reader) == 1490
         assert reader.search_vectors(vectors[[700]], k=1)[0][0].id == "item-700"
+
+
+def test_cli_passes_backend_options_and_names_a_malformed_one(
+    tmp_path: Path, photo_folder: Path
+) -> None:
+    import json
+
+    from .cli import run
+
+    out = tmp_path / "cli"
+    run(
+        "index",
+        photo_folder,
+        "--out",
+        out,
+        "--model",
+        "hash:32",
+        "--backend",
+        "ivfpq",
+        "--backend-option",
+        "train_from=300",
+        "--backend-option",
+        "nprobe=8",
+        "--json",
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backend_options"] == {"train_from": 300, "nprobe": 8}
+    error = run("index", photo_folder, "--out", tmp_path / "bad", "--backend-option", "uri", code=1)
+    assert "expected KEY=VALUE" in error
