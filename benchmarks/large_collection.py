@@ -123,6 +123,16 @@ class RowReader:
         return np.frombuffer(blob, dtype=np.float32).reshape(len(rows), self.dim)
 
 
+def chunks_of(path: Path, n: int, dim: int) -> Any:
+    """``(keys, vectors)`` chunks of the file, read (not mapped: mapped pages would count as
+    the process's resident memory) into memory a chunk at a time."""
+    offset = RowReader(path, dim).offset
+    for start in range(0, n, _CHUNK):
+        rows = min(_CHUNK, n - start)
+        vectors = np.fromfile(path, np.float32, rows * dim, offset=offset + start * dim * 4)
+        yield np.arange(start, start + rows), vectors.reshape(rows, dim)
+
+
 def new_index(backend: str, dim: int, n: int) -> Any:
     from mmret.index.base import new_backend
 
@@ -131,17 +141,12 @@ def new_index(backend: str, dim: int, n: int) -> Any:
 
 def child_build(backend: str, data: Path, folder: Path) -> dict[str, Any]:
     """Build ``backend`` over the file's rows (keys = row numbers) and save its cache."""
-    vectors = np.load(data, mmap_mode="r")
-    n, dim = vectors.shape
+    n, dim = np.load(data, mmap_mode="r").shape
     index = new_index(backend, dim, n)
     index.use_stored_vectors(RowReader(data, dim))
     reset_peak_rss()
     start = time.perf_counter()
-    chunks = (
-        (np.arange(s, min(s + _CHUNK, n)), np.asarray(vectors[s : s + _CHUNK]))
-        for s in range(0, n, _CHUNK)
-    )
-    index.build(chunks, n)
+    index.build(chunks_of(data, n, dim), n)
     build_s = time.perf_counter() - start
     peak = rss_bytes("VmHWM")
     index.save(folder, "bench", 1)
@@ -152,16 +157,15 @@ def child_search(
     backend: str, data: Path, folder: Path, queries: np.ndarray, truth: np.ndarray, k: int
 ) -> dict[str, Any]:
     """Reopen the saved cache (or, for exact, read every vector) and time single queries."""
-    vectors = np.load(data, mmap_mode="r")
-    n, dim = vectors.shape
+    n, dim = np.load(data, mmap_mode="r").shape
     base = rss_bytes("VmRSS")
     index = new_index(backend, dim, n)
     reader = RowReader(data, dim)
     index.use_stored_vectors(reader)
     start = time.perf_counter()
     if index.load(folder, "bench") is None:  # exact: no cache file, vectors read into memory
-        for s in range(0, n, _CHUNK):
-            index.add(np.arange(s, min(s + _CHUNK, n)), np.asarray(vectors[s : s + _CHUNK]))
+        for keys, vectors in chunks_of(data, n, dim):
+            index.add(keys, vectors)
     open_s = time.perf_counter() - start
     found, times = [], []
     for query in queries:

@@ -155,3 +155,15 @@ def test_cli_passes_backend_options_and_names_a_malformed_one(
     assert manifest["backend_options"] == {"train_from": 300, "nprobe": 8}
     error = run("index", photo_folder, "--out", tmp_path / "bad", "--backend-option", "uri", code=1)
     assert "expected KEY=VALUE" in error
+
+
+def test_an_index_filled_a_batch_at_a_time_is_retrained_with_more_lists() -> None:
+    vectors = clustered(1200)
+    index = IvfPqIndex(DIM, train_from=300, pq=4, nprobe=64)
+    index.add(np.arange(300), vectors[:300])
+    lists = index._index.nlist
+    for start in range(300, 1200, 100):
+        index.add(np.arange(start, start + 100), vectors[start : start + 100])
+    assert index._index.nlist >= 4 * lists and len(index) == 1200
+    _, found = index.search(vectors[[5, 1150]], 1)
+    assert found[:, 0].tolist() == [5, 1150]
