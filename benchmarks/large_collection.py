@@ -1,7 +1,8 @@
-"""Large collections on one machine: exact, FAISS (HNSW) and the ``ivfpq`` backend side by side.
+"""Large collections on one machine: exact, FAISS (HNSW), ``ivfpq`` and Milvus Lite side by side.
 
     python benchmarks/large_collection.py --sizes 1M --backends exact,faiss,ivfpq
     python benchmarks/large_collection.py --sizes 10M --backends ivfpq --scratch /big/disk
+    python benchmarks/large_collection.py --store 50000 --out results/large_collection_store.json
 
 Vectors (d = 256 by default) are drawn around real embeddings: the starter model's Flickr8k dev
 photos and captions (6,000, or ``--centres`` an ``.npy`` of ``(N, 512)`` embeddings), turned to
@@ -19,7 +20,8 @@ the median latency of one query at a time on one thread, and recall@10 against e
 row by row, as it reads them from SQLite inside an index: those pages are page cache, not
 resident memory of the process. Exact keeps every vector in memory, as the ``exact`` backend
 does; past ``--exact-up-to`` items (and FAISS past ``--faiss-up-to``) they are not run, since
-their float32 vectors alone outgrow this machine's share of memory.
+their float32 vectors alone outgrow this machine's share of memory. ``milvus`` is Milvus Lite
+(in-process, an exact FLAT index: the only kind it builds), its database in the index folder.
 """
 
 from __future__ import annotations
@@ -80,22 +82,20 @@ def generate(n: int, dim: int, centres: np.ndarray, path: Path) -> None:
     del out
 
 
-def queries_and_truth(vectors: np.ndarray, count: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(Q, dim)`` queries near random items and their exact top ``k`` rows, one pass."""
+def queries_and_truth(data: Path, count: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(Q, dim)`` queries near random items and their exact top ``k`` rows, in one pass over
+    the file read a chunk at a time."""
+    n, dim = np.load(data, mmap_mode="r").shape
     rng = np.random.default_rng(2)
-    picked = np.asarray(vectors[np.sort(rng.choice(len(vectors), count, replace=False))])
-    queries = _unit(picked + _QUERY_NOISE * _unit(rng.standard_normal(picked.shape))).astype(
-        np.float32
-    )
+    picked = np.sort(rng.choice(n, count, replace=False))
+    near = RowReader(data, dim)(picked)
+    queries = _unit(near + _QUERY_NOISE * _unit(rng.standard_normal(near.shape))).astype(np.float32)
     best_scores = np.full((count, k), -np.inf, np.float32)
     best_rows = np.zeros((count, k), np.int64)
-    for start in range(0, len(vectors), _CHUNK):
-        scores = queries @ np.asarray(vectors[start : start + _CHUNK]).T
+    for keys, vectors in chunks_of(data, n, dim):
+        scores = queries @ vectors.T
         joined = np.concatenate([best_scores, scores], axis=1)
-        rows = np.concatenate(
-            [best_rows, np.broadcast_to(np.arange(start, start + scores.shape[1]), scores.shape)],
-            axis=1,
-        )
+        rows = np.concatenate([best_rows, np.broadcast_to(keys, scores.shape)], axis=1)
         top = np.argsort(-joined, axis=1)[:, :k]
         best_scores = np.take_along_axis(joined, top, axis=1)
         best_rows = np.take_along_axis(rows, top, axis=1)
@@ -144,6 +144,7 @@ def child_build(backend: str, data: Path, folder: Path) -> dict[str, Any]:
     n, dim = np.load(data, mmap_mode="r").shape
     index = new_index(backend, dim, n)
     index.use_stored_vectors(RowReader(data, dim))
+    index.load(folder, "bench")  # nothing there yet; Milvus Lite makes its database there
     reset_peak_rss()
     start = time.perf_counter()
     index.build(chunks_of(data, n, dim), n)
@@ -214,6 +215,36 @@ def child_main(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+def store_probe(n: int, dim: int, out: Path) -> None:
+    """What the item store costs ``ivfpq``: bytes per item of ``items.sqlite`` and the time to
+    read 256 random items' vectors (one query's re-scoring), warm, median of 50."""
+    from mmret import Item, Retriever
+    from mmret.encoders.hashing import HashEncoder
+    from mmret.index.store import ItemStore
+
+    vectors = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    items = [
+        Item(f"photos/{i:08d}.jpg", image=f"photos/{i:08d}.jpg", metadata={"n": i % 100})
+        for i in range(n)
+    ]
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "index"
+        with Retriever.create(folder, encoder=HashEncoder(dim), backend="exact") as retriever:
+            retriever.add_vectors(items, vectors)
+        size = (folder / "items.sqlite").stat().st_size
+        store = ItemStore(folder / "items.sqlite", dim, readonly=True)
+        rng, times = np.random.default_rng(1), []
+        for _ in range(50):
+            keys = np.sort(rng.choice(np.arange(1, n + 1), 256, replace=False))
+            start = time.perf_counter()
+            store.vectors_at(keys)
+            times.append(time.perf_counter() - start)
+        store.close()
+    row = [n, dim, size / n, 1000 * statistics.median(times)]
+    columns = ["items", "dim", "items.sqlite B/item", "read 256 vectors ms (median)"]
+    report("Item store: size and one query's re-scoring reads", columns, [row], out, {})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1M")
@@ -225,7 +256,9 @@ def main() -> None:
     parser.add_argument("--scratch", help="folder for the generated vectors (GBs)")
     parser.add_argument("--exact-up-to", type=int, default=2_000_000)
     parser.add_argument("--faiss-up-to", type=int, default=2_000_000)
+    parser.add_argument("--milvus-up-to", type=int, default=1_000_000)
     parser.add_argument("--out", default=str(RESULTS / "large_collection.json"))
+    parser.add_argument("--store", type=int, default=0, help="only probe an item store of N")
     parser.add_argument("--child", choices=["build", "search"], help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -235,8 +268,11 @@ def main() -> None:
     if args.child:
         child_main(args)
         return
+    if args.store:
+        store_probe(args.store, args.dim, Path(args.out))
+        return
     centres = real_centres(args.centres)
-    limits = {"exact": args.exact_up_to, "faiss": args.faiss_up_to}
+    limits = {"exact": args.exact_up_to, "faiss": args.faiss_up_to, "milvus": args.milvus_up_to}
     rows: list[list[Any]] = []
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch_name:
         scratch = Path(scratch_name)
@@ -246,7 +282,7 @@ def main() -> None:
             generate(n, args.dim, centres, data)
             CONSOLE.print(f"{n:,} vectors generated in {time.perf_counter() - start:.0f} s")
             start = time.perf_counter()
-            queries, truth = queries_and_truth(np.load(data, mmap_mode="r"), args.queries, args.k)
+            queries, truth = queries_and_truth(data, args.queries, args.k)
             scan_s = time.perf_counter() - start
             CONSOLE.print(f"exact top-{args.k} of {args.queries} queries: one pass, {scan_s:.0f} s")
             saved = scratch / f"queries-{n}.npz"
