@@ -259,6 +259,7 @@ def main() -> None:
     parser.add_argument("--milvus-up-to", type=int, default=1_000_000)
     parser.add_argument("--out", default=str(RESULTS / "large_collection.json"))
     parser.add_argument("--store", type=int, default=0, help="only probe an item store of N")
+    parser.add_argument("--quick", action="store_true", help="20,000 items, 20 queries")
     parser.add_argument("--child", choices=["build", "search"], help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -268,6 +269,8 @@ def main() -> None:
     if args.child:
         child_main(args)
         return
+    if args.quick:
+        args.sizes, args.queries = "20k", 20
     if args.store:
         store_probe(args.store, args.dim, Path(args.out))
         return

@@ -193,9 +193,9 @@ class IvfPqIndex(FaissIndex):
         rows. At 4x the lists (16x the rows) a rebuild costs about 1/15 of what was added
         since, and list lengths stay within 4x of the automatic choice."""
         lists = faiss.extract_index_ivf(self._index).nlist
-        live = np.flatnonzero(self._alive.view)
-        if self.nlist or min(_auto_lists(len(live)), len(live) // 39) < 4 * lists:
+        if self.nlist or min(_auto_lists(len(self)), len(self) // 39) < 4 * lists:
             return
+        live = np.flatnonzero(self._alive.view)
         rng = np.random.default_rng(0)
         sample_rows = np.sort(rng.permutation(live)[: max(_TRAIN_PER_LIST * lists * 4, _MIN_TRAIN)])
         index = self._trained_index(self._vectors_at(sample_rows), len(live))
