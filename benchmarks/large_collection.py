@@ -155,9 +155,15 @@ def child_build(backend: str, data: Path, folder: Path) -> dict[str, Any]:
 
 
 def child_search(
-    backend: str, data: Path, folder: Path, queries: np.ndarray, truth: np.ndarray, k: int
-) -> dict[str, Any]:
-    """Reopen the saved cache (or, for exact, read every vector) and time single queries."""
+    backend: str,
+    data: Path,
+    folder: Path,
+    saved: dict[str, np.ndarray],
+    k: int,
+    settings: list[tuple[int, int]],
+) -> list[dict[str, Any]]:
+    """Reopen the saved cache (or, for exact, read every vector) and time single queries,
+    once per ``(nprobe, rescore)`` setting for ``ivfpq``."""
     n, dim = np.load(data, mmap_mode="r").shape
     base = rss_bytes("VmRSS")
     index = new_index(backend, dim, n)
@@ -168,25 +174,33 @@ def child_search(
         for keys, vectors in chunks_of(data, n, dim):
             index.add(keys, vectors)
     open_s = time.perf_counter() - start
-    found, times = [], []
-    for query in queries:
-        begin = time.perf_counter()
-        _, keys = index.search(query[None, :], k)
-        times.append(time.perf_counter() - begin)
-        found.append(keys[0])
-    recall = np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth, strict=True)])
-    return {
-        "open_s": open_s,
-        "base_rss": base,
-        "rss": rss_bytes("VmRSS"),
-        "median_ms": 1000 * statistics.median(times),
-        "p95_ms": 1000 * float(np.percentile(times, 95)),
-        "recall": float(recall),
-        "rows_read_per_query": reader.rows_read / len(queries),
-    }
+    results = []
+    for nprobe, rescore in settings if backend == "ivfpq" else [(0, 0)]:
+        if backend == "ivfpq":
+            index.nprobe, index.rescore = nprobe, rescore
+        reader.rows_read, found, times = 0, [], []
+        for query in saved["queries"]:
+            begin = time.perf_counter()
+            _, keys = index.search(query[None, :], k)
+            times.append(time.perf_counter() - begin)
+            found.append(keys[0])
+        hits = [len(set(f) & set(t)) / k for f, t in zip(found, saved["truth"], strict=True)]
+        results.append(
+            {
+                "setting": f"{nprobe}/{rescore}" if backend == "ivfpq" else "",
+                "open_s": open_s,
+                "base_rss": base,
+                "rss": rss_bytes("VmRSS"),
+                "median_ms": 1000 * statistics.median(times),
+                "p95_ms": 1000 * float(np.percentile(times, 95)),
+                "recall": float(np.mean(hits)),
+                "rows_read_per_query": reader.rows_read / len(times),
+            }
+        )
+    return results
 
 
-def run_child(args: list[str]) -> dict[str, Any]:
+def run_child(args: list[str]) -> Any:
     threads = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
     env = {**os.environ, **dict.fromkeys(threads, "1")}
     done = subprocess.run(
@@ -194,8 +208,13 @@ def run_child(args: list[str]) -> dict[str, Any]:
     )
     if done.returncode:
         raise RuntimeError(f"child {args[:2]} failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def settings(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """``"32:1024,64:2048"`` -> ``[(32, 1024), (64, 2048)]``: ivfpq's nprobe and rescore."""
+    pairs = [part.split(":") for part in args.ivfpq.split(",")]
+    return [(int(nprobe), int(rescore)) for nprobe, rescore in pairs]
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -210,8 +229,8 @@ def child_main(args: argparse.Namespace) -> None:
         result = child_build(args.backend, data, folder)
     else:
         with np.load(args.query_file) as saved:
-            queries, truth = saved["queries"], saved["truth"]
-        result = child_search(args.backend, data, folder, queries, truth, args.k)
+            arrays = {"queries": saved["queries"], "truth": saved["truth"]}
+        result = child_search(args.backend, data, folder, arrays, args.k, settings(args))
     print(json.dumps(result))
 
 
@@ -260,6 +279,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "large_collection.json"))
     parser.add_argument("--store", type=int, default=0, help="only probe an item store of N")
     parser.add_argument("--quick", action="store_true", help="20,000 items, 20 queries")
+    parser.add_argument(
+        "--ivfpq", default="32:1024", help="ivfpq's nprobe:rescore settings to time, by commas"
+    )
     parser.add_argument("--child", choices=["build", "search"], help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -299,27 +321,29 @@ def main() -> None:
                 common = ["--backend", backend, "--data", str(data), "--folder", str(folder)]
                 built = run_child(["build", *common]) if backend != "exact" else {}
                 searched = ["search", *common, "--query-file", str(saved), "--k", str(args.k)]
-                found = run_child(searched)
-                row = [
-                    n,
-                    backend,
-                    built.get("build_s", found["open_s"]),
-                    built.get("build_peak_rss", found["rss"]) / 2**20,
-                    folder_bytes(folder) / 2**20,
-                    found["base_rss"] / 2**20,
-                    found["rss"] / 2**20,
-                    n * args.dim * 4 / 2**20,
-                    found["median_ms"],
-                    found["p95_ms"],
-                    found["recall"],
-                    found["rows_read_per_query"],
-                ]
-                CONSOLE.print(row)
-                rows.append(row)
+                for found in run_child([*searched, "--ivfpq", args.ivfpq]):
+                    row = [
+                        n,
+                        backend,
+                        found["setting"],
+                        built.get("build_s", found["open_s"]),
+                        built.get("build_peak_rss", found["rss"]) / 2**20,
+                        folder_bytes(folder) / 2**20,
+                        found["base_rss"] / 2**20,
+                        found["rss"] / 2**20,
+                        n * args.dim * 4 / 2**20,
+                        found["median_ms"],
+                        found["p95_ms"],
+                        found["recall"],
+                        found["rows_read_per_query"],
+                    ]
+                    CONSOLE.print(row)
+                    rows.append(row)
             data.unlink()
     columns = [
         "items",
         "backend",
+        "nprobe/rescore",
         "build s",
         "build peak RSS MiB",
         "disk MiB",

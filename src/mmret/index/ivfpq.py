@@ -71,7 +71,7 @@ class IvfPqIndex(FaissIndex):
         nlist: int = 0,
         pq: int = 0,
         nprobe: int = 32,
-        rescore: int = 256,
+        rescore: int = 1024,
         train_from: int = 20_000,
         exact_below: int = 2_000,
     ) -> None:
