@@ -12,7 +12,9 @@ from mmret import InputError
 from mmret.index.base import INDEXES, VectorIndex
 from mmret.index.exact import ExactIndex
 from mmret.index.faiss_ann import FaissIndex
+from mmret.index.ivfpq import IvfPqIndex
 from mmret.index.maxsim import MaxSimIndex
+from mmret.index.milvus import MilvusIndex
 from mmret.index.plaid import PlaidIndex
 from mmret.late_interaction import normalise_tokens, similarity
 
@@ -28,6 +30,8 @@ BACKENDS: dict[str, Callable[[], VectorIndex]] = {
     "faiss-hnsw": lambda: FaissIndex(DIM, kind="hnsw", exact_below=0, ef_search=256),
     "faiss-ivf": lambda: FaissIndex(DIM, kind="ivf", exact_below=0, nprobe=64),
     "faiss-filtered-exact": lambda: FaissIndex(DIM, kind="hnsw"),
+    # Trained from the first 1,500 rows (32 lists), codes of 8 bytes; half the lists probed.
+    "ivfpq": lambda: IvfPqIndex(DIM, train_from=1000, pq=8, nprobe=16, exact_below=0),
     "maxsim": lambda: MaxSimIndex(TOKENS * DIM, token_dim=DIM),
     # Clustered from 256 documents on, so the suite's collections are searched compressed;
     # exact_below=0 sends filters allowing 5 % or more through the probing stages. Uniformly
@@ -36,6 +40,12 @@ BACKENDS: dict[str, Callable[[], VectorIndex]] = {
     "plaid": lambda: PlaidIndex(TOKENS * DIM, exact_below=0, **PLAID),
     "plaid-filtered-exact": lambda: PlaidIndex(TOKENS * DIM, **PLAID),
 }
+try:  # an optional extra: pip install 'mmret[milvus]'
+    import pymilvus  # noqa: F401
+
+    BACKENDS["milvus"] = lambda: MilvusIndex(DIM)  # Milvus Lite, in a private temporary folder
+except ImportError:
+    pass
 #: Backends that store compressed vectors: their scores are close to exact, not equal.
 LOSSY = (PlaidIndex,)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from collections import Counter
@@ -273,11 +274,11 @@ class Retriever:
                 self._store.recorded_count,
                 manifest.token_dim,
             )
-            backend.vector_reader = self._store.vectors_by_key  # for exact re-scoring
+            backend.use_stored_vectors(self._store.vectors_at)
             cached = backend.load(self.folder, epoch)
             if cached is None or cached > generation:
-                keys, vectors = self._store.vectors()
-                backend.add(keys, vectors)
+                with contextlib.closing(self._store.vector_chunks()) as chunks:  # ends its read
+                    backend.build(chunks, self._store.recorded_count)
                 cached = -1
             else:
                 self._catch_up(backend, cached)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -68,6 +69,20 @@ app.command()(recluster)
 app.command()(serve)
 
 
+def parse_options(pairs: list[str]) -> dict[str, object]:
+    """``["uri=http://host:19530", "nprobe=64"]`` -> ``{"uri": "http://...", "nprobe": 64}``."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, equals, text = pair.partition("=")
+        if not equals or not key:
+            raise InputError(f"--backend-option {pair!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(text)
+        except ValueError:
+            options[key] = text  # a plain string, such as a URI
+    return options
+
+
 @app.command()
 @friendly_errors
 def index(
@@ -82,8 +97,15 @@ def index(
     ),
     backend: str = typer.Option(
         "auto",
-        help="auto, exact, faiss, maxsim or plaid (auto: exact below 100k items, faiss "
-        "above; for multi-vector models maxsim below 10k items, plaid above).",
+        help="auto, exact, faiss, ivfpq, milvus, maxsim or plaid (auto: exact below 100k "
+        "items, faiss above, ivfpq once the float32 vectors pass 4 GiB; for multi-vector "
+        "models maxsim below 10k items, plaid above).",
+    ),
+    backend_option: list[str] = typer.Option(
+        [],
+        "--backend-option",
+        help="KEY=VALUE option of a new index's backend, repeatable; values read as JSON "
+        "where they parse (e.g. uri=http://localhost:19530 for milvus, nprobe=64 for ivfpq).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
     wait: float = typer.Option(10.0, help="Seconds to wait if another writer has OUT open."),
@@ -113,7 +135,12 @@ def index(
         spec = load_reranker(reranker).spec if token_features or reranker else None
         with status(f"Loading encoder {model}..."):
             retriever = Retriever.create(
-                out, model=model, backend=backend, refiner=refiner, token_features=spec
+                out,
+                model=model,
+                backend=backend,
+                backend_options=parse_options(backend_option),
+                refiner=refiner,
+                token_features=spec,
             )
     with retriever:
         result = retriever.add(items, report=report, show_progress=True, total=len(items))

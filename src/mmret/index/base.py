@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,9 @@ from mmret.errors import InputError
 from mmret.registry import Registry
 
 #: Full-precision vectors by key: ``(N,)`` keys in, ``(M,)`` keys found and ``(M, dim)`` out.
-VectorReader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+#: Reads the full-precision ``(M, dim)`` vectors of ``(M,)`` keys, in their order, from the
+#: item store (for backends that re-score compressed candidates exactly).
+VectorSource = Callable[[np.ndarray], np.ndarray]
 
 
 class VectorIndex(ABC):
@@ -31,10 +33,6 @@ class VectorIndex(ABC):
     multi_vector = False
     #: Set by :meth:`load` when the cache it read is in an older layout: a writer saves it anew.
     cache_outdated = False
-    #: Set by the engine: reads the full-precision vectors of some keys from the item store
-    #: (``(M,)`` keys found, ``(M, dim)`` vectors), for backends that re-score their best
-    #: candidates exactly; called inside the search's store snapshot.
-    vector_reader: VectorReader | None = None
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
@@ -73,6 +71,23 @@ class VectorIndex(ABC):
     @abstractmethod
     def config(self) -> dict[str, Any]:
         """The options this backend was created with (stored in the index manifest)."""
+
+    def use_stored_vectors(self, source: VectorSource) -> None:  # noqa: B027
+        """Give a backend that re-scores compressed candidates exactly a way to read their full
+        vectors: ``source`` maps ``(M,)`` keys to their ``(M, dim)`` stored vectors (the item
+        store's rows, read inside the search's snapshot). Backends keeping full vectors
+        themselves ignore it."""
+
+    def build(self, chunks: Iterable[tuple[np.ndarray, np.ndarray]], total: int) -> None:
+        """Add a whole collection given as chunks of ``(N,)`` keys and ``(N, dim)`` vectors,
+        ``total`` rows in all. Here: joined and added at once (a backend choosing its structure
+        by size sees the whole); backends that train on a sample stream the chunks instead."""
+        parts = list(chunks)
+        if parts:
+            self.add(
+                np.concatenate([keys for keys, _ in parts]),
+                np.concatenate([vectors for _, vectors in parts]),
+            )
 
     def save(self, folder: Path, epoch: str, generation: int) -> None:  # noqa: B027
         """Persist a cache of the structure as of the store's ``generation`` (default: none)."""
@@ -213,6 +228,10 @@ INDEXES: Registry[Callable[..., VectorIndex]] = Registry("index backend")
 
 #: ``backend="auto"`` searches exactly below this many items and with FAISS from here on.
 AUTO_FAISS_FROM = 100_000
+#: ... and with ``ivfpq`` once the float32 vectors would take this many bytes (4M items at
+#: 256-d, 2M at 512-d): HNSW keeps every vector and its graph in memory, ``ivfpq`` keeps 1/32
+#: of them as codes, memory-mapped (benchmarks/large_collection.py).
+AUTO_IVFPQ_FROM_BYTES = 4 << 30
 #: For multi-vector models, ``"auto"`` is exact MaxSim below this many items and ``plaid``
 #: from here on (benchmarks/multivector.py: plaid answered 6.9x faster than brute force at
 #: 6,000 documents of 49 x 128 tokens and 57x at 100,000 of 32 x 128, recall@10 0.87-0.94;
@@ -234,6 +253,8 @@ def new_backend(
             resolved = "plaid" if count >= AUTO_PLAID_FROM else "maxsim"
         else:
             resolved = "faiss" if count >= AUTO_FAISS_FROM else "exact"
+            if count * dim * 4 >= AUTO_IVFPQ_FROM_BYTES:
+                resolved = "ivfpq"
     factory = INDEXES.get(resolved)
     multi_vector = bool(getattr(factory, "multi_vector", False))
     if multi_vector != (token_dim is not None):

@@ -114,9 +114,13 @@ class FaissIndex(VectorIndex):
         if self._index is None:
             self._index = self._new_index(vectors)
         self._own()
-        self._index.add(vectors)
+        self._add_rows(vectors)
         self._keys.append(keys)
         self._alive.append(np.ones(len(keys), dtype=np.bool_))
+
+    def _add_rows(self, vectors: np.ndarray) -> None:
+        """Add vectors to the structure as the next row positions (FAISS numbers them)."""
+        self._index.add(vectors)
 
     def remove(self, keys: np.ndarray) -> None:
         rows = rows_of(self._keys.view, np.asarray(keys, dtype=np.int64))
@@ -138,11 +142,19 @@ class FaissIndex(VectorIndex):
             len(rows), len(self), up_to=self.exact_below, below_share=_DIRECT_BELOW_SHARE
         ):
             return top_k(inner_products(queries, self._vectors_at(rows)), all_keys[rows], k)
-        params = self._search_parameters(k, rows)
-        scores, positions = self._index.search(queries, k, params=params)
+        scores, positions = self._search_structure(queries, k, rows)
         found = positions >= 0
         out_keys = np.where(found, all_keys[np.maximum(positions, 0)], -1)
         return np.where(found, scores, -np.inf).astype(np.float32), out_keys
+
+    def _search_structure(
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(Q, k)`` scores and row positions (-1: none) from the FAISS structure, restricted
+        to ``rows`` when given."""
+        params = self._search_parameters(k, rows)
+        scores, positions = self._index.search(queries, k, params=params)
+        return scores, positions
 
     def _vectors_at(self, rows: np.ndarray) -> np.ndarray:
         """``(len(rows), dim)`` stored vectors: gathered straight from HNSW's flat storage (a
@@ -181,8 +193,7 @@ class FaissIndex(VectorIndex):
             index = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = self.ef_construction
             return index
-        # About 4 sqrt(N) lists, each trained on at least 39 points as FAISS recommends.
-        nlist = max(1, min(int(4 * math.sqrt(len(first))), len(first) // 39))
+        nlist = list_count(len(first))
         quantizer = faiss.IndexFlatIP(self.dim)
         index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
         sample = first[np.random.default_rng(0).permutation(len(first))[: 256 * nlist]]
@@ -204,7 +215,7 @@ class FaissIndex(VectorIndex):
         index = self._index
         if index is None:
             return
-        CacheFiles(folder, "faiss", "index").save(
+        CacheFiles(folder, self.name, "index").save(
             epoch,
             generation,
             lambda path: faiss.write_index(index, str(path)),
@@ -212,13 +223,13 @@ class FaissIndex(VectorIndex):
         )
 
     def cache_files(self, folder: Path) -> list[Path]:
-        return CacheFiles(folder, "faiss", "index").files()
+        return CacheFiles(folder, self.name, "index").files()
 
     def load(self, folder: Path, epoch: str) -> int | None:
         """Memory-maps the cached structure: opening reads the graph and the keys, and the
         vectors' pages are read as searches touch them."""
         try:
-            cache, mapped = CacheFiles(folder, "faiss", "index").load(epoch, _map_index)
+            cache, mapped = CacheFiles(folder, self.name, "index").load(epoch, _map_index)
             if cache.data is None:  # written by mmret 0.x before data files: all in the record
                 index, raw = faiss.deserialize_index(cache.arrays["index"]), None
             else:
@@ -226,7 +237,7 @@ class FaissIndex(VectorIndex):
             keys, alive = cache.arrays["keys"], cache.arrays["alive"]
         except (CacheMissingError, KeyError, RuntimeError):
             return None  # a damaged cache is only a cache: the caller rebuilds from the store
-        if index.d != self.dim or index.ntotal != len(keys) or len(alive) != len(keys):
+        if index.d != self.dim or len(alive) != len(keys) or not self._accepts(index, cache.arrays):
             return None
         self._index, self._mapped = index, raw
         self.cache_outdated = raw is None
@@ -234,11 +245,22 @@ class FaissIndex(VectorIndex):
         self._dead = int((~alive).sum())
         return cache.generation
 
+    def _accepts(self, index: Any, arrays: dict[str, np.ndarray]) -> bool:
+        """Whether a loaded structure fits its record: one entry per row, dead ones too (HNSW
+        cannot delete). Subclasses also take here what else they saved in the record."""
+        return bool(index.ntotal == len(arrays["alive"]))
+
     def _own(self) -> None:
         """A memory-mapped structure cannot grow (FAISS aborts): the first add copies it."""
         if self._mapped is not None:
             self._index = faiss.deserialize_index(self._mapped)
             self._mapped = None
+
+
+def list_count(n: int, per_root: float = 4.0) -> int:
+    """Inverted lists for ``n`` vectors: about ``per_root * sqrt(n)``, each trained on at least
+    39 points as FAISS recommends."""
+    return max(1, min(int(per_root * math.sqrt(n)), n // 39))
 
 
 def _map_index(path: Path) -> tuple[np.ndarray, Any]:

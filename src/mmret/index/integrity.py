@@ -182,6 +182,7 @@ def _check_backend(
     except (TypeError, MmretError) as error:
         report.problem("manifest", f"{folder / MANIFEST_FILE}: unusable backend ({error})")
         return
+    backend.use_stored_vectors(store.vectors_at)
     if backend.load(folder, store.epoch) == store.generation:
         if len(backend) != report.items:
             report.problem(

@@ -15,7 +15,7 @@ A query is answered in four stages, each on fewer documents:
 3. **decompressed**: those documents' tokens are decompressed (centroid + decoded residual)
    and scored by :func:`mmret.late_interaction.maxsim`;
 4. **exact**: the best ``refine * k`` of them are re-scored by MaxSim on their full-precision
-   vectors, read just in time from the item store (:attr:`VectorIndex.vector_reader`, set by
+   vectors, read just in time from the item store (:meth:`VectorIndex.use_stored_vectors`, called by
    the engine; never held in memory), and the best ``k`` returned. Without a store (a bare
    index) or with ``refine=0``, stage 3's best ``k`` are returned.
 
@@ -42,6 +42,7 @@ from mmret.index.base import (
     INDEXES,
     GrowableArray,
     VectorIndex,
+    VectorSource,
     check_vectors,
     live_rows,
     rows_of,
@@ -123,6 +124,10 @@ class PlaidIndex(VectorIndex):
         new_codec(self.codec, self.token_dim)  # a bad codec string fails here, not at training
         self._trained: _Trained | None = None
         self._retry_from = 0  # after a failed training: the document count to try again at
+        self._stored: VectorSource | None = None
+
+    def use_stored_vectors(self, source: VectorSource) -> None:
+        self._stored = source
 
     def config(self) -> dict[str, Any]:
         return {
@@ -247,7 +252,7 @@ class PlaidIndex(VectorIndex):
 
     @property
     def _refining(self) -> bool:
-        return self.refine > 0 and self.vector_reader is not None
+        return self.refine > 0 and self._stored is not None
 
     def _exact(
         self, query: np.ndarray, scores: np.ndarray, keys: np.ndarray, k: int
@@ -258,11 +263,10 @@ class PlaidIndex(VectorIndex):
         if not self._refining or not len(keys):
             best_scores, best_keys = top_k(scores[None], keys, k)
             return best_scores[0], best_keys[0]
-        assert self.vector_reader is not None
-        kept = _best_rows(scores, self.refine * k)
-        found, vectors = self.vector_reader(keys[kept])
-        exact = maxsim(query[None], vectors, self.token_dim)
-        best_scores, best_keys = top_k(exact, found, k)
+        assert self._stored is not None
+        kept = keys[_best_rows(scores, self.refine * k)]
+        exact = maxsim(query[None], self._stored(kept), self.token_dim)
+        best_scores, best_keys = top_k(exact, kept, k)
         return best_scores[0], best_keys[0]
 
     def _survivors(

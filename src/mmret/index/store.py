@@ -29,7 +29,7 @@ import json
 import os
 import secrets
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -373,19 +373,6 @@ class ItemStore:
         """The ``(dim,)`` stored vector of each of ``ids`` that is present."""
         return {id_: vector for id_, (_, vector) in self.lookup(ids).items()}
 
-    def vectors_by_key(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The stored ``(M, dim)`` vectors of those of ``(N,)`` ``keys`` present, with their
-        ``(M,)`` keys (in no particular order): read just in time for a backend's exact
-        re-scoring, inside the caller's snapshot."""
-        rows: list[Any] = []
-        with self.snapshot():
-            for chunk in _chunks([int(key) for key in keys]):
-                query = (
-                    f"SELECT key, vector FROM vectors WHERE key IN ({','.join('?' * len(chunk))})"
-                )
-                rows += self._db.execute(query, list(chunk)).fetchall()
-        return self._unpack(rows)
-
     def filter_keys(self, filter_: Filter) -> np.ndarray:
         """Sorted keys of the items whose metadata satisfies ``filter_``."""
         where, params = to_sql(filter_)
@@ -400,6 +387,45 @@ class ItemStore:
             if len(rows) != len(self):
                 raise IndexFormatError(f"{self.path}: items and vectors do not match")
         return self._unpack(rows)
+
+    def vector_chunks(self, size: int = 1 << 18) -> Generator[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`vectors` a chunk of at most ``size`` rows at a time, ascending, one snapshot
+        (a collection larger than memory is never all read at once)."""
+        with self.snapshot():
+            if (count := self._db.execute("SELECT count(*) FROM vectors").fetchone()[0]) != len(
+                self
+            ):
+                raise IndexFormatError(f"{self.path}: items and vectors do not match ({count})")
+            after = -1
+            while True:
+                rows = self._db.execute(
+                    "SELECT key, vector FROM vectors WHERE key > ? ORDER BY key LIMIT ?",
+                    (after, size),
+                ).fetchall()
+                if not rows:
+                    return
+                after = rows[-1][0]
+                yield self._unpack(rows)
+
+    def vectors_at(self, keys: np.ndarray) -> np.ndarray:
+        """The ``(M, dim)`` stored vectors of ``(M,)`` keys, in their order: only those rows are
+        read (exact re-scoring of compressed candidates). Call inside a :meth:`snapshot` that
+        the keys came from; a missing key is damage."""
+        wanted = [int(key) for key in keys]
+        found: dict[int, bytes] = {}
+        with self._errors():
+            for chunk in _chunks(wanted):
+                query = (
+                    f"SELECT key, vector FROM vectors WHERE key IN ({','.join('?' * len(chunk))})"
+                )
+                found.update(self._db.execute(query, chunk).fetchall())
+        if len(found) != len(set(wanted)):
+            missing = sorted(set(wanted) - set(found))[:3]
+            raise IndexFormatError(f"{self.path}: no stored vector for keys {missing} (run check)")
+        blob = b"".join(found[key] for key in wanted)
+        if len(blob) != len(wanted) * self.dim * 4:
+            raise IndexFormatError(f"{self.path}: stored vectors do not have {self.dim} dimensions")
+        return np.frombuffer(blob, dtype=np.float32).reshape(len(wanted), self.dim)
 
     def changes_since(
         self, generation: int, last_key: int
