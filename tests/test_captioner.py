@@ -13,7 +13,13 @@ import torch
 from mmret import Retriever, read_items
 from mmret.encoders.hashing import HashEncoder
 from mmret.errors import InputError
-from mmret.generation.captioner import RetrievalCaptioner, Sample, assemble, generate
+from mmret.generation.captioner import (
+    RetrievalCaptioner,
+    Sample,
+    assemble,
+    generate,
+    repeated_trigrams,
+)
 from mmret.generation.vocabulary import BOS, EOS, SEP, UNK, Vocabulary
 from mmret.heads.captioner import (
     CAPTION,
@@ -106,6 +112,11 @@ def test_cached_steps_match_the_full_forward_pass() -> None:
         full = model(assemble(whole, 4, left_pad=True))  # ends ... <bos> 9 10 <eos>
     torch.testing.assert_close(first, full[:, -3], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(second, full[:, -2], atol=1e-5, rtol=1e-4)
+
+
+def test_a_trigram_is_never_written_twice() -> None:
+    written = torch.tensor([[BOS, 5, 6, 7, 5, 6], [BOS, 5, 6, 7, 8, 9]])
+    assert repeated_trigrams(written) == [(0, 7)]
 
 
 def test_the_decoder_is_causal() -> None:

@@ -84,10 +84,23 @@ def assemble(samples: Sequence[Sample], prefix: int, *, left_pad: bool) -> Decod
     return DecoderInput(kinds_t, tokens_t, rows_t, stacked)
 
 
+def repeated_trigrams(written: torch.Tensor) -> list[tuple[int, int]]:
+    """``(row, word)`` pairs such that writing ``word`` next in row ``row`` of ``written``
+    (``(R, T)`` word ids so far) would repeat a trigram already in that row."""
+    banned = []
+    for row, words in enumerate(written.tolist()):
+        last = tuple(words[-2:])
+        for i in range(len(words) - 2):
+            if tuple(words[i : i + 2]) == last:
+                banned.append((row, words[i + 2]))
+    return banned
+
+
 def generate(model: CaptionDecoder, samples: Sequence[Sample], beam: int = 1) -> list[list[int]]:
     """Captions (word ids, without ``<bos>``/``<eos>``) for ``samples`` by beam search
     (``beam=1``: greedy); a finished beam is ranked by its mean word log-probability.
-    ``<unk>`` and the word just written are never written."""
+    ``<unk>``, the word just written and a word that would repeat a trigram are never
+    written (small decoders otherwise loop: "a blue shirt and a blue shirt and ...")."""
     if not samples:
         return []
     count, vocab = len(samples), model.config.vocab_size
@@ -104,6 +117,8 @@ def generate(model: CaptionDecoder, samples: Sequence[Sample], beam: int = 1) ->
             logp = torch.log_softmax(model.logits(last).float(), dim=-1)
             logp[:, UNK] = -torch.inf
             logp[torch.arange(len(logp)), written[:, -1]] = -torch.inf
+            for row, word in repeated_trigrams(written):
+                logp[row, word] = -torch.inf
             if written.shape[1] == 1:
                 logp[:, EOS] = -torch.inf  # no empty captions
             logp[done] = torch.where(torch.arange(vocab) == EOS, 0.0, -torch.inf)
