@@ -35,9 +35,17 @@ KILL_POINTS = int(os.environ.get("MMRET_KILL_POINTS", "100"))
 BACKENDS: dict[str, dict[str, object]] = {
     "exact": {},
     "faiss": {"exact_below": 0, "hnsw_m": 8},
-    # Trained from 256 items (the least its codebooks take; 6 lists, every one probed), so
-    # kills land while it trains, writes its memory-mapped codes and deletes from its lists.
-    "ivfpq": {"train_from": 256, "pq": 4, "exact_below": 0, "rescore": 1_000_000},
+    # Trained from 256 items (the least its codebooks take), so kills land while it trains,
+    # writes its memory-mapped codes and deletes from its lists. It retrains with more lists
+    # as it grows (128 past 16,000 items, which an idle machine writes in one run): every
+    # list is probed and every candidate re-scored, so a search for everything finds it all.
+    "ivfpq": {
+        "train_from": 256,
+        "pq": 4,
+        "exact_below": 0,
+        "nprobe": 1_000_000,
+        "rescore": 1_000_000,
+    },
     "maxsim": {},
     # Clustered from 64 documents on, and searched through its stages whatever the size, so
     # kills land while it trains, compresses and rewrites its cache. Its 4 centroids (from 64
