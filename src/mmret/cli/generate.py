@@ -73,10 +73,8 @@ def _policy(
     temperature: float,
     seed: int,
 ) -> ContextPolicy:
-    if modality not in MODALITIES:
-        raise InputError(f"--modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
     return ContextPolicy(
-        k, max(candidates, k), modality, bonus, diversity, duplicate, temperature, seed
+        k, max(candidates, k), _modality(modality), bonus, diversity, duplicate, temperature, seed
     )
 
 
