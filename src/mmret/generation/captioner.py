@@ -21,7 +21,7 @@ from mmret._progress import progress
 from mmret.engine import Retriever
 from mmret.errors import InputError
 from mmret.generation.consensus import Caption
-from mmret.generation.context import Context, retrieve_context
+from mmret.generation.context import Context, retrieve_with_vectors
 from mmret.generation.policy import ContextPolicy
 from mmret.generation.vocabulary import BOS, EOS, SEP, UNK, Vocabulary
 from mmret.heads.captioner import (
@@ -222,9 +222,11 @@ class RetrievalCaptioner:
                 images[start : start + _BATCH], query_vectors[start : start + _BATCH], strict=True
             ):
                 context = Context(None, None, ())
+                stored: dict[str, np.ndarray] = {}
                 if memory is not None and self.uses_retrieval:
-                    context = retrieve_context(memory, Query(image=image), policy, vector=vector)
-                stored = memory.stored_vectors(context.ids) if memory is not None else {}
+                    context, stored = retrieve_with_vectors(
+                        memory, Query(image=image), policy, vector=vector
+                    )
                 samples.append(self.sample(vector, context, stored, view))
                 contexts.append(context)
             written = generate(self.model, samples, beam)

@@ -100,6 +100,19 @@ def retrieve_context(
 
     A document holding the query's own image file is never selected, whatever its score.
     """
+    return retrieve_with_vectors(retriever, query, policy, filter=filter, vector=vector)[0]
+
+
+def retrieve_with_vectors(
+    retriever: Retriever,
+    query: Query,
+    policy: ContextPolicy | None = None,
+    *,
+    filter: Filter | None = None,
+    vector: np.ndarray | None = None,
+) -> tuple[Context, dict[str, np.ndarray]]:
+    """:func:`retrieve_context` and the stored vector of each selected document (read once,
+    for the selection, rather than again by a generator that reads them)."""
     policy = policy or ContextPolicy()
     if vector is None:
         vector = retriever.encoder.encode([query])[0]
@@ -116,7 +129,8 @@ def retrieve_context(
         retriever.encoder.token_dim,
     )
     image = str(query.image) if isinstance(query.image, str | Path) else None
-    return Context(query.text, image, tuple(Document.of(hit) for hit in chosen))
+    context = Context(query.text, image, tuple(Document.of(hit) for hit in chosen))
+    return context, {hit.id: stored[hit.id] for hit in chosen}
 
 
 def _stack(vectors: list[np.ndarray], dim: int) -> np.ndarray:
