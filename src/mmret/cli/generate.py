@@ -224,10 +224,11 @@ def _captions(
         beam=beam,
         show_progress=len(images) > 1,
     )
+    name = "the shipped decoder" if model == "decoder" else f"decoder {model}"
     if not captioner.uses_retrieval:
-        return made, f"decoder {model} without retrieval beam={beam}"
+        return made, f"{name} without retrieval beam={beam}"
     return made, (
-        f"decoder {model} k={policy.k} modality={policy.modality} "
+        f"{name} k={policy.k} modality={policy.modality} "
         f"diversity={policy.diversity} read={view} beam={beam}"
     )
 
