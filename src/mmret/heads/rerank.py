@@ -15,10 +15,11 @@ one text layer; an image+text side has both. The model holds
 In the **joint** model (MMT's "one model, two ways of using it") the cross-encoder's token
 embedding *is* the bi-encoder projection's linear map applied to each token (so the bi-encoder's
 linear part is exactly the mean of the cross-encoder's token embeddings), and the match score
-adds the bi-encoder's cosine with a learnt weight: reranking starts from the first stage's
-judgement and learns what it misses. A separate model (``joint=False``, the ablation) gives the
-cross-encoder its own token embedding and no cosine term. Sides are told apart by nothing but
-their tokens (modality embeddings only), so a score does not depend on which side asked.
+adds the bi-encoder's cosine with a weight set on dev data: the cross-encoder is trained on its
+own score and the first stage's judgement is interpolated with it. A separate model
+(``joint=False``, the ablation) gives the cross-encoder its own token embedding and no cosine
+term. Sides are told apart by nothing but their tokens (modality embeddings only), so a score
+does not depend on which side asked.
 """
 
 from __future__ import annotations
@@ -157,8 +158,11 @@ class CrossEncoder(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.width)
         self.out = nn.Linear(config.width, 1)
-        # Weight of the bi-encoder's cosine in the match score (joint model only).
-        self.cosine_weight = nn.Parameter(torch.tensor(15.0), requires_grad=config.joint)
+        # Weight of the bi-encoder's cosine in the match score (joint model only). It is not
+        # learnt with the cross-encoder: on training pairs the bi-encoder, fitted to the same
+        # pairs, is over-confident, and a learnt weight leans on it; training sets it on dev
+        # (see mmret.training.rerank.calibrate_cosine_weight).
+        self.cosine_weight = nn.Parameter(torch.tensor(15.0), requires_grad=False)
         # Weight of the token-level late interaction in the match score.
         self.token_weight = nn.Parameter(torch.tensor(5.0))
 
@@ -203,7 +207,17 @@ class CrossEncoder(nn.Module):
 
     def forward(self, query: SideTokens, candidate: SideTokens) -> torch.Tensor:
         """``(B,)`` match scores of ``B`` query-candidate pairs (a query side of one input is
-        paired with every candidate)."""
+        paired with every candidate): the cross-encoder's score, plus in the joint model the
+        bi-encoder's cosine times ``cosine_weight``."""
+        score = self.cross_score(query, candidate)
+        if self.config.joint:
+            cosine = (self.embed(query) * self.embed(candidate)).sum(dim=-1)  # (1 or B) x B
+            score = score + self.cosine_weight * cosine
+        return score
+
+    def cross_score(self, query: SideTokens, candidate: SideTokens) -> torch.Tensor:
+        """``(B,)`` the cross-encoder's own scores of the pairs (as :meth:`forward`, without
+        the bi-encoder's cosine): the CLS read-out plus the weighted token interaction."""
         batch = len(candidate)
         if len(query) not in (1, batch):
             raise InputError(f"{len(query)} queries for {batch} candidates")
@@ -218,11 +232,7 @@ class CrossEncoder(nn.Module):
         mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool), *(m for _, m in parts)], dim=1)
         hidden = self.encoder(tokens, src_key_padding_mask=~mask)
         score: torch.Tensor = self.out(self.norm(hidden[:, 0])).squeeze(-1)
-        score = score + self.token_weight * token_interaction(*embedded[0][:2], *embedded[1][:2])
-        if self.config.joint:
-            cosine = (self.embed(query) * self.embed(candidate)).sum(dim=-1)  # (1 or B) x B
-            score = score + self.cosine_weight * cosine
-        return score
+        return score + self.token_weight * token_interaction(*embedded[0][:2], *embedded[1][:2])
 
     def _embedded_tokens(self, side: SideTokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A side's image grid and text tokens in the ``embed_dim`` space, one sequence
