@@ -101,7 +101,7 @@ def index(
         "auto",
         help="auto, exact, faiss, ivfpq, milvus, maxsim or plaid (auto: exact below 100k "
         "items, faiss above, ivfpq once the float32 vectors pass 4 GiB; for multi-vector "
-        "models maxsim below 10k items, plaid above).",
+        "models maxsim below 10k items, plaid above; milvus takes either kind of model).",
     ),
     backend_option: list[str] = typer.Option(
         [],

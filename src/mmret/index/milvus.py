@@ -66,6 +66,7 @@ class MilvusIndex(VectorIndex):
     """
 
     name = "milvus"
+    multi_vector_twin = "milvus-maxsim"  # late interaction: mmret.index.milvus_maxsim
 
     def __init__(
         self,
@@ -102,24 +103,31 @@ class MilvusIndex(VectorIndex):
         if exists and fresh:
             self._db.drop_collection(collection)
         if not exists or fresh:
-            from pymilvus import DataType
-
-            schema = self._db.create_schema(auto_id=False)
-            schema.add_field("key", DataType.INT64, is_primary=True)
-            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
-            index = self._db.prepare_index_params()
-            index.add_index(
-                "vector", index_type=self.index_type, metric_type="IP", params=self.index_params
-            )
-            # Strong consistency: a search sees every write that returned before it.
-            self._db.create_collection(
-                collection, schema=schema, index_params=index, consistency_level="Strong"
-            )
+            self._create(collection)
             self._count, self._last = 0, -1
         else:
             self._db.load_collection(collection)
             keys = self.stored_keys()
             self._count, self._last = len(keys), int(keys[-1]) if len(keys) else -1
+
+    def _create(self, collection: str) -> None:
+        from pymilvus import DataType
+
+        schema = self._db.create_schema(auto_id=False)
+        self._add_fields(schema, DataType)
+        index = self._db.prepare_index_params()
+        index.add_index(
+            "vector", index_type=self.index_type, metric_type="IP", params=self.index_params
+        )
+        # Strong consistency: a search sees every write that returned before it.
+        self._db.create_collection(
+            collection, schema=schema, index_params=index, consistency_level="Strong"
+        )
+
+    def _add_fields(self, schema: Any, types: Any) -> None:
+        """The collection's fields: one ``(key, vector)`` row per item."""
+        schema.add_field("key", types.INT64, is_primary=True)
+        schema.add_field("vector", types.FLOAT_VECTOR, dim=self.dim)
 
     def _ready(self) -> Any:
         """The client, opening a private Milvus Lite database for an instance used alone."""
