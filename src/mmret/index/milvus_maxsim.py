@@ -16,8 +16,8 @@ search over many vectors, and mmret does the rest, as ColBERT's first stage does
    token's ``token_k`` nearest can be missed.
 
 A filter allowing at most ``exact_below`` items skips the token search: those items are scored
-directly (exact). Persistence, catching up and rebuilding are :class:`MilvusIndex`'s.
-``backend="milvus"`` picks this class for a multi-vector model.
+directly (exact). Adding, removal, persistence, catching up and rebuilding are
+:class:`MilvusIndex`'s. ``backend="milvus"`` picks this class for a multi-vector model.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from mmret.errors import InputError
-from mmret.index.base import INDEXES, VectorSource, check_vectors, top_k
-from mmret.index.milvus import _INSERT_BATCH, _KEY_BATCH, _MAX_LIMIT, MilvusIndex
+from mmret.index.base import INDEXES, VectorSource, top_k
+from mmret.index.milvus import _KEY_BATCH, _MAX_LIMIT, MilvusIndex
 from mmret.late_interaction import as_tokens, maxsim
 
 
@@ -82,61 +82,29 @@ class MilvusMaxSimIndex(MilvusIndex):
         schema.add_field("key", types.INT64)
         schema.add_field("vector", types.FLOAT_VECTOR, dim=self.token_dim)
 
-    def stored_keys(self) -> np.ndarray:
-        if self._db is None:
-            return np.empty(0, dtype=np.int64)
-        rows = self._db.query(self._collection, filter="row >= 0", output_fields=["key"])
-        return np.unique(np.asarray([row["key"] for row in rows], dtype=np.int64))
+    @property
+    def _rows_per_item(self) -> int:
+        return self.tokens
 
-    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        keys = np.asarray(keys, dtype=np.int64)
-        check_vectors(self, keys, vectors, self.last_key)
-        if not len(keys):
-            return
-        db = self._ready()
-        tokens = as_tokens(np.asarray(vectors, dtype=np.float32), self.token_dim)
-        per_batch = max(1, _INSERT_BATCH // self.tokens)
-        for start in range(0, len(keys), per_batch):  # ascending: a prefix if interrupted
-            batch_keys = keys[start : start + per_batch]
-            rows = [
-                {"row": key * self.tokens + position, "key": key, "vector": token}
-                for key, token_set in zip(
-                    batch_keys.tolist(), tokens[start : start + per_batch].tolist(), strict=True
-                )
-                for position, token in enumerate(token_set)
-            ]
-            db.insert(self._collection, rows)
-        self._count += len(keys)
-        self._last = int(keys[-1])
+    def _rows(self, keys: np.ndarray, vectors: np.ndarray) -> list[dict[str, Any]]:
+        tokens = as_tokens(vectors, self.token_dim).tolist()
+        return [
+            {"row": key * self.tokens + position, "key": key, "vector": token}
+            for key, token_set in zip(keys.tolist(), tokens, strict=True)
+            for position, token in enumerate(token_set)
+        ]
 
-    def remove(self, keys: np.ndarray) -> None:
-        if self._db is None or not len(keys):
-            return
-        for start in range(0, len(keys), _KEY_BATCH):
-            wanted = np.asarray(keys[start : start + _KEY_BATCH], dtype=np.int64).tolist()
-            where = f"key in {wanted}"
-            present = self._db.query(self._collection, filter=where, output_fields=["key"])
-            gone = {row["key"] for row in present}
-            if gone:
-                self._db.delete(self._collection, filter=where)
-                self._count -= len(gone)
-
-    def search(
-        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+    def _search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None,
+        empty: tuple[np.ndarray, np.ndarray],
     ) -> tuple[np.ndarray, np.ndarray]:
-        queries = self._check(queries, k)
-        empty = top_k(np.zeros((len(queries), 0), np.float32), np.empty(0, np.int64), k)
-        if self._db is None or not self._count or not len(queries):
-            return empty
         where = ""
         if allowed is not None:
-            allowed = np.asarray(allowed, dtype=np.int64)
-            allowed = allowed[allowed <= self._last]  # keys a writer added after this view
-            if not len(allowed):
-                return empty
             if len(allowed) <= self.exact_below:
-                scores, keys = self._maxsim(queries, allowed)
-                return top_k(scores, keys, k)
+                return top_k(*self._maxsim(queries, allowed), k)
             where = f"key in {allowed.tolist()}"
         candidates = self._candidates(queries, where, k)
         scores, found = empty[0].copy(), empty[1].copy()
