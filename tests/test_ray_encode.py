@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmret import Retriever, read_items
+from mmret import InputError, Retriever, read_items
 from mmret.index.integrity import check_index
-from mmret.ingest.ray_encode import add_with_ray
+from mmret.ingest.ray_encode import add_with_ray, check_reachable
 from mmret.ingest.shards import plan_shards, shard_path
 
 from .cli import run
@@ -167,6 +168,22 @@ def test_without_ray_the_error_says_how_to_install_it(
     monkeypatch.setitem(sys.modules, "ray", None)
     out = run("index", source, "--out", tmp_path / "x.mmret", "--ray", "local", code=1)
     assert "pip install 'mmret[ray]'" in out
+
+
+def test_an_address_nothing_answers_at_fails_at_once() -> None:
+    """Checked before ``ray.init``, which would retry for minutes."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(InputError, match="no Ray cluster answers at"):
+            check_reachable(address)
+
+
+def test_ray_refuses_what_only_the_index_process_computes(source: Path, tmp_path: Path) -> None:
+    out = run("index", source, "--out", tmp_path / "x.mmret", "--ray", "local",
+              "--token-features", code=1)  # fmt: skip
+    assert "--ray cannot be combined" in out and not (tmp_path / "x.mmret").exists()
 
 
 @pytest.mark.slow

@@ -151,6 +151,8 @@ def index(
     else:
         check_shard_size(shard_size)
         read_items(source)  # a missing source fails before anything is created
+        if memory is not None or token_features or reranker is not None:
+            raise InputError("--ray cannot be combined with --memory or --token-features")
     refiner = open_refiner(memory, fusion, memory_k, memory_search)
     if (out / MANIFEST_FILE).exists():
         retriever = Retriever.open(out, wait=wait, refiner=refiner)

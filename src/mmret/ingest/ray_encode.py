@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -96,6 +97,8 @@ def _cluster(address: str | None) -> Iterator[Any]:
     ray = _ray()
     started = False
     if not ray.is_initialized():
+        if address and address != "auto":
+            check_reachable(address)
         try:
             ray.init(
                 address=address or None,
@@ -119,6 +122,18 @@ def _cluster(address: str | None) -> Iterator[Any]:
         data_logger.setLevel(level)
         if started:
             ray.shutdown()
+
+
+def check_reachable(address: str) -> None:
+    """Fail at once when nothing answers at a ``HOST:PORT`` or ``ray://HOST:PORT`` address
+    (Ray itself retries for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # not a form checked here: Ray reads it
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise InputError(f"no Ray cluster answers at {address} ({error})") from None
 
 
 def encode_shards(
