@@ -107,6 +107,18 @@ def test_ray_run_gives_the_single_process_index(
     assert check_index(tmp_path / "ray.mmret").ok
 
 
+def test_a_folder_source_with_captions_and_subfolders(
+    cluster: str, photo_folder: Path, tmp_path: Path
+) -> None:
+    with (
+        single_process(photo_folder, tmp_path / "one.mmret", "hash:32") as reference,
+        Retriever.create(tmp_path / "ray.mmret", model="hash:32") as ours,
+    ):
+        assert add_with_ray(ours, photo_folder, shard_size=SHARD).added == 5
+        assert_same_index(ours, reference)
+        assert ours.get(["more/grey"])["more/grey"].metadata == {"folder": "more"}
+
+
 def test_interrupted_run_resumes_from_its_finished_shards(
     cluster: str, source: Path, tmp_path: Path
 ) -> None:
