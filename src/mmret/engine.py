@@ -350,10 +350,10 @@ class Retriever:
         shards of :mod:`mmret.ingest.ray_encode`), as they are: like :meth:`add`, ids already
         present are skipped into ``report``. Returns how many were stored."""
         self._writable()
-        if self.token_spec is not None:
+        if self.token_spec is not None or self.refiner is not None:
             raise InputError(
-                f"{self.folder} stores token features for reranking, which are computed "
-                "while adding; add its items with add()"
+                f"{self.folder} refines its embeddings with a memory or stores token features "
+                "for reranking, which are computed while adding; add its items with add()"
             )
         stored = [StoredItem(i.id, i.text, i.image_path, dict(i.metadata)) for i in items]
         return self._store_encoded(stored, np.asarray(vectors, dtype=np.float32), report, None)
