@@ -16,5 +16,5 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c requ
 # PyTorch first, pinned: an unpinned torch pulls a multi-GB CUDA build. Elsewhere, set
 # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu to get the small CPU build.
 "${pip[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch
-"${pip[@]}" -e ".[dev,caption,serve,milvus]"
+"${pip[@]}" -e ".[dev,caption,serve,milvus,ray]"
 echo "$wanted" > "$stamp"

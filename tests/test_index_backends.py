@@ -15,6 +15,7 @@ from mmret.index.faiss_ann import FaissIndex
 from mmret.index.ivfpq import IvfPqIndex
 from mmret.index.maxsim import MaxSimIndex
 from mmret.index.milvus import MilvusIndex
+from mmret.index.milvus_maxsim import MilvusMaxSimIndex
 from mmret.index.plaid import PlaidIndex
 from mmret.late_interaction import normalise_tokens, similarity
 
@@ -44,6 +45,8 @@ try:  # an optional extra: pip install 'mmret[milvus]'
     import pymilvus  # noqa: F401
 
     BACKENDS["milvus"] = lambda: MilvusIndex(DIM)  # Milvus Lite, in a private temporary folder
+    # Late interaction: tokens as rows; exact_below=0 sends every filter through token search.
+    BACKENDS["milvus-maxsim"] = lambda: MilvusMaxSimIndex(TOKENS * DIM, DIM, exact_below=0)
 except ImportError:
     pass
 #: Backends that store compressed vectors: their scores are close to exact, not equal.

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from mmret import Item, Retriever
-from mmret.encoders.hashing import HashEncoder
+from mmret.encoders.hashing import HashEncoder, TokenHashEncoder
 from mmret.index.integrity import check_index, repair_index
+from mmret.late_interaction import normalise_tokens
 
 pytest.importorskip("pymilvus")
 
@@ -51,3 +52,31 @@ def test_an_index_on_milvus_lite_persists_catches_up_and_repairs(tmp_path: Path)
     with Retriever.open(folder, readonly=True) as reader:
         assert len(reader._backend) == 297
         assert reader.search_vectors(vectors[[123]], k=1)[0][0].id == "item-123"
+
+
+def test_a_multi_vector_index_on_milvus_scores_exact_maxsim(tmp_path: Path) -> None:
+    """``backend="milvus"`` with a multi-vector model: tokens as rows, candidates re-scored by
+    exact MaxSim from the item store, so hits and scores are those of exact ``maxsim``."""
+    encoder = TokenHashEncoder(4, 8)
+    rng = np.random.default_rng(3)
+    vectors = normalise_tokens(rng.standard_normal((300, 32)).astype(np.float32), 8)
+    queries = normalise_tokens(rng.standard_normal((5, 32)).astype(np.float32), 8)
+    for name, backend in (("milvus.mmret", "milvus"), ("exact.mmret", "maxsim")):
+        with Retriever.create(tmp_path / name, encoder=encoder, backend=backend) as retriever:
+            retriever.add_vectors(items(0, 300), vectors)
+            retriever.remove(["item-5", "item-6"])
+
+    def results(folder: Path) -> list[list[tuple[str, float]]]:
+        with Retriever.open(folder, readonly=True) as reader:
+            hits = reader.search_vectors(queries, k=10)
+            hits += reader.search_vectors(queries, k=5, filter={"odd": 1})
+            return [[(hit.id, round(hit.score, 5)) for hit in row] for row in hits]
+
+    with Retriever.open(tmp_path / "milvus.mmret", readonly=True) as reader:
+        assert reader.backend_name == "milvus-maxsim" and len(reader._backend) == 298
+    expected = results(tmp_path / "exact.mmret")
+    assert results(tmp_path / "milvus.mmret") == expected
+    assert check_index(tmp_path / "milvus.mmret").ok
+    (tmp_path / "milvus.mmret" / "milvus-maxsim-cache.npz").unlink()  # refilled from the store
+    repair_index(tmp_path / "milvus.mmret")
+    assert results(tmp_path / "milvus.mmret") == expected

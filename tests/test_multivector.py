@@ -115,22 +115,25 @@ def test_backends_must_fit_the_model_kind(tmp_path: Path) -> None:
         MaxSimIndex(64, token_dim=10)
 
 
+@pytest.mark.parametrize("backend", ["auto", "milvus"])
 def test_the_cli_indexes_and_searches_a_multi_vector_model(
-    tmp_path: Path, photo_folder: Path
+    tmp_path: Path, photo_folder: Path, backend: str
 ) -> None:
     from typer.testing import CliRunner
 
     from mmret.cli.main import app
 
+    if backend == "milvus":
+        pytest.importorskip("pymilvus")
     out = tmp_path / "index"
     runner = CliRunner()
-    made = runner.invoke(
-        app, ["index", str(photo_folder), "--out", str(out), "--model", "hash-tokens:4x16"]
-    )
+    command = ["index", str(photo_folder), "--out", str(out), "--model", "hash-tokens:4x16"]
+    made = runner.invoke(app, [*command, "--backend", backend])
     assert made.exit_code == 0, made.output
     found = runner.invoke(app, ["search", str(out), "a blue square", "--json"])
     assert found.exit_code == 0, found.output
     assert json.loads(found.stdout)["results"][0]["id"] == "blue"
     info = json.loads(runner.invoke(app, ["info", str(out), "--json"]).stdout)
-    assert info["backend_in_use"] == "maxsim" and info["token_dim"] == 16
+    in_use = {"auto": "maxsim", "milvus": "milvus-maxsim"}[backend]
+    assert info["backend_in_use"] == in_use and info["token_dim"] == 16
     assert runner.invoke(app, ["check", str(out)]).exit_code == 0

@@ -18,6 +18,7 @@ from mmret.errors import (
 )
 from mmret.index.filters import parse_filter
 from mmret.ingest.images import load_image
+from mmret.ingest.ray_encode import add_with_ray
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import ItemSource, read_items
 from mmret.items import Item, Query
@@ -37,6 +38,7 @@ __all__ = [
     "SkipReport",
     "UnknownItemError",
     "__version__",
+    "add_with_ray",
     "load_encoder",
     "load_image",
     "parse_filter",

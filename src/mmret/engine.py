@@ -340,18 +340,31 @@ class Retriever:
             else:
                 fresh.append(item)
                 existing.add(item.id)
-        decoded = list(pool.map(self._decode, fresh))
-        contents, stored = [], []
-        for item, image in zip(fresh, decoded, strict=True):
-            if isinstance(image, ImageLoadError):
-                report.skip(f"{item.id}: {image}")
-                continue
-            contents.append(Query(text=item.text, image=image))
-            stored.append(StoredItem(item.id, item.text, item.image_path, dict(item.metadata)))
+        contents, stored, vectors = encode_items(self.encoder, fresh, report, pool)
         if not stored:
             return 0
-        vectors = self.encoder.encode(contents)
-        tokens = self._token_features(contents)
+        return self._store_encoded(stored, vectors, report, self._token_features(contents))
+
+    def add_encoded(self, items: Sequence[Item], vectors: np.ndarray, report: SkipReport) -> int:
+        """Store items whose ``(N, dim)`` vectors this index's encoder made elsewhere (the
+        shards of :mod:`mmret.ingest.ray_encode`), as they are: like :meth:`add`, ids already
+        present are skipped into ``report``. Returns how many were stored."""
+        self._writable()
+        if self.token_spec is not None or self.refiner is not None:
+            raise InputError(
+                f"{self.folder} refines its embeddings with a memory or stores token features "
+                "for reranking, which are computed while adding; add its items with add()"
+            )
+        stored = [StoredItem(i.id, i.text, i.image_path, dict(i.metadata)) for i in items]
+        return self._store_encoded(stored, np.asarray(vectors, dtype=np.float32), report, None)
+
+    def _store_encoded(
+        self,
+        stored: list[StoredItem],
+        vectors: np.ndarray,
+        report: SkipReport,
+        tokens: SideTokens | None,
+    ) -> int:
         with self._mutex:  # another thread may have added some of these ids meanwhile
             taken = self._store.existing_ids([item.id for item in stored])
             keep = [item.id not in taken for item in stored]
@@ -424,14 +437,6 @@ class Retriever:
                     stacklevel=2,
                 )
             self._saved_generation = self._generation
-
-    def _decode(self, item: Item) -> Image.Image | ImageLoadError | None:
-        if item.image is None:
-            return None
-        try:
-            return self.encoder.load(item.image)
-        except ImageLoadError as error:
-            return error
 
     def remove(self, ids: Sequence[str]) -> int:
         """Remove items by id; returns how many existed."""
@@ -578,6 +583,11 @@ class Retriever:
             results.append(hits)
         return results
 
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        """Those of ``ids`` that are in the index."""
+        with self._mutex:
+            return self._store.existing_ids(list(ids))
+
     def ids(self) -> list[str]:
         """Every stored item's id, oldest first."""
         with self._mutex:
@@ -631,6 +641,33 @@ class Retriever:
             "format_version": self.manifest.format_version,
             "mmret_version": self.manifest.mmret_version,
         }
+
+
+def encode_items(
+    encoder: Encoder, items: Sequence[Item], report: SkipReport, pool: ThreadPoolExecutor
+) -> tuple[list[Query], list[StoredItem], np.ndarray]:
+    """Decode ``items``' images (in ``pool``) and encode them: what is encoded, what is stored
+    and the ``(N, dim)`` vectors, for the N items whose image decoded (the others are skipped
+    into ``report``). The one place items are encoded, in a process or on a Ray worker."""
+
+    def decode(item: Item) -> Image.Image | ImageLoadError | None:
+        if item.image is None:
+            return None
+        try:
+            return encoder.load(item.image)
+        except ImageLoadError as error:
+            return error
+
+    contents, stored = [], []
+    for item, image in zip(items, pool.map(decode, items), strict=True):
+        if isinstance(image, ImageLoadError):
+            report.skip(f"{item.id}: {image}")
+            continue
+        contents.append(Query(text=item.text, image=image))
+        stored.append(StoredItem(item.id, item.text, item.image_path, dict(item.metadata)))
+    if not stored:
+        return [], [], np.zeros((0, encoder.dim), dtype=np.float32)
+    return contents, stored, encoder.encode(contents)
 
 
 def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:

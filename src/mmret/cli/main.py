@@ -40,7 +40,9 @@ from mmret.engine import Retriever
 from mmret.errors import InputError
 from mmret.index.filters import parse_filter
 from mmret.index.manifest import MANIFEST_FILE
+from mmret.ingest.ray_encode import add_with_ray
 from mmret.ingest.report import SkipReport
+from mmret.ingest.shards import DEFAULT_SHARD_SIZE, check_shard_size
 from mmret.ingest.sources import read_items
 from mmret.items import Query
 from mmret.reranker import load_reranker
@@ -99,7 +101,7 @@ def index(
         "auto",
         help="auto, exact, faiss, ivfpq, milvus, maxsim or plaid (auto: exact below 100k "
         "items, faiss above, ivfpq once the float32 vectors pass 4 GiB; for multi-vector "
-        "models maxsim below 10k items, plaid above).",
+        "models maxsim below 10k items, plaid above; milvus takes either kind of model).",
     ),
     backend_option: list[str] = typer.Option(
         [],
@@ -120,11 +122,37 @@ def index(
         "can use --rerank (a second pass of the towers; about 50 KB per image).",
     ),
     reranker: Path | None = typer.Option(None, help=RERANKER_HELP),
+    ray: str | None = typer.Option(
+        None,
+        "--ray",
+        help="Encode on a Ray cluster: its address (ray://HOST:10001, or auto for the cluster "
+        "this machine is in), or local to start one here. The source is encoded in shards "
+        "staged beside OUT; run again after an interruption and finished shards are skipped.",
+    ),
+    ray_workers: int | None = typer.Option(
+        None,
+        "--ray-workers",
+        min=1,
+        help="Ray workers, each with one encoder (default: one per CPU of the cluster).",
+    ),
+    shards: Path | None = typer.Option(
+        None, "--shards", help="Staging folder of --ray's shards (default: OUT.ray-shards)."
+    ),
+    shard_size: int = typer.Option(
+        DEFAULT_SHARD_SIZE, "--shard-size", help="Items per --ray shard (a multiple of 256)."
+    ),
 ) -> None:
     """Index a folder or manifest into OUT; an existing index gets the new items added."""
     report = SkipReport()
-    with status("Reading source..."):
-        items = list(read_items(source).read(report))
+    items = []
+    if ray is None:
+        with status("Reading source..."):
+            items = list(read_items(source).read(report))
+    else:
+        check_shard_size(shard_size)
+        read_items(source)  # a missing source fails before anything is created
+        if memory is not None or token_features or reranker is not None:
+            raise InputError("--ray cannot be combined with --memory or --token-features")
     refiner = open_refiner(memory, fusion, memory_k, memory_search)
     if (out / MANIFEST_FILE).exists():
         retriever = Retriever.open(out, wait=wait, refiner=refiner)
@@ -143,7 +171,19 @@ def index(
                 token_features=spec,
             )
     with retriever:
-        result = retriever.add(items, report=report, show_progress=True, total=len(items))
+        if ray is None:
+            result = retriever.add(items, report=report, show_progress=True, total=len(items))
+        else:
+            result = add_with_ray(
+                retriever,
+                source,
+                address=None if ray == "local" else ray,
+                workers=ray_workers,
+                staging=shards,
+                shard_size=shard_size,
+                show_progress=True,
+            )
+            report = result.skipped
         summary = {
             "added": result.added,
             "skipped": report.skipped,

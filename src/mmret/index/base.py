@@ -31,6 +31,9 @@ class VectorIndex(ABC):
     #: ``True`` for backends that score flattened token sets by MaxSim (see
     #: :mod:`mmret.late_interaction`): an index of a multi-vector model needs one of those.
     multi_vector = False
+    #: For a single-vector backend that has a multi-vector counterpart: its registered name,
+    #: used instead for multi-vector models (``milvus`` -> ``milvus-maxsim``).
+    multi_vector_twin: str | None = None
     #: Set by :meth:`load` when the cache it read is in an older layout: a writer saves it anew.
     cache_outdated = False
 
@@ -256,6 +259,9 @@ def new_backend(
             if count * dim * 4 >= AUTO_IVFPQ_FROM_BYTES:
                 resolved = "ivfpq"
     factory = INDEXES.get(resolved)
+    twin = getattr(factory, "multi_vector_twin", None)
+    if token_dim is not None and twin is not None:  # one name for both kinds of model
+        factory = INDEXES.get(twin)
     multi_vector = bool(getattr(factory, "multi_vector", False))
     if multi_vector != (token_dim is not None):
         raise InputError(

@@ -66,6 +66,7 @@ class MilvusIndex(VectorIndex):
     """
 
     name = "milvus"
+    multi_vector_twin = "milvus-maxsim"  # late interaction: mmret.index.milvus_maxsim
 
     def __init__(
         self,
@@ -102,24 +103,31 @@ class MilvusIndex(VectorIndex):
         if exists and fresh:
             self._db.drop_collection(collection)
         if not exists or fresh:
-            from pymilvus import DataType
-
-            schema = self._db.create_schema(auto_id=False)
-            schema.add_field("key", DataType.INT64, is_primary=True)
-            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
-            index = self._db.prepare_index_params()
-            index.add_index(
-                "vector", index_type=self.index_type, metric_type="IP", params=self.index_params
-            )
-            # Strong consistency: a search sees every write that returned before it.
-            self._db.create_collection(
-                collection, schema=schema, index_params=index, consistency_level="Strong"
-            )
+            self._create(collection)
             self._count, self._last = 0, -1
         else:
             self._db.load_collection(collection)
             keys = self.stored_keys()
             self._count, self._last = len(keys), int(keys[-1]) if len(keys) else -1
+
+    def _create(self, collection: str) -> None:
+        from pymilvus import DataType
+
+        schema = self._db.create_schema(auto_id=False)
+        self._add_fields(schema, DataType)
+        index = self._db.prepare_index_params()
+        index.add_index(
+            "vector", index_type=self.index_type, metric_type="IP", params=self.index_params
+        )
+        # Strong consistency: a search sees every write that returned before it.
+        self._db.create_collection(
+            collection, schema=schema, index_params=index, consistency_level="Strong"
+        )
+
+    def _add_fields(self, schema: Any, types: Any) -> None:
+        """The collection's fields: one ``(key, vector)`` row per item."""
+        schema.add_field("key", types.INT64, is_primary=True)
+        schema.add_field("vector", types.FLOAT_VECTOR, dim=self.dim)
 
     def _ready(self) -> Any:
         """The client, opening a private Milvus Lite database for an instance used alone."""
@@ -146,7 +154,7 @@ class MilvusIndex(VectorIndex):
             return np.empty(0, dtype=np.int64)
         # One query (Milvus Lite has no query iterator): 40,000 keys took 0.9 s.
         rows = self._db.query(self._collection, filter="key >= 0", output_fields=["key"])
-        return np.sort(np.asarray([row["key"] for row in rows], dtype=np.int64))
+        return np.unique(np.asarray([row["key"] for row in rows], dtype=np.int64))
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         keys = np.asarray(keys, dtype=np.int64)
@@ -154,16 +162,22 @@ class MilvusIndex(VectorIndex):
         if not len(keys):
             return
         db = self._ready()
-        rows = np.asarray(vectors, dtype=np.float32)
-        for start in range(0, len(keys), _INSERT_BATCH):  # ascending: a prefix if interrupted
-            batch = zip(
-                keys[start : start + _INSERT_BATCH].tolist(),
-                rows[start : start + _INSERT_BATCH].tolist(),
-                strict=True,
-            )
-            db.insert(self._collection, [{"key": k, "vector": v} for k, v in batch])
+        vectors = np.asarray(vectors, dtype=np.float32)
+        per_batch = max(1, _INSERT_BATCH // self._rows_per_item)
+        for start in range(0, len(keys), per_batch):  # ascending: a prefix if interrupted
+            batch = slice(start, start + per_batch)
+            db.insert(self._collection, self._rows(keys[batch], vectors[batch]))
         self._count += len(keys)
         self._last = int(keys[-1])
+
+    @property
+    def _rows_per_item(self) -> int:
+        return 1
+
+    def _rows(self, keys: np.ndarray, vectors: np.ndarray) -> list[dict[str, Any]]:
+        """The collection's rows for ``(N,)`` keys and their ``(N, dim)`` vectors."""
+        pairs = zip(keys.tolist(), vectors.tolist(), strict=True)
+        return [{"key": key, "vector": vector} for key, vector in pairs]
 
     def build(self, chunks: Iterable[tuple[np.ndarray, np.ndarray]], total: int) -> None:
         """Refill the collection from the store, chunk by chunk (it may hold a newer state)."""
@@ -177,12 +191,11 @@ class MilvusIndex(VectorIndex):
             return
         for start in range(0, len(keys), _KEY_BATCH):
             wanted = np.asarray(keys[start : start + _KEY_BATCH], dtype=np.int64).tolist()
-            present = self._db.query(
-                self._collection, filter=f"key in {wanted}", output_fields=["key"]
-            )
-            gone = [row["key"] for row in present]
+            where = f"key in {wanted}"  # every row of these items (one, or one per token)
+            present = self._db.query(self._collection, filter=where, output_fields=["key"])
+            gone = {row["key"] for row in present}
             if gone:
-                self._db.delete(self._collection, ids=gone)
+                self._db.delete(self._collection, filter=where)
                 self._count -= len(gone)
 
     def search(
@@ -192,11 +205,23 @@ class MilvusIndex(VectorIndex):
         empty = top_k(np.zeros((len(queries), 0), np.float32), np.empty(0, np.int64), k)
         if self._db is None or not self._count or not len(queries):
             return empty
-        where = ""
         if allowed is not None:
+            allowed = np.asarray(allowed, dtype=np.int64)
+            allowed = allowed[allowed <= self._last]  # keys a writer added after this view
             if not len(allowed):
                 return empty
-            where = f"key in {np.asarray(allowed, dtype=np.int64).tolist()}"
+        return self._search(queries, k, allowed, empty)
+
+    def _search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None,
+        empty: tuple[np.ndarray, np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` of checked ``(Q, dim)`` queries in a non-empty collection, among
+        ``allowed`` keys (non-empty) or all; ``empty`` is the result with nothing found."""
+        where = "" if allowed is None else f"key in {allowed.tolist()}"
         results = self._db.search(
             self._collection,
             data=queries.tolist(),
