@@ -13,13 +13,15 @@ does on a starter index). ``--ceiling Q`` scores Q sampled captions against all 
 (and Q / 5 images against all 5,000 captions) with the cross-encoder alone: what it reaches
 without a first stage. ``--captions`` and ``--images`` sample the queries (fixed seed) to
 keep the run short on a busy machine; every row of a model scores the same queries (its first
-stage row is "rerank top 1", which reorders nothing). Everything reads
+stage row is "rerank top 1", which reorders nothing). Queries are drawn from the dev rows the
+model's training did not use to choose its epoch and cosine weight (``training.json``). Everything reads
 the stored dev layer features (float16), as search reads the features stored beside an index.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,23 @@ from mmret.evaluation.retrieval import RetrievalReport, recalls, retrieval_metri
 from mmret.reranker import SHIPPED_RERANKER, load_reranker
 from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
 from mmret.training.features import read_pairs
-from mmret.training.rerank import embed_stored
+from mmret.training.rerank import RerankTrainingConfig, dev_sample, embed_stored
+
+
+def unseen_rows(folder: Path, captions: int, images: int) -> tuple[np.ndarray, np.ndarray]:
+    """The dev caption and image rows a model's training did not rerank: training chose its
+    epoch and calibrated its cosine weight on a dev sample (``training.json`` beside the
+    weights records how it was drawn), so those rows are left out of its evaluation."""
+    log = folder / "training.json"
+    if not log.is_file():
+        return np.arange(captions), np.arange(images)
+    seen = dev_sample(
+        RerankTrainingConfig.from_dict(json.loads(log.read_text())["config"]), captions, images
+    )
+    return (
+        np.setdiff1d(np.arange(captions), seen[0]),
+        np.setdiff1d(np.arange(images), seen[1]),
+    )
 
 
 def recall_cells(metrics: RetrievalReport) -> list[str]:
@@ -105,13 +123,16 @@ def main() -> None:
         )
         owner = np.asarray(dev.text_image)
         sides = StoredSides(dev, config.image_layer, config.text_layer)
+        caption_pool, image_pool = unseen_rows(Path(folder), len(owner), len(dev.image_ids))
         captions = (
-            np.sort(rng.choice(len(owner), args.captions, replace=False)) if args.captions else None
+            np.sort(rng.choice(caption_pool, args.captions, replace=False))
+            if args.captions
+            else caption_pool
         )
         images = (
-            np.sort(rng.choice(len(dev.image_ids), args.images, replace=False))
+            np.sort(rng.choice(image_pool, args.images, replace=False))
             if args.images
-            else None
+            else image_pool
         )
         stages = {
             "own bi-encoder": (embed_stored(reranker.model, dev), numbers(own_sizes) or sizes)

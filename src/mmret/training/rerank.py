@@ -424,13 +424,7 @@ def _evaluate(
     metrics = retrieval_metrics(image.numpy(), text.numpy(), dev.owner)
     if warm:
         return RerankEpochLog(epoch, loss, metrics, None)
-    sample = np.random.default_rng(config.seed)
-    captions = np.sort(
-        sample.choice(len(dev.owner), min(config.dev_queries, len(dev.owner)), replace=False)
-    )
-    images = np.sort(
-        sample.choice(len(dev.images), min(config.dev_queries // 5, len(dev.images)), replace=False)
-    )
+    captions, images = dev_sample(config, len(dev.owner), len(dev.images))
     if model.config.joint:
         weight = calibrate_cosine_weight(
             model, dev, image.numpy(), text.numpy(), captions, images, config.rerank_n
@@ -448,6 +442,19 @@ def _evaluate(
         query_batch=16,
     )
     return RerankEpochLog(epoch, loss, metrics, reranked, float(model.cosine_weight))
+
+
+def dev_sample(
+    config: RerankTrainingConfig, captions: int, images: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The dev caption and image rows that training reranks each epoch (and calibrates the
+    cosine weight on), out of ``captions`` and ``images``: ``dev_queries`` captions and a
+    fifth as many images, drawn with the run's seed. An evaluation that should not see them
+    leaves these rows out."""
+    sample = np.random.default_rng(config.seed)
+    caption_rows = sample.choice(captions, min(config.dev_queries, captions), replace=False)
+    image_rows = sample.choice(images, min(config.dev_queries // 5, images), replace=False)
+    return np.sort(caption_rows), np.sort(image_rows)
 
 
 def calibrate_cosine_weight(
