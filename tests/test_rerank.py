@@ -18,6 +18,7 @@ from mmret.heads.rerank import CrossEncoder, SideTokens
 from mmret.index.integrity import check_index, repair_index
 from mmret.index.token_store import TOKENS_DIR
 from mmret.reranker import Reranker, load_reranker
+from mmret.training.rerank import COSINE_WEIGHTS, best_cosine_weight
 
 from .conftest import COLOURS, solid
 from .rerank_fixtures import LayerHashEncoder, tiny_config, tiny_reranker, tiny_spec
@@ -200,6 +201,9 @@ def test_train_index_search_and_evaluate_from_the_cli(manifest: Path, tmp_path: 
     assert "reranked top 20" in " ".join(result.output.split())
     history = json.loads((out / "training.json").read_text())["history"]
     assert [entry["epoch"] for entry in history] == [1, 2] and history[1]["dev_reranked"]
+    assert history[1]["dev_reranked"]["cosine_weight"] in COSINE_WEIGHTS
+    saved = CrossEncoder.load(out)
+    assert float(saved.cosine_weight) == history[1]["dev_reranked"]["cosine_weight"]
     rerun = CliRunner().invoke(app, train)  # resumes after the last epoch: nothing to do
     assert rerun.exit_code == 0 and "epoch" not in rerun.output.split("saved")[0]
 
@@ -246,3 +250,16 @@ def test_the_shipped_reranker_serves_offline() -> None:
     assert images.image.shape == (1, 16, 1280) and texts.text.shape[2] == 384
     scores = reranker.score(images, texts)
     assert scores.shape == (2,) and np.isfinite(scores).all()
+
+
+def test_calibration_weighs_the_cosine_by_what_reranks_best() -> None:
+    hits = np.zeros((4, 5), dtype=bool)
+    hits[:, 2] = True  # every query's hit is third by the first stage
+    cosine = np.tile(np.linspace(1.0, 0.6, 5), (4, 1))
+    # A cross-encoder that knows the hit: the cosine only gets in its way.
+    knowing = hits * 1.0
+    assert best_cosine_weight([(knowing, cosine, hits)]) == 0.0
+    # One that scores everything alike: weight 0 would tie the hit with every miss, which
+    # counts against it, so the cosine's order (any weight above 0) is kept.
+    constant = np.zeros((4, 5))
+    assert best_cosine_weight([(constant, cosine, hits)]) == COSINE_WEIGHTS[1]
