@@ -9,8 +9,10 @@ captions, as ``mmret index`` reads ``dev.jsonl``) with the default starter model
 ``ray, N workers`` is ``Retriever.create`` + ``mmret.add_with_ray`` with N actors of one CPU
 each on a local Ray cluster started once beforehand (as a cluster normally already runs), so
 each run includes the actors' start, one model load per worker, the Parquet shards and
-loading them into the index. Runs are timed in turns, medians over ``--repeats``; every Ray
-index is checked to hold exactly the single-process index's vectors.
+loading them into the index. Runs are timed in turns, medians over ``--repeats``; each Ray
+index's vectors are compared with the single-process index's (the largest absolute difference:
+0 when the single process runs torch on one thread, as each worker does, and float rounding
+when it runs on more, whose sums add up in another order).
 """
 
 from __future__ import annotations
@@ -85,11 +87,13 @@ def main() -> None:
     try:
         medians = interleaved_medians(runs, args.repeats)
         reference = vectors_of(built["single"])
-        same = {}
+        difference = {}
         for n in worker_counts:
             ours = vectors_of(built[f"ray{n}"])
-            same[n] = ours.keys() == reference.keys() and all(
-                np.array_equal(ours[i], reference[i]) for i in reference
+            difference[n] = (
+                max(float(np.abs(ours[i] - reference[i]).max()) for i in reference)
+                if ours.keys() == reference.keys()
+                else float("inf")
             )
     finally:
         ray.shutdown()
@@ -99,12 +103,12 @@ def main() -> None:
     rows = []
     for name, seconds in medians.items():
         workers = 0 if name == "single process" else int(name.split()[1])
-        identical = "(reference)" if not workers else ("yes" if same[workers] else "NO")
-        rows.append([name, items, seconds, items / seconds, base / seconds, identical])
+        gap = "(reference)" if not workers else f"{difference[workers]:.1e}"
+        rows.append([name, items, seconds, items / seconds, base / seconds, gap])
     report(
         f"Indexing {items} Flickr8k dev items (image + 5 captions) with {args.model}, "
         f"medians of {args.repeats}",
-        ["run", "items", "seconds", "items per s", "speed-up", "vectors identical"],
+        ["run", "items", "seconds", "items per s", "speed-up", "max |vector difference|"],
         rows,
         args.out,
         {"model": args.model, "shard_size": args.shard_size, "repeats": args.repeats},
