@@ -14,8 +14,9 @@ does on a starter index). ``--ceiling Q`` scores Q sampled captions against all 
 without a first stage. ``--captions`` and ``--images`` sample the queries (fixed seed) to
 keep the run short on a busy machine; every row of a model scores the same queries (its first
 stage row is "rerank top 1", which reorders nothing). Queries are drawn from the dev rows the
-model's training did not use to choose its epoch and cosine weight (``training.json``). Everything reads
-the stored dev layer features (float16), as search reads the features stored beside an index.
+model's training did not use to choose its epoch and cosine weight (``training.json``), the
+same for models trained with the same seed. Everything reads the stored dev layer features
+(float16), as search reads the features stored beside an index.
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ def main() -> None:
     sizes = numbers(args.sizes)
     rows: list[list[Any]] = []
     extra: dict[str, Any] = {"models": models, "sizes": sizes}
-    rng = np.random.default_rng(0)
     for number, (name, spec) in enumerate(models.items()):
+        rng = np.random.default_rng(0)  # models whose training saw the same rows: same sample
         folder, _, own_sizes = spec.partition("@")
         reranker = load_reranker(folder)
         config = reranker.model.config

@@ -72,10 +72,10 @@ class RerankTrainingConfig:
     projection_dropout: float = 0.3
     joint: bool = True
     warmup_epochs: int = 3
-    epochs: int = 4
-    queries_per_epoch: int = 3000
+    epochs: int = 6
+    queries_per_epoch: int = 6000
     query_batch: int = 32
-    negatives: int = 3
+    negatives: int = 7
     mine_top: int = 20
     contrastive_batch: int = 512
     learning_rate: float = 1e-3
