@@ -441,7 +441,8 @@ def _evaluate(
         images=images,
         query_batch=16,
     )
-    return RerankEpochLog(epoch, loss, metrics, reranked, float(model.cosine_weight))
+    calibrated = float(model.cosine_weight) if model.config.joint else None  # separate: no cosine
+    return RerankEpochLog(epoch, loss, metrics, reranked, calibrated)
 
 
 def dev_sample(
