@@ -471,7 +471,6 @@ def calibrate_cosine_weight(
     sample (the sum of R@1, R@5 and R@10 both ways for the query rows ``captions`` and
     ``images``). The cross-encoder scores each query's ``n`` candidates once; only the
     interpolation ``cross + weight * cosine`` changes with the weight."""
-    captions_of = [np.flatnonzero(dev.owner == i) for i in range(len(image))]
     directions = [
         (text[captions] @ image.T, dev.text_side(captions), dev.image_side, dev.owner[captions]),
         (image[images] @ text.T, dev.image_side(images), dev.text_side, None),
@@ -483,7 +482,9 @@ def calibrate_cosine_weight(
         hits = (
             top == owners[:, None]
             if owners is not None
-            else np.stack([np.isin(r, captions_of[i]) for r, i in zip(top, images, strict=True)])
+            else np.stack(
+                [np.isin(r, dev.captions_of[i]) for r, i in zip(top, images, strict=True)]
+            )
         )
         with torch.inference_mode():
             cross = torch.cat(
