@@ -10,14 +10,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+import skimage.data
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from mmret import Encoder, InputError, load_encoder
 from mmret.cli.main import app
 from mmret.heads.hat import HatConfig, HierarchicalAlignmentHead, level_similarities
-from mmret.training.feature_store import LayerFeatureSet
-from mmret.training.hat import HatEpochLog, HatTrainingConfig, train_hat
+from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
+from mmret.training.features import read_pairs
+from mmret.training.hat import HatEpochLog, HatTrainingConfig, embed_set, train_hat
+from mmret.training.knowledge import LevelKnowledge, imagenet_level_knowledge
 
 from .test_encoders import images
 
@@ -186,3 +190,64 @@ def test_the_shipped_head_serves_offline() -> None:
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     image = encoder.encode_images(images()[:1])
     assert image.shape == (1, 512)
+
+
+def synthetic_level_knowledge(stored: LayerFeatureSet, n_classes: int = 2) -> LevelKnowledge:
+    """Random class prompts per level and a teacher that puts image ``i`` in class ``i % C``."""
+    rng = np.random.default_rng(3)
+    class_text = tuple(
+        rng.standard_normal((n_classes, stored.text[layer].pooled.shape[1])).astype(np.float32)
+        for layer in FAST.text_layers
+    )
+    n_images = len(stored.image_ids)
+    logits = np.full((n_images, n_classes), -8.0, dtype=np.float32)
+    logits[np.arange(n_images), np.arange(n_images) % n_classes] = 8.0
+    return LevelKnowledge(class_text, logits)
+
+
+def test_distillation_ranks_the_classes_as_the_teacher(
+    stored: LayerFeatureSet, backbone: Encoder
+) -> None:
+    knowledge = synthetic_level_knowledge(stored)
+    config = replace(FAST, epochs=40, learning_rate=1e-2)
+
+    def agreement(weight: float) -> float:
+        head, _ = train(
+            stored, backbone, replace(config, imagenet_weight=weight), knowledge=knowledge
+        )
+        image, _ = embed_set(head, stored)
+        with torch.no_grad():
+            class_text = [torch.from_numpy(c) for c in knowledge.class_text]
+            classes = head.item_vectors(head.text_levels(class_text)).numpy()
+        teacher = knowledge.image_logits.argmax(axis=1)
+        return float(((image @ classes.T).argmax(axis=1) == teacher).mean())
+
+    assert agreement(5.0) == 1.0 > agreement(0.0)
+    with pytest.raises(InputError, match="ImageNet knowledge of every text level"):
+        train(stored, backbone, replace(FAST, imagenet_weight=1.0))
+
+
+def test_level_knowledge_reads_the_classifier_and_the_prompts(tmp_path: Path) -> None:
+    starter = load_encoder("starter")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("chelsea", "coffee"):
+        Image.fromarray(getattr(skimage.data, name)()).save(photos / f"{name}.png")
+    rows = [{"id": n, "image": f"photos/{n}.png", "captions": [n]} for n in ("chelsea", "coffee")]
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    stored = layer_feature_set(read_pairs(manifest), starter, [8], [4, 6], cache_dir=tmp_path)
+    cat, espresso = 285, 967
+    knowledge = imagenet_level_knowledge(
+        starter, stored, [4, 6], classes=[cat, espresso], templates=["a photo of a {}.", "{}"]
+    )
+    assert knowledge.image_logits.shape == (2, 2)
+    assert list(knowledge.image_logits.argmax(axis=1)) == [0, 1]  # the cat, the espresso
+    prompts = ["a photo of a Egyptian Mau.", "Egyptian Mau"]
+    with torch.inference_mode():
+        expected = starter.text_layer_features(prompts, [4, 6]).pooled()
+    for level, tensor in enumerate(expected):
+        assert knowledge.class_text[level].shape == (2, tensor.shape[1])
+        np.testing.assert_allclose(knowledge.class_text[level][0], tensor.mean(0), atol=1e-5)
+    with pytest.raises(InputError, match="needs an image tower with an ImageNet classifier"):
+        imagenet_level_knowledge(load_encoder("hash:8"), stored, [4, 6])

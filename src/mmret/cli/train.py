@@ -22,7 +22,7 @@ from mmret.training.align import AlignTrainingConfig, EpochLog, train_alignment
 from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
 from mmret.training.features import default_cache_dir, pair_features, read_pairs
 from mmret.training.hat import HatEpochLog, HatTrainingConfig, train_hat
-from mmret.training.knowledge import imagenet_knowledge
+from mmret.training.knowledge import imagenet_knowledge, imagenet_level_knowledge
 from mmret.training.reco import RecoEpochLog
 from mmret.training.ret import RetEpochLog, RetTrainingConfig, train_ret
 
@@ -246,6 +246,16 @@ def hat(
     batch_size: int = typer.Option(HatTrainingConfig.batch_size, min=2),
     learning_rate: float = typer.Option(HatTrainingConfig.learning_rate, min=0.0),
     seed: int = typer.Option(HatTrainingConfig.seed),
+    imagenet_weight: float = typer.Option(
+        HatTrainingConfig.imagenet_weight,
+        min=0.0,
+        help="Weight of distilling the image tower's ImageNet classifier (0: off).",
+    ),
+    imagenet_temperature: float = typer.Option(
+        HatTrainingConfig.imagenet_temperature,
+        min=0.01,
+        help="Temperature softening the ImageNet classifier's scores before distilling.",
+    ),
     cache_dir: Path | None = typer.Option(
         None, help="Layer feature store (default ~/.cache/mmret/layers)."
     ),
@@ -265,11 +275,18 @@ def hat(
         learning_rate=learning_rate,
         weight_decay=weight_decay,
         seed=seed,
+        imagenet_weight=imagenet_weight,
+        imagenet_temperature=imagenet_temperature,
     )
     encoder = load_encoder(backbone)
     image, text = resolved_layers(encoder, config.image_layers, config.text_layers)
     config = replace(config, image_layers=image, text_layers=text)
-    train_set, dev_set = stored_sets(encoder, manifest, dev, image, text, cache_dir)
+    # Distilling reads the classifier's input, the last image layer, for every training image.
+    stored_image = tuple(sorted({*image, encoder.image_layer_count})) if imagenet_weight else image
+    train_set, dev_set = stored_sets(encoder, manifest, dev, stored_image, text, cache_dir)
+    knowledge = None
+    if imagenet_weight > 0:
+        knowledge = imagenet_level_knowledge(encoder, train_set, text, show_progress=True)
 
     def show(log: HatEpochLog) -> None:
         weights = " ".join(f"{w:.2f}" for w in log.weights)
@@ -282,6 +299,7 @@ def hat(
         backbone=backbone,
         layer_source=encoder.layer_source,
         checkpoint_dir=out / "checkpoint",
+        knowledge=knowledge,
         on_epoch=show,
         show_progress=True,
     )

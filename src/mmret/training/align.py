@@ -15,7 +15,7 @@ from mmret.evaluation.retrieval import RetrievalReport, retrieval_metrics
 from mmret.heads.alignment import AlignmentConfig, AlignmentHead
 from mmret.training.features import PairFeatures
 from mmret.training.knowledge import ClassKnowledge
-from mmret.training.losses import symmetric_info_nce
+from mmret.training.losses import class_distillation, symmetric_info_nce
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,7 @@ def imagenet_distillation(
     head's: a softmax over the ``(B, E)`` image embeddings' similarities to the ``(C, text_dim)``
     class prompts, projected by the text side (at the retrieval temperature)."""
     classes = torch.nn.functional.normalize(head.text(class_text), dim=-1)
-    student = torch.log_softmax(head.logit_scale * image_emb @ classes.T, dim=-1)
-    return -(teacher * student).sum(dim=-1).mean()
+    return class_distillation(image_emb, classes, head.logit_scale, teacher)
 
 
 def train_alignment(

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mmret._progress import progress
+from mmret.errors import InputError
 from mmret.evaluation.retrieval import RetrievalReport, retrieval_metrics
 from mmret.heads.alignment import Projection
 from mmret.heads.hat import HatConfig, HierarchicalAlignmentHead
@@ -32,7 +33,8 @@ from mmret.training.checkpoint import (
     warmup_cosine,
 )
 from mmret.training.feature_store import LayerFeatureSet, StoredLayer
-from mmret.training.losses import symmetric_info_nce
+from mmret.training.knowledge import LevelKnowledge
+from mmret.training.losses import class_distillation, symmetric_info_nce
 
 _CHUNK = 4096
 
@@ -53,6 +55,10 @@ class HatTrainingConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
     seed: int = 0
+    #: Weight of distilling the image tower's ImageNet classifier (0: off; needs knowledge).
+    imagenet_weight: float = 0.0
+    #: Temperature softening the classifier's distribution before distilling it.
+    imagenet_temperature: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,10 +195,16 @@ def train_hat(
     backbone: str,
     layer_source: str,
     checkpoint_dir: Path | None = None,
+    knowledge: LevelKnowledge | None = None,
     on_epoch: Callable[[HatEpochLog], None] | None = None,
     show_progress: bool = False,
 ) -> tuple[HierarchicalAlignmentHead, list[dict[str, Any]]]:
     """Train a HAT head; with ``dev``, keep the epoch of best dev RSUM (else the last).
+
+    With ``config.imagenet_weight > 0`` (and ``knowledge``), each step also distils the image
+    tower's ImageNet classifier: the batch images' combined similarities to the classes'
+    prompts should rank the classes as the classifier does (as ``mmret train align`` does for
+    the one-level head).
 
     Returns the head and the history of every epoch (:meth:`HatEpochLog.to_dict`), resumed
     epochs included.
@@ -203,6 +215,7 @@ def train_hat(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     head = build_head(train, config, backbone, layer_source)
+    distil = _distillation(config, knowledge)
     trainable = [p for p in head.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(
         trainable, lr=config.learning_rate, weight_decay=config.weight_decay
@@ -225,13 +238,24 @@ def train_hat(
             )
             captions = order[step * config.batch_size : (step + 1) * config.batch_size]
             images = owner[captions]
+            image_pooled = pooled_levels(train.image, config.image_layers, images)
+            image_levels = head.image_levels(image_pooled)
             loss = hat_loss(
                 head,
-                head.image_levels(pooled_levels(train.image, config.image_layers, images)),
+                image_levels,
                 head.text_levels(pooled_levels(train.text, config.text_layers, captions)),
                 torch.from_numpy(images),
                 config.level_loss,
             )
+            if distil is not None:
+                class_text, teacher = distil
+                classes = head.item_vectors(head.text_levels(class_text))
+                loss = loss + config.imagenet_weight * class_distillation(
+                    head.item_vectors(image_levels),
+                    classes,
+                    head.logit_scales[-1],
+                    teacher[images],
+                )
             total += descend(optimiser, loss, rate)
         metrics = None
         if dev is not None:
@@ -248,3 +272,21 @@ def train_hat(
             on_epoch(log)
     head.load_state_dict(state.best)
     return head.eval(), state.logs
+
+
+def _distillation(
+    config: HatTrainingConfig, knowledge: LevelKnowledge | None
+) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+    """The class prompts per level and the teacher's softened distribution per training image,
+    when the config distils (else None)."""
+    if config.imagenet_weight == 0.0:
+        return None
+    if knowledge is None or len(knowledge.class_text) != len(config.text_layers):
+        raise InputError(
+            "imagenet_weight > 0 needs the ImageNet knowledge of every text level "
+            "(mmret.training.knowledge.imagenet_level_knowledge)"
+        )
+    logits = torch.from_numpy(np.asarray(knowledge.image_logits, dtype=np.float32))
+    teacher = (logits / config.imagenet_temperature).softmax(dim=-1)
+    class_text = [torch.from_numpy(np.asarray(c, dtype=np.float32)) for c in knowledge.class_text]
+    return class_text, teacher

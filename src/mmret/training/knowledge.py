@@ -18,12 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmret.encoders.base import l2_normalise
+from mmret._progress import progress
+from mmret.encoders.base import Encoder, batched, l2_normalise
 from mmret.encoders.towers import StarterTowers
-from mmret.evaluation.classification import DEFAULT_TEMPLATES
+from mmret.errors import InputError
+from mmret.evaluation.classification import DEFAULT_TEMPLATES, class_prompts
+from mmret.training.feature_store import LayerFeatureSet
 from mmret.training.features import PairFeatures, text_features
 
 N_CLASSES = 1000
+_CHUNK = 4096
 
 
 @cache
@@ -81,6 +85,68 @@ def imagenet_knowledge(
         class_text_features(towers, names, cache_dir=cache_dir, show_progress=show_progress),
         classifier_logits(towers, train.image),
     )
+
+
+@dataclass(frozen=True)
+class LevelKnowledge:
+    """ImageNet knowledge for a head on layer features (HAT). ``class_text[l] (C, D_l)``: each
+    class's pooled text features at the head's ``l``-th text layer, averaged over the prompt
+    templates; ``image_logits (N, C)``: the classifier's logits for each training image."""
+
+    class_text: tuple[np.ndarray, ...]
+    image_logits: np.ndarray
+
+
+def imagenet_level_knowledge(
+    backbone: Encoder,
+    train: LayerFeatureSet,
+    text_layers: Sequence[int],
+    *,
+    classes: Sequence[int] | None = None,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    show_progress: bool = False,
+) -> LevelKnowledge:
+    """The classifier's view of ``train``'s images (from their stored last image layer, whose
+    pooled map is exactly the classifier's input) and the class prompts at ``text_layers``.
+
+    ``backbone`` must have the starter towers (an EfficientNet-Lite, which has an ImageNet
+    classifier); ``classes`` picks ImageNet classes by index (default: all 1,000).
+    """
+    towers = getattr(backbone, "towers", None)
+    if not isinstance(towers, StarterTowers):
+        raise InputError(
+            f"ImageNet distillation needs an image tower with an ImageNet classifier (the "
+            f"starter towers); the backbone {backbone.spec} has none"
+        )
+    picked = list(range(N_CLASSES)) if classes is None else list(classes)
+    names = [imagenet_class_names()[index] for index in picked]
+    last = backbone.image_layer_count
+    train.require([last], [])
+    stored = train.image[last]
+    logits = np.concatenate(
+        [
+            classifier_logits(towers, stored.pooled[start : start + _CHUNK])[:, picked]
+            for start in range(0, len(stored), _CHUNK)
+        ]
+    )
+    prompts = class_prompts(names, templates)
+    pooled: list[list[np.ndarray]] = [[] for _ in text_layers]
+    batches = progress(
+        batched(prompts, 256),
+        total=-(-len(prompts) // 256),
+        description="class prompts",
+        enabled=show_progress,
+    )
+    with torch.inference_mode():
+        for batch in batches:
+            features = backbone.text_layer_features(batch, list(text_layers)).pooled()
+            for level, tensor in enumerate(features):
+                pooled[level].append(tensor.numpy())
+    class_text = tuple(
+        np.concatenate(level).reshape(len(names), len(templates), -1).mean(axis=1)
+        for level in pooled
+    )
+    return LevelKnowledge(class_text, logits)
 
 
 def with_pseudo_captions(

@@ -30,3 +30,20 @@ def symmetric_info_nce_scores(logits: torch.Tensor, groups: torch.Tensor) -> tor
     logits = logits.masked_fill(false_negatives, float("-inf"))
     targets = torch.arange(len(groups), device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def class_distillation(
+    embeddings: torch.Tensor,
+    classes: torch.Tensor,
+    logit_scale: torch.Tensor,
+    teacher: torch.Tensor,
+) -> torch.Tensor:
+    """Cross-entropy from a teacher's ``(B, C)`` class distribution to the student's: a softmax
+    over the ``(B, E)`` embeddings' scaled similarities to ``(C, E)`` class embeddings.
+
+    >>> x = F.normalize(torch.eye(3), dim=-1)
+    >>> bool(class_distillation(x, x, torch.tensor(100.0), torch.eye(3)) < 1e-3)
+    True
+    """
+    student = F.log_softmax(logit_scale * embeddings @ classes.T, dim=-1)
+    return -(teacher * student).sum(dim=-1).mean()
