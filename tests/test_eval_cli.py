@@ -12,6 +12,7 @@ from skimage import data as samples
 from typer.testing import CliRunner
 
 from mmret.cli.main import app
+from mmret.encoders import DEFAULT_MODEL
 
 runner = CliRunner()
 
@@ -196,7 +197,7 @@ def test_zeroshot_with_starter(class_folders: Path, tmp_path: Path, cache: Path)
     output = run("zeroshot", class_folders, *report_options(cache, out, markdown, plot))
     result = json.loads(out.read_text())
     assert set(result) == {"top1", "top5", "n", "classes", "model"}
-    assert result["n"] == 20 and result["classes"] == 4 and result["model"] == "starter"
+    assert result["n"] == 20 and result["classes"] == 4 and result["model"] == DEFAULT_MODEL
     assert result["top1"] >= 75 and result["top5"] == 100  # 4 classes: top-5 is everything
     assert "tabby cat" in output and "not inside a class folder" in output
     assert "Per class" in markdown.read_text() and plot.stat().st_size > 1000

