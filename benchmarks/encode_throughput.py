@@ -1,6 +1,6 @@
 """Encoding throughput of starter encoders, each next to a plain loop over the same model.
 
-    python benchmarks/encode_throughput.py [--models starter starter:DIR] [--images 256]
+    python benchmarks/encode_throughput.py [--models starter starter-v3 starter:DIR] [--images 256]
         [--texts 2048] [--quick]
 
 The reference decodes each image with PIL and calls the towers and the alignment head
@@ -27,7 +27,7 @@ from PIL import Image
 
 from _common import FLICKR, RESULTS, interleaved_medians, report
 from mmret.demo import write_photos
-from mmret.encoders import load_encoder
+from mmret.encoders import DEFAULT_MODEL, load_encoder
 from mmret.encoders.starter import StarterEncoder
 
 FLICKR_DEV = FLICKR / "dev.jsonl"
@@ -84,7 +84,7 @@ def timed_runs(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["starter"])
+    parser.add_argument("--models", nargs="+", default=["starter", DEFAULT_MODEL])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--texts", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)

