@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from mmret import InputError, Retriever, read_items
+from mmret.encoders import DEFAULT_MODEL
 from mmret.encoders.hashing import HashEncoder
-from mmret.heads.reco import FusionConfig, MeanFusion, TransformerFusion, load_fusion
+from mmret.heads.reco import (
+    SHIPPED_FUSIONS,
+    FusionConfig,
+    MeanFusion,
+    TransformerFusion,
+    load_fusion,
+)
 from mmret.items import Item
 from mmret.memory.refine import Refiner, RefinerOptions, load_refiner
 from mmret.memory.store import Memory, build_memory, write_memory
@@ -212,8 +219,6 @@ def test_first_captions_keeps_the_first_of_each_image(manifest: Path) -> None:
 
 
 def test_the_shipped_fusion_is_for_the_starter_model_only() -> None:
-    from mmret.heads.reco import SHIPPED_FUSIONS
-
     folder = SHIPPED_FUSIONS["starter"]
     fusion = load_fusion("transformer", "starter")
     assert isinstance(fusion, TransformerFusion) and fusion.config.encoder == "starter"
@@ -221,3 +226,11 @@ def test_the_shipped_fusion_is_for_the_starter_model_only() -> None:
     assert (folder / "model.safetensors").stat().st_size < 8 * 2**20  # float16
     with pytest.raises(InputError, match=r"trained for encoder 'starter'.*'starter-v2'"):
         load_fusion(folder, "starter-v2")
+
+
+def test_a_fusion_ships_for_the_default_model() -> None:
+    fusion = load_fusion("transformer", DEFAULT_MODEL)
+    assert isinstance(fusion, TransformerFusion) and fusion.config.encoder == DEFAULT_MODEL
+    folder = SHIPPED_FUSIONS[DEFAULT_MODEL]
+    assert (folder / "MODEL_CARD.md").is_file()
+    assert (folder / "model.safetensors").stat().st_size < 8 * 2**20  # float16

@@ -31,7 +31,10 @@ from mmret.heads.folder import WEIGHTS_FILE, load_weights, read_head_config, sav
 KIND = "reco-fusion"
 SHIPPED = Path(__file__).resolve().parent.parent / "weights"
 #: encoder spec -> folder of the trained fusion that ships for it.
-SHIPPED_FUSIONS = {"starter": SHIPPED / "reco-starter"}
+SHIPPED_FUSIONS = {
+    "starter": SHIPPED / "reco-starter",
+    "starter-v3": SHIPPED / "reco-starter-v3",
+}
 
 
 class Fusion(Protocol):
