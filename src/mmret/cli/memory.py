@@ -12,7 +12,7 @@ import typer
 
 from mmret.cli.output import console, friendly_errors, print_json, print_saved, print_skips, status
 from mmret.cli.train import show_epoch, write_training_record
-from mmret.encoders import load_encoder
+from mmret.encoders import DEFAULT_MODEL, load_encoder
 from mmret.errors import InputError
 from mmret.evaluation.embeddings import PairEmbeddings
 from mmret.ingest.report import SkipReport
@@ -63,7 +63,9 @@ def build(
         ..., help="JSONL/CSV/Parquet manifest of images with captions."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Memory folder to create."),
-    model: str = typer.Option("starter", help="Encoder spec: starter, hf:NAME, ..."),
+    model: str = typer.Option(
+        DEFAULT_MODEL, help="Encoder spec: starter-v3 (the default), starter, hf:NAME, ..."
+    ),
     backend: str = typer.Option(
         "auto", help="Index backend: auto, exact or faiss (auto: exact below 100k pairs)."
     ),

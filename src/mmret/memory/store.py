@@ -26,7 +26,7 @@ import numpy as np
 
 from mmret._files import build_folder
 from mmret._version import __version__
-from mmret.encoders import Encoder, load_encoder
+from mmret.encoders import DEFAULT_MODEL, Encoder, load_encoder
 from mmret.encoders.base import l2_normalise
 from mmret.engine import Retriever
 from mmret.errors import IndexFormatError, InputError
@@ -242,7 +242,7 @@ def build_memory(
     source: str | Path,
     out: str | Path,
     *,
-    model: str = "starter",
+    model: str = DEFAULT_MODEL,
     encoder: Encoder | None = None,
     backend: str = "auto",
     cache_dir: Path | None = None,
