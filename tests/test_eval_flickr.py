@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mmret.cli.main import app
-from mmret.encoders import load_encoder
+from mmret.encoders import DEFAULT_MODEL, load_encoder
 from mmret.evaluation.retrieval import retrieval_metrics
 
 FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
@@ -63,7 +63,7 @@ def test_eval_retrieval_matches_brute_force(
     assert result.exit_code == 0, result.output
     reported = json.loads(out.read_text())
 
-    encoder = load_encoder("starter")
+    encoder = load_encoder(DEFAULT_MODEL)
     captions = [(i, str(c)) for i, row in enumerate(rows) for c in row["captions"]]
     image = encoder.encode_images([str(row["image"]) for row in rows])
     text = encoder.encode_texts([c for _, c in captions])
