@@ -60,6 +60,24 @@ def write_training_record(
     (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
 
 
+def imagenet_weight_option(default: float) -> Any:
+    """``--imagenet-weight``, shared by the heads that can distil the ImageNet classifier."""
+    return typer.Option(
+        default,
+        min=0.0,
+        help="Weight of distilling the image tower's ImageNet classifier (0: off).",
+    )
+
+
+def imagenet_temperature_option(default: float) -> Any:
+    """``--imagenet-temperature``, shared like :func:`imagenet_weight_option`."""
+    return typer.Option(
+        default,
+        min=0.01,
+        help="Temperature softening the ImageNet classifier's scores before distilling.",
+    )
+
+
 @train_app.command("align")
 @friendly_errors
 def align(
@@ -79,15 +97,9 @@ def align(
     towers: str = typer.Option(
         TOWERS, help="Tower pair IMAGE+TEXT, e.g. efficientnet-lite2+all-MiniLM-L6-v2."
     ),
-    imagenet_weight: float = typer.Option(
-        AlignTrainingConfig.imagenet_weight,
-        min=0.0,
-        help="Weight of distilling the image tower's ImageNet classifier (0: off).",
-    ),
-    imagenet_temperature: float = typer.Option(
-        AlignTrainingConfig.imagenet_temperature,
-        min=0.01,
-        help="Temperature softening the ImageNet classifier's scores before distilling.",
+    imagenet_weight: float = imagenet_weight_option(AlignTrainingConfig.imagenet_weight),
+    imagenet_temperature: float = imagenet_temperature_option(
+        AlignTrainingConfig.imagenet_temperature
     ),
     cache_dir: Path | None = typer.Option(None, help="Feature cache (default ~/.cache/mmret)."),
     float16: bool = typer.Option(False, help="Store weights in float16 (half the file size)."),
@@ -246,15 +258,9 @@ def hat(
     batch_size: int = typer.Option(HatTrainingConfig.batch_size, min=2),
     learning_rate: float = typer.Option(HatTrainingConfig.learning_rate, min=0.0),
     seed: int = typer.Option(HatTrainingConfig.seed),
-    imagenet_weight: float = typer.Option(
-        HatTrainingConfig.imagenet_weight,
-        min=0.0,
-        help="Weight of distilling the image tower's ImageNet classifier (0: off).",
-    ),
-    imagenet_temperature: float = typer.Option(
-        HatTrainingConfig.imagenet_temperature,
-        min=0.01,
-        help="Temperature softening the ImageNet classifier's scores before distilling.",
+    imagenet_weight: float = imagenet_weight_option(HatTrainingConfig.imagenet_weight),
+    imagenet_temperature: float = imagenet_temperature_option(
+        HatTrainingConfig.imagenet_temperature
     ),
     cache_dir: Path | None = typer.Option(
         None, help="Layer feature store (default ~/.cache/mmret/layers)."
