@@ -97,8 +97,8 @@ def unit_rows(rows: int, dim: int, seed: int) -> np.ndarray:
     return out
 
 
-def flickr_embeddings(split: str) -> Any:
-    """The starter model's ``PairEmbeddings`` of a Flickr8k split (``"train"``/``"dev"``).
+def flickr_embeddings(split: str, model: str = "starter") -> Any:
+    """``model``'s ``PairEmbeddings`` of a Flickr8k split (``"train"``/``"dev"``).
 
     Encoded once (minutes on a CPU) and cached by mmret under ``~/.cache/mmret/embeddings``
     (or ``$MMRET_CACHE``), keyed by the model's weights and the exact images and captions.
@@ -108,7 +108,7 @@ def flickr_embeddings(split: str) -> Any:
     from mmret.training.features import read_pairs
 
     return embed_pairs(
-        load_encoder("starter"), read_pairs(FLICKR / f"{split}.jsonl"), show_progress=True
+        load_encoder(model), read_pairs(FLICKR / f"{split}.jsonl"), show_progress=True
     )
 
 

@@ -1,9 +1,10 @@
-"""End-to-end query latency: a text string in, ranked results out, with the starter model.
+"""End-to-end query latency: a text string in, ranked results out, with one model.
 
-    python benchmarks/query_latency.py [--queries 200] [--repeats 3] [--backends exact,faiss]
+    python benchmarks/query_latency.py [--model starter-v3] [--queries 200] [--repeats 3]
+        [--backends exact,faiss]
 
-The collection is the Flickr8k photos of ``--splits`` (train+dev: 7,000; their starter
-embeddings are cached, see ``search_throughput.py --vectors real``), queried one dev caption
+The collection is the Flickr8k photos of ``--splits`` (train+dev: 7,000; their embeddings by
+``--model``, default the default model, are cached after the first run), queried one dev caption
 at a time, ``k=10``: what one user of the CLI or server waits for. Without ``../shared/data``
 it falls back to the demo's scikit-image photos. For each backend, over every query and
 repeat:
@@ -31,7 +32,7 @@ import numpy as np
 
 from _common import CONSOLE, FLICKR, RESULTS, flickr_embeddings, report
 from mmret.demo import TEXT_QUERIES, write_photos
-from mmret.encoders import load_encoder
+from mmret.encoders import DEFAULT_MODEL, load_encoder
 from mmret.engine import Retriever
 from mmret.index.base import VectorIndex
 from mmret.index.exact import ExactIndex
@@ -41,8 +42,10 @@ from mmret.items import Item, Query
 from mmret.training.features import read_pairs
 
 
-def collection(scratch: Path, splits: list[str]) -> tuple[list[Item], np.ndarray, list[str], str]:
-    """Items, their ``(N, dim)`` starter embeddings, query captions, and a description."""
+def collection(
+    scratch: Path, splits: list[str], model: str
+) -> tuple[list[Item], np.ndarray, list[str], str]:
+    """Items, their ``(N, dim)`` embeddings by ``model``, query captions, and a description."""
     if (FLICKR / "dev.jsonl").is_file():
         pairs = [read_pairs(FLICKR / f"{split}.jsonl") for split in splits]
         items = [
@@ -50,13 +53,13 @@ def collection(scratch: Path, splits: list[str]) -> tuple[list[Item], np.ndarray
             for pair in pairs
             for image_id, path in zip(pair.image_ids, pair.images, strict=True)
         ]
-        vectors = np.concatenate([flickr_embeddings(s).image for s in splits])
+        vectors = np.concatenate([flickr_embeddings(s, model).image for s in splits])
         captions = list(read_pairs(FLICKR / "dev.jsonl").texts)
         order = np.random.default_rng(0).permutation(len(captions))
         return items, vectors, [captions[i] for i in order], f"{len(items):,} Flickr8k photos"
     CONSOLE.print(f"no Flickr8k at {FLICKR}: using the demo's photos instead", style="yellow")
     items = list(read_items(write_photos(scratch / "photos")))
-    vectors = load_encoder("starter").encode(items)
+    vectors = load_encoder(model).encode(items)
     return items, vectors, list(TEXT_QUERIES), f"{len(items)} scikit-image photos"
 
 
@@ -105,6 +108,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--k", type=int, default=10)
@@ -121,11 +125,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
-        items, item_vectors, captions, source = collection(scratch, args.splits.split(","))
+        items, item_vectors, captions, source = collection(
+            scratch, args.splits.split(","), args.model
+        )
         captions = captions[: args.queries]
         for number, backend in enumerate(args.backends.split(",")):
             folder = scratch / backend
-            with Retriever.create(folder, backend=backend) as retriever:
+            with Retriever.create(folder, model=args.model, backend=backend) as retriever:
                 retriever.add_vectors(items, item_vectors)
             with Retriever.open(folder, readonly=True) as retriever:
                 cold_s = "-"
@@ -148,7 +154,7 @@ def main() -> None:
                 ]
             )
     report(
-        f"End-to-end text query latency, starter model, k={args.k}, one query per call ({source})",
+        f"End-to-end text query latency, {args.model}, k={args.k}, one query per call ({source})",
         [
             "backend",
             "structure",
