@@ -1,15 +1,18 @@
 """Retrieve fast, rerank smart on Flickr8k dev: first stages alone and reranked at several N.
 
     python benchmarks/rerank_dev.py --model joint=DIR [--model separate=DIR@20] \
-        [--sizes 10,20,50,100] [--captions 1000] [--images 200] [--ceiling 100] [--starter 20]
+        [--sizes 10,20,50,100] [--captions 1000] [--images 200] [--ceiling 100] \
+        [--first-stage starter-v3@10,20,50,100]
 
 For each reranker folder (``mmret train rerank``; default the shipped one): its own first
 stage (the bi-encoder it was trained with) alone and with its top N reranked by its
 cross-encoder (``DIR@10,20`` picks a model's own N, default ``--sizes``): t2i and i2t
 R@1/5/10 and the reranking's milliseconds per query (reading the candidates' stored token
-features plus the cross-encoder, one query at a time). ``--starter N`` has the first model's
-cross-encoder rerank the ``starter`` model's first stage too (what ``mmret search --rerank``
-does on a starter index). ``--ceiling Q`` scores Q sampled captions against all 1,000 images
+features plus the cross-encoder, one query at a time). ``--first-stage SPEC@N,...``
+(repeatable) has the first model rerank that encoder's first stage too (what ``mmret search
+--rerank`` does on an index built with it): the cross-encoder alone, and, where the reranker
+was calibrated for that model (``mmret train rerank-calibrate``), plus the first stage's score
+times the calibrated weight. ``--ceiling Q`` scores Q sampled captions against all 1,000 images
 (and Q / 5 images against all 5,000 captions) with the cross-encoder alone: what it reaches
 without a first stage. ``--captions`` and ``--images`` sample the queries (fixed seed) to
 keep the run short on a busy machine; every row of a model scores the same queries (its first
@@ -31,12 +34,12 @@ import torch
 
 from _common import FLICKR, RESULTS, report, require_flickr
 from mmret.encoders import load_encoder
-from mmret.encoders.starter import StarterEncoder
+from mmret.evaluation.embeddings import embed_pairs
 from mmret.evaluation.rerank import RerankedReport, StoredSides, reranked_ranks, reranked_retrieval
 from mmret.evaluation.retrieval import RetrievalReport, recalls, retrieval_metrics
 from mmret.reranker import SHIPPED_RERANKER, load_reranker
 from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
-from mmret.training.features import read_pairs
+from mmret.training.features import PairSet, read_pairs
 from mmret.training.rerank import RerankTrainingConfig, dev_sample, embed_stored
 
 
@@ -97,7 +100,9 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=0, help="caption queries (0: all)")
     parser.add_argument("--images", type=int, default=0, help="image queries (0: all)")
     parser.add_argument("--ceiling", type=int, default=100, help="sampled captions (0: skip)")
-    parser.add_argument("--starter", default="", help="N,...: rerank starter's top N too")
+    parser.add_argument(
+        "--first-stage", action="append", default=[], help="SPEC@N,...: rerank its top N too"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "rerank_dev.json")
     args = parser.parse_args()
@@ -116,8 +121,9 @@ def main() -> None:
         folder, _, own_sizes = spec.partition("@")
         reranker = load_reranker(folder)
         config = reranker.model.config
+        pairs = read_pairs(FLICKR / "dev.jsonl")
         dev: LayerFeatureSet = layer_feature_set(
-            read_pairs(FLICKR / "dev.jsonl"),
+            pairs,
             reranker.backbone,
             [config.image_layer],
             [config.text_layer],
@@ -135,58 +141,65 @@ def main() -> None:
             if args.images
             else image_pool
         )
-        stages = {
-            "own bi-encoder": (embed_stored(reranker.model, dev), numbers(own_sizes) or sizes)
-        }
-        if args.starter and number == 0:
-            starter = load_encoder("starter")
-            assert isinstance(starter, StarterEncoder)
-            stages["starter"] = (_starter_vectors(starter, dev), numbers(args.starter))
-        for stage, ((image, text), depths) in stages.items():
+        own = embed_stored(reranker.model, dev)
+        stages = [("own bi-encoder", own, numbers(own_sizes) or sizes, [0.0])]
+        for first_stage in args.first_stage if number == 0 else []:
+            encoder_spec, _, depths = first_stage.partition("@")
+            weight = reranker.first_stage_weight(encoder_spec)
+            vectors = _first_stage_vectors(encoder_spec, pairs, len(dev.image_ids))
+            stages.append((encoder_spec, vectors, numbers(depths) or sizes, sorted({0.0, weight})))
+        for stage, (image, text), depths, weights in stages:
             full = retrieval_metrics(image, text, owner)
             extra[f"{name} / {stage} / first stage, all queries"] = full.to_dict()
             first = reranked_retrieval(
                 reranker.model, image, text, owner, sides, 1, captions=captions, images=images
             ).report
-            rows.append([name, stage, "-", *recall_cells(first), "-", "-", f"{first.rsum:.1f}"])
-            for n in depths:
-                result: RerankedReport = reranked_retrieval(
-                    reranker.model, image, text, owner, sides, n, captions=captions, images=images
-                )
-                rows.append(
-                    [
-                        name,
-                        stage,
+            rows.append(
+                [name, stage, "-", "-", *recall_cells(first), "-", "-", f"{first.rsum:.1f}"]
+            )
+            for weight in weights:
+                for n in depths:
+                    result: RerankedReport = reranked_retrieval(
+                        reranker.model,
+                        image,
+                        text,
+                        owner,
+                        sides,
                         n,
-                        *recall_cells(result.report),
-                        f"{result.ms_per_query_text_to_image:.1f}",
-                        f"{result.ms_per_query_image_to_text:.1f}",
-                        f"{result.report.rsum:.1f}",
-                    ]
-                )
+                        captions=captions,
+                        images=images,
+                        first_stage_weight=weight,
+                    )
+                    rows.append(
+                        [
+                            name,
+                            stage,
+                            f"{weight:g}" if stage != "own bi-encoder" else "-",
+                            n,
+                            *recall_cells(result.report),
+                            f"{result.ms_per_query_text_to_image:.1f}",
+                            f"{result.ms_per_query_image_to_text:.1f}",
+                            f"{result.report.rsum:.1f}",
+                        ]
+                    )
         if args.ceiling and number == 0:
             t2i, i2t, ms = ceiling(reranker.model, sides, owner, args.ceiling, seed=1)
             cells = [f"{v:.1f}" for v in (*t2i.values(), *i2t.values())]
             label = f"cross-encoder alone ({args.ceiling} captions, {args.ceiling // 5} images)"
-            rows.append([name, label, "all", *cells, f"{ms:.0f}", "-", "-"])
-    columns = ["model", "first stage", "rerank N", "t2i R@1", "R@5", "R@10", "i2t R@1", "R@5"]
+            rows.append([name, label, "-", "all", *cells, f"{ms:.0f}", "-", "-"])
+    columns = ["model", "first stage", "first-stage weight", "rerank N", "t2i R@1", "R@5"]
+    columns += ["R@10", "i2t R@1", "R@5"]
     columns += ["R@10", "t2i ms/q", "i2t ms/q", "RSUM"]
     extra["queries"] = {"captions": args.captions or "all", "images": args.images or "all"}
     report("Flickr8k dev: first stage and reranked", columns, rows, args.out, extra)
 
 
-def _starter_vectors(
-    starter: StarterEncoder, dev: LayerFeatureSet
-) -> tuple[np.ndarray, np.ndarray]:
-    """The starter's unit vectors of the stored dev set (its head on the stored last layers)."""
-    with torch.inference_mode():
-        rows_i, rows_t = np.arange(len(dev.image_ids)), np.arange(len(dev.text_image))
-        image = starter.head.image(dev.image[8].read_pooled(rows_i))
-        text = starter.head.text(torch.nn.functional.normalize(dev.text[6].read_pooled(rows_t)))
-    return (
-        torch.nn.functional.normalize(image, dim=-1).numpy(),
-        torch.nn.functional.normalize(text, dim=-1).numpy(),
-    )
+def _first_stage_vectors(spec: str, pairs: PairSet, images: int) -> tuple[np.ndarray, np.ndarray]:
+    """An encoder's unit vectors of the dev images and captions (cached like `mmret eval`)."""
+    embedded = embed_pairs(load_encoder(spec), pairs, show_progress=True)
+    if len(embedded.image) != images:
+        raise SystemExit(f"{spec} and the token features kept different dev images")
+    return embedded.image, embedded.text
 
 
 if __name__ == "__main__":

@@ -14,11 +14,18 @@ from typer.testing import CliRunner
 
 from mmret import InputError, Item, Query, Retriever
 from mmret.cli.main import app
+from mmret.errors import IndexFormatError
 from mmret.heads.rerank import CrossEncoder, SideTokens
 from mmret.index.integrity import check_index, repair_index
 from mmret.index.token_store import TOKENS_DIR
-from mmret.reranker import Reranker, load_reranker
-from mmret.training.rerank import COSINE_WEIGHTS, best_cosine_weight
+from mmret.reranker import (
+    FIRST_STAGE_FILE,
+    Reranker,
+    load_reranker,
+    read_first_stage_weights,
+    write_first_stage_weight,
+)
+from mmret.training.rerank import INTERPOLATION_WEIGHTS, best_weight
 
 from .conftest import COLOURS, solid
 from .rerank_fixtures import LayerHashEncoder, tiny_config, tiny_reranker, tiny_spec
@@ -98,6 +105,34 @@ def test_a_candidates_score_is_a_direct_cross_encoder_call(
             assert hit.score == pytest.approx(direct, abs=1e-5)
         orders.append([hit.id for hit in hits])
     assert orders[0] != sorted(orders[0])  # the cross-encoder really reordered something
+
+
+def test_a_calibrated_first_stage_adds_its_weighted_score(
+    indexed: tuple[Path, LayerHashEncoder], tmp_path: Path
+) -> None:
+    folder, encoder = indexed
+    plain = tiny_reranker(encoder)
+    calibrated = Reranker(plain.model, encoder, {encoder.spec: 3.0, "another-model": 50.0})
+    other = Reranker(plain.model, encoder, {"another-model": 50.0})
+    with Retriever.open(folder, encoder=encoder, readonly=True) as index:
+        first = {hit.id: hit.score for hit in index.search(QUERIES[:1], k=8)[0]}
+        fused = index.search(QUERIES[:1], k=8, rerank=8, reranker=calibrated)[0]
+        alone = {h.id: h.score for h in index.search(QUERIES[:1], k=8, rerank=8, reranker=other)[0]}
+    assert {hit.id for hit in fused} == set(first) == set(alone)
+    for hit in fused:  # the cross-encoder's score plus 3 x the first stage's, nothing else
+        assert hit.score == pytest.approx(alone[hit.id] + 3.0 * first[hit.id], abs=1e-5)
+    assert calibrated.first_stage_weight("never-calibrated") == 0.0
+
+
+def test_first_stage_weights_are_kept_per_model_and_bad_files_are_named(tmp_path: Path) -> None:
+    write_first_stage_weight(tmp_path, "starter", 10.0, {"n": 20})
+    write_first_stage_weight(tmp_path, "starter-v3", 15.0, {"n": 20})
+    write_first_stage_weight(tmp_path, "starter", 5.0, {"n": 10})
+    assert read_first_stage_weights(tmp_path) == {"starter": 5.0, "starter-v3": 15.0}
+    assert not list(tmp_path.glob("*.tmp"))
+    (tmp_path / FIRST_STAGE_FILE).write_text('{"weights": [1, 2]}')
+    with pytest.raises(IndexFormatError, match=FIRST_STAGE_FILE):
+        read_first_stage_weights(tmp_path)
 
 
 def half(side: SideTokens) -> SideTokens:
@@ -201,11 +236,18 @@ def test_train_index_search_and_evaluate_from_the_cli(manifest: Path, tmp_path: 
     assert "reranked top 20" in " ".join(result.output.split())
     history = json.loads((out / "training.json").read_text())["history"]
     assert [entry["epoch"] for entry in history] == [1, 2] and history[1]["dev_reranked"]
-    assert history[1]["dev_reranked"]["cosine_weight"] in COSINE_WEIGHTS
+    assert history[1]["dev_reranked"]["cosine_weight"] in INTERPOLATION_WEIGHTS
     saved = CrossEncoder.load(out)
     assert float(saved.cosine_weight) == history[1]["dev_reranked"]["cosine_weight"]
     rerun = CliRunner().invoke(app, train)  # resumes after the last epoch: nothing to do
     assert rerun.exit_code == 0 and "epoch" not in rerun.output.split("saved")[0]
+    calibrated = CliRunner().invoke(
+        app, ["train", "rerank-calibrate", str(out), "--dev", str(manifest), "--first-stage",
+              backbone.spec, "--n", "3", *cache],
+    )  # fmt: skip
+    assert calibrated.exit_code == 0, calibrated.output
+    weight = load_reranker(out).first_stage_weight(backbone.spec)
+    assert weight in INTERPOLATION_WEIGHTS and "<- chosen" in calibrated.output
 
     made = CliRunner().invoke(
         app, ["index", str(manifest), "--out", str(index), "--model", backbone.spec,
@@ -229,6 +271,7 @@ def test_train_index_search_and_evaluate_from_the_cli(manifest: Path, tmp_path: 
     assert evaluated.exit_code == 0, evaluated.output
     reranked = json.loads(record.read_text())["reranked"]
     assert [entry["n"] for entry in reranked] == [2, 4]
+    assert all(entry["first_stage_weight"] == weight for entry in reranked)
     assert "Reranked by the cross-encoder" in evaluated.output
 
     queries, qrels = tmp_path / "queries.jsonl", tmp_path / "qrels.tsv"
@@ -258,8 +301,8 @@ def test_calibration_weighs_the_cosine_by_what_reranks_best() -> None:
     cosine = np.tile(np.linspace(1.0, 0.6, 5), (4, 1))
     # A cross-encoder that knows the hit: the cosine only gets in its way.
     knowing = hits * 1.0
-    assert best_cosine_weight([(knowing, cosine, hits)]) == 0.0
+    assert best_weight([(knowing, cosine, hits)]) == 0.0
     # One that scores everything alike: weight 0 would tie the hit with every miss, which
     # counts against it, so the cosine's order (any weight above 0) is kept.
     constant = np.zeros((4, 5))
-    assert best_cosine_weight([(constant, cosine, hits)]) == COSINE_WEIGHTS[1]
+    assert best_weight([(constant, cosine, hits)]) == INTERPOLATION_WEIGHTS[1]

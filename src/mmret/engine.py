@@ -489,7 +489,7 @@ class Retriever:
                 own = self.encoder if self.token_spec is not None else None
                 reranker = load_reranker()
                 if own is not None and own.layer_source == reranker.spec.source:
-                    reranker = type(reranker)(reranker.model, own)  # share the loaded towers
+                    reranker = reranker.with_backbone(own)  # share the loaded towers
                 self._reranker = reranker
             reranker = self._reranker
         reranker.check_index(self.token_spec, self.folder)
@@ -529,7 +529,8 @@ class Retriever:
     def _rerank(
         self, model: Reranker, query: SideTokens, hits: list[tuple[int, SearchResult]]
     ) -> list[SearchResult]:
-        """``hits`` reordered by the cross-encoder's scores, which they then carry."""
+        """``hits`` reordered by the reranker's scores (the cross-encoder's, plus the first
+        stage's as calibrated for this index's model), which they then carry."""
         if not hits:
             return []
         assert self._tokens is not None  # check_index refused an index without token features
@@ -542,7 +543,10 @@ class Retriever:
                 f"{self.folder}: no stored token features for {missing[:5]} "
                 "(run `mmret check` and `mmret repair`)"
             )
-        scores = model.score(query, self._tokens.read([refs[key] for key in keys]))
+        from mmret.reranker import FirstStage
+
+        first_stage = FirstStage(self.encoder.spec, np.array([hit.score for _, hit in hits]))
+        scores = model.score(query, self._tokens.read([refs[key] for key in keys]), first_stage)
         order = np.argsort(-scores, kind="stable")
         return [replace(hits[i][1], score=float(scores[i])) for i in order]
 

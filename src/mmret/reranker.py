@@ -5,10 +5,16 @@ backbone whose token features it reads. It computes token features of queries (a
 time, of items: :meth:`Reranker.features`) and scores a query against candidates whose
 features were stored beside the index (:mod:`mmret.index.token_store`).
 ``load_reranker()`` gives the model shipped in ``mmret/weights/rerank``.
+
+A reranker may also be calibrated for a first stage (``mmret train rerank-calibrate``): its
+score then adds that model's first-stage score times a weight chosen on dev data, stored per
+first-stage model in ``first_stage.json`` beside the weights. Candidates ranked by a model it
+was not calibrated for are scored by the cross-encoder alone.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,10 +25,20 @@ import torch
 
 from mmret.encoders import Encoder, load_encoder
 from mmret.encoders.base import Content
-from mmret.errors import InputError
+from mmret.errors import IndexFormatError, InputError
 from mmret.heads.rerank import CrossEncoder, SideTokens, empty_side, image_grid
 
 SHIPPED_RERANKER = Path(__file__).resolve().parent / "weights" / "rerank"
+#: Beside a reranker's weights: the first-stage weight calibrated for each first-stage model.
+FIRST_STAGE_FILE = "first_stage.json"
+
+
+@dataclass(frozen=True)
+class FirstStage:
+    """The candidates' scores by the first stage that ranked them, and that model's spec."""
+
+    model: str
+    scores: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -51,9 +67,15 @@ class TokenFeatureSpec:
 class Reranker:
     """A cross-encoder and the backbone computing its token features (loaded on first use)."""
 
-    def __init__(self, model: CrossEncoder, backbone: Encoder | None = None) -> None:
+    def __init__(
+        self,
+        model: CrossEncoder,
+        backbone: Encoder | None = None,
+        first_stage_weights: dict[str, float] | None = None,
+    ) -> None:
         config = model.config
         self.model = model.eval()
+        self.first_stage_weights = dict(first_stage_weights or {})
         self.spec = TokenFeatureSpec(
             backbone=config.backbone,
             source=config.layer_source,
@@ -99,10 +121,26 @@ class Reranker:
         """Token features of queries or items (see :func:`token_features`)."""
         return token_features(self.backbone, self.spec, contents)
 
-    def score(self, query: SideTokens, candidates: SideTokens) -> np.ndarray:
-        """``(N,)`` match scores of one query (a side of one input) against ``N`` candidates."""
+    def with_backbone(self, backbone: Encoder) -> Reranker:
+        """The same reranker computing its token features with ``backbone``'s loaded towers."""
+        return Reranker(self.model, backbone, self.first_stage_weights)
+
+    def first_stage_weight(self, model: str) -> float:
+        """The weight of first-stage scores by ``model`` (an encoder spec) in the match score:
+        the one calibrated for it, or 0 (the cross-encoder alone) for an uncalibrated model."""
+        return self.first_stage_weights.get(model, 0.0)
+
+    def score(
+        self, query: SideTokens, candidates: SideTokens, first_stage: FirstStage | None = None
+    ) -> np.ndarray:
+        """``(N,)`` match scores of one query (a side of one input) against ``N`` candidates:
+        the cross-encoder's, plus ``first_stage``'s scores of them times the weight calibrated
+        for its model."""
         with torch.inference_mode():
             scores: np.ndarray = self.model(query, candidates).float().numpy()
+        if first_stage is not None:
+            weight = self.first_stage_weight(first_stage.model)
+            scores = scores + weight * np.asarray(first_stage.scores, dtype=np.float32)
         return scores
 
 
@@ -141,4 +179,30 @@ def load_reranker(folder: str | Path | None = None, backbone: Encoder | None = N
     path = Path(folder) if folder else SHIPPED_RERANKER
     if not folder and not (path / "config.json").is_file():
         raise InputError("no reranker ships with this mmret; train one with `mmret train rerank`")
-    return Reranker(CrossEncoder.load(path), backbone)
+    return Reranker(CrossEncoder.load(path), backbone, read_first_stage_weights(path))
+
+
+def read_first_stage_weights(folder: Path) -> dict[str, float]:
+    """The first-stage weights calibrated for the reranker in ``folder`` (none: empty)."""
+    path = folder / FIRST_STAGE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        weights = json.loads(path.read_text())["weights"]
+        return {str(model): float(weight) for model, weight in weights.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+        raise IndexFormatError(f"{path}: not a first-stage calibration ({error})") from None
+
+
+def write_first_stage_weight(folder: Path, model: str, weight: float, record: Any) -> None:
+    """Record ``weight`` for first-stage ``model`` in ``folder`` (and how it was chosen), keeping
+    the weights calibrated for other models; written atomically."""
+    path = folder / FIRST_STAGE_FILE
+    document: dict[str, Any] = {"weights": {}, "calibration": {}}
+    if path.is_file():
+        document = json.loads(path.read_text())
+    document["weights"][model] = weight
+    document["calibration"][model] = record
+    scratch = path.with_suffix(".json.tmp")
+    scratch.write_text(json.dumps(document, indent=2) + "\n")
+    scratch.replace(path)

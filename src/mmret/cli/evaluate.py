@@ -60,7 +60,8 @@ from mmret.heads.rerank import SideTokens
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import read_items
 from mmret.items import Item
-from mmret.reranker import load_reranker
+from mmret.late_interaction import similarity
+from mmret.reranker import FirstStage, load_reranker
 from mmret.training.feature_store import layer_feature_set
 from mmret.training.features import PairSet
 
@@ -218,7 +219,9 @@ def retrieval(
         )
     )
     score_s = time.perf_counter() - scoring
-    reranked = rerank_pairs(pairs, arrays, rerank, reranker, cache_dir, report) if rerank else []
+    reranked = (
+        rerank_pairs(pairs, arrays, label, rerank, reranker, cache_dir, report) if rerank else []
+    )
     print_skips(report)
     seconds = time.perf_counter() - started
     record = {
@@ -424,10 +427,19 @@ def ir(
                 features[kind, row] = cross.features([items[row]])
             return features[kind, row]
 
+        first_stage_model = encoder.spec
+
+        def first_stage(query: int, documents: np.ndarray) -> np.ndarray:
+            scores: np.ndarray = similarity(
+                query_vectors[query : query + 1], doc_vectors[documents], encoder.token_dim
+            )[0]
+            return scores
+
         reorder = reranking_order(
-            cross.score,
+            lambda q, c, s: cross.score(q, c, FirstStage(first_stage_model, s)),
             lambda q: side("query", query_items, q),
             lambda d: side("doc", doc_items, d),
+            first_stage,
             rerank,
         )
         label += f" + rerank top {rerank}"
@@ -504,13 +516,15 @@ def doc_task(
 def rerank_pairs(
     pairs: PairSet,
     arrays: tuple[np.ndarray, np.ndarray, np.ndarray],
+    first_stage_model: str,
     sizes: Sequence[int],
     folder: Path | None,
     cache_dir: Path | None,
     report: SkipReport,
 ) -> list[RerankedReport]:
     """Recalls after reranking the top N for each N in ``sizes``, from stored token features
-    (extracted once into the layer feature store)."""
+    (extracted once into the layer feature store), with the weight of the first stage's
+    scores that the reranker was calibrated with for ``first_stage_model`` (if any)."""
     model = load_reranker(folder)
     config = model.model.config
     features = layer_feature_set(
@@ -525,13 +539,18 @@ def rerank_pairs(
     if len(features.image_ids) != len(arrays[0]):
         raise InputError("the first stage and the token features kept different images")
     sides = StoredSides(features, config.image_layer, config.text_layer)
-    return [reranked_retrieval(model.model, *arrays, sides, n) for n in sorted(set(sizes))]
+    weight = model.first_stage_weight(first_stage_model)
+    return [
+        reranked_retrieval(model.model, *arrays, sides, n, first_stage_weight=weight)
+        for n in sorted(set(sizes))
+    ]
 
 
 def reranked_record(reranked: RerankedReport) -> dict[str, Any]:
     metrics = reranked.report
     return {
         "n": reranked.n,
+        "first_stage_weight": reranked.first_stage_weight,
         "text_to_image": rounded(metrics.text_to_image),
         "image_to_text": rounded(metrics.image_to_text),
         "rsum": round(metrics.rsum, 4),
@@ -557,4 +576,10 @@ def reranked_table(first: RetrievalReport, reranked: Sequence[RerankedReport]) -
         )
         rows.append(row(f"+ rerank top {r.n}", r.report, t2i_ms, i2t_ms))
     columns = ("", "t2i R@1", "R@5", "R@10", "ms/q", "i2t R@1", "R@5", "R@10", "ms/q", "RSUM")
-    return MetricTable("Reranked by the cross-encoder", columns, tuple(rows))
+    weight = reranked[0].first_stage_weight if reranked else 0.0
+    title = "Reranked by the cross-encoder" + (
+        f" + {weight:g} x the first stage's score (calibrated)"
+        if weight
+        else " alone (no first-stage weight calibrated for this model)"
+    )
+    return MetricTable(title, columns, tuple(rows))

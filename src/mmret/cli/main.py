@@ -31,6 +31,7 @@ from mmret.cli.output import (
     results_table,
     status,
 )
+from mmret.cli.rerank import calibrate as calibrate_rerank
 from mmret.cli.rerank import train as train_rerank
 from mmret.cli.serve import serve
 from mmret.cli.train import train_app
@@ -64,6 +65,7 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(memory_app, name="memory")
 train_app.command("reco")(train_reco)
 train_app.command("rerank")(train_rerank)
+train_app.command("rerank-calibrate")(calibrate_rerank)
 train_app.command("caption")(train_caption)
 app.command()(check)
 app.command()(repair)

@@ -5,6 +5,8 @@ order) are rescored by the cross-encoder and reordered; everything below them ke
 stage order. A query's rank is then its best hit's place among the reranked N (ties in the
 query's favour, as in :mod:`mmret.evaluation.retrieval`), or its first-stage rank (at least
 N + 1) when no hit made the top N: reranking cannot find what the first stage missed.
+With a ``first_stage_weight``, the reranked score adds the first stage's score times it (a
+reranker calibrated for that first stage, :class:`mmret.reranker.FirstStage`).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def reranked_ranks(
     n: int,
     *,
     query_batch: int = 1,
+    first_stage_weight: float = 0.0,
 ) -> tuple[np.ndarray, float]:
     """``(Q,)`` 1-based ranks of each query's best hit after reranking its top ``n``, and the
     seconds reranking took per query (reading features and the cross-encoder).
@@ -88,6 +91,7 @@ def reranked_ranks(
     ``first_stage`` ``(Q, C)`` holds the first stage's scores of every candidate; ``hits(q)``
     the candidate columns that are hits for query row ``q``; ``queries(rows)`` and
     ``candidates(columns)`` read token features. ``query_batch`` queries share one forward pass.
+    The reranked score adds ``first_stage_weight`` times the first stage's.
     """
     model.eval()
     ranks = np.empty(len(first_stage), dtype=np.int64)
@@ -99,6 +103,10 @@ def reranked_ranks(
         with torch.inference_mode():
             query = repeat_side(queries(rows), top.shape[1])
             scores = model(query, candidates(top[rows].reshape(-1))).view(len(rows), -1).numpy()
+        if first_stage_weight:
+            scores = scores + first_stage_weight * np.take_along_axis(
+                first_stage[rows], top[rows], axis=1
+            )
         seconds += time.perf_counter() - began
         for offset, row in enumerate(rows):
             ranks[row] = _rank(first_stage[row], top[row], scores[offset], hits(int(row)))
@@ -115,12 +123,14 @@ def _rank(first: np.ndarray, top: np.ndarray, reranked: np.ndarray, hits: np.nda
 
 @dataclass(frozen=True)
 class RerankedReport:
-    """Recalls both ways after reranking the top ``n``, and milliseconds per query."""
+    """Recalls both ways after reranking the top ``n``, milliseconds per query, and the weight
+    of the first stage's scores in the reranked score."""
 
     report: RetrievalReport
     n: int
     ms_per_query_text_to_image: float
     ms_per_query_image_to_text: float
+    first_stage_weight: float = 0.0
 
 
 def reranked_retrieval(
@@ -134,11 +144,13 @@ def reranked_retrieval(
     captions: Sequence[int] | np.ndarray | None = None,
     images: Sequence[int] | np.ndarray | None = None,
     query_batch: int = 1,
+    first_stage_weight: float = 0.0,
 ) -> RerankedReport:
     """Image-text retrieval metrics (the standard protocol) after reranking the top ``n``.
 
     ``image (N, D)`` and ``text (T, D)`` are the first stage's unit vectors; ``captions`` and
-    ``images`` choose the query rows (default: all), for a quicker estimate on a sample.
+    ``images`` choose the query rows (default: all), for a quicker estimate on a sample;
+    ``first_stage_weight`` is the weight of their cosines in the reranked score.
     """
     caption_rows = np.arange(len(text)) if captions is None else np.asarray(captions)
     image_rows = np.arange(len(image)) if images is None else np.asarray(images)
@@ -152,6 +164,7 @@ def reranked_retrieval(
         sides.images,
         n,
         query_batch=query_batch,
+        first_stage_weight=first_stage_weight,
     )
     i2t, i2t_s = reranked_ranks(
         model,
@@ -161,9 +174,10 @@ def reranked_retrieval(
         sides.texts,
         n,
         query_batch=query_batch,
+        first_stage_weight=first_stage_weight,
     )
     report = report_from_ranks(t2i, i2t, len(image), len(text))
-    return RerankedReport(report, n, 1000.0 * t2i_s, 1000.0 * i2t_s)
+    return RerankedReport(report, n, 1000.0 * t2i_s, 1000.0 * i2t_s, first_stage_weight)
 
 
 def stack_sides(sides: Sequence[SideTokens]) -> SideTokens:
@@ -186,18 +200,21 @@ def stack_sides(sides: Sequence[SideTokens]) -> SideTokens:
 
 
 def reranking_order(
-    score: Callable[[SideTokens, SideTokens], np.ndarray],
+    score: Callable[[SideTokens, SideTokens, np.ndarray], np.ndarray],
     queries: Callable[[int], SideTokens],
     documents: Callable[[int], SideTokens],
+    first_stage: Callable[[int, np.ndarray], np.ndarray],
     n: int,
 ) -> Callable[[int, np.ndarray], np.ndarray]:
     """A ``reorder(q, ranked)`` for :func:`mmret.evaluation.ir.ir_metrics`: query ``q``'s top
-    ``n`` ranked documents reordered by ``score(query, candidates)``, the rest left as they are.
-    ``queries(q)`` and ``documents(d)`` give one input's token features."""
+    ``n`` ranked documents reordered by ``score(query, candidates, first_stage_scores)``, the
+    rest left as they are. ``queries(q)`` and ``documents(d)`` give one input's token features,
+    ``first_stage(q, documents)`` the first stage's scores of those documents for query ``q``."""
 
     def reorder(query: int, ranked: np.ndarray) -> np.ndarray:
         top = ranked[:n]
-        scores = score(queries(query), stack_sides([documents(int(d)) for d in top]))
+        candidates = stack_sides([documents(int(d)) for d in top])
+        scores = score(queries(query), candidates, first_stage(query, top))
         return np.concatenate([top[np.argsort(-scores, kind="stable")], ranked[n:]])
 
     return reorder

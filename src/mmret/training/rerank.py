@@ -51,8 +51,9 @@ from mmret.training.losses import symmetric_info_nce
 
 _CHUNK = 2048
 _SCALE_RATE = 10.0
-#: The interpolation weights of the bi-encoder's cosine that dev calibration chooses from.
-COSINE_WEIGHTS = (0.0, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0)
+#: The interpolation weights (of the bi-encoder's cosine, or of another first stage's score)
+#: that dev calibration chooses from; the first best wins.
+INTERPOLATION_WEIGHTS = (0.0, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class RerankEpochLog:
         }
 
 
-class _Data:
+class RerankData:
     """A stored feature set as the training loop reads it: image grids by image row, texts by
     caption row, and the bi-encoder inputs (mean tokens) of all of them."""
 
@@ -181,7 +182,7 @@ class _Data:
 def embed_stored(model: CrossEncoder, features: LayerFeatureSet) -> tuple[np.ndarray, np.ndarray]:
     """The bi-encoder's ``(N, E)`` image and ``(T, E)`` caption unit vectors of a stored set
     (the first stage of the joint model)."""
-    image, text = _Data(features, model.config).embed(model)
+    image, text = RerankData(features, model.config).embed(model)
     return image.numpy(), text.numpy()
 
 
@@ -268,8 +269,8 @@ def train_rerank(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = build_model(train, config, backbone, layer_source)
-    data = _Data(train, config)
-    dev_data = _Data(dev, config) if dev is not None else None
+    data = RerankData(train, config)
+    dev_data = RerankData(dev, config) if dev is not None else None
     bi_encoder = {id(p) for m in (model.image, model.text) for p in m.parameters()}
     bi_encoder.add(id(model.log_logit_scale))
     # The score's weights and read-out are few and must move far: ten times the rate, no decay.
@@ -338,7 +339,7 @@ def train_rerank(
 
 
 def _warmup_steps(
-    model: CrossEncoder, data: _Data, config: RerankTrainingConfig, generator: torch.Generator
+    model: CrossEncoder, data: RerankData, config: RerankTrainingConfig, generator: torch.Generator
 ) -> Any:
     """Bi-encoder losses over every caption once, in a random order."""
     order = torch.randperm(len(data.owner), generator=generator).numpy()
@@ -347,7 +348,7 @@ def _warmup_steps(
         yield _contrastive(model, data, captions)
 
 
-def _contrastive(model: CrossEncoder, data: _Data, captions: np.ndarray) -> torch.Tensor:
+def _contrastive(model: CrossEncoder, data: RerankData, captions: np.ndarray) -> torch.Tensor:
     images = data.owner[captions]
     image = model.embed_pooled(data.image_means[images], None)
     text = model.embed_pooled(None, data.texts.read_pooled(captions))
@@ -355,7 +356,7 @@ def _contrastive(model: CrossEncoder, data: _Data, captions: np.ndarray) -> torc
 
 
 def _joint_steps(
-    model: CrossEncoder, data: _Data, config: RerankTrainingConfig, generator: torch.Generator
+    model: CrossEncoder, data: RerankData, config: RerankTrainingConfig, generator: torch.Generator
 ) -> Any:
     """Mine hard negatives with the current bi-encoder, then yield the joint losses."""
     half = config.queries_per_epoch // 2
@@ -412,7 +413,7 @@ def _joint_steps(
 
 def _evaluate(
     model: CrossEncoder,
-    dev: _Data | None,
+    dev: RerankData | None,
     config: RerankTrainingConfig,
     epoch: int,
     loss: float,
@@ -458,25 +459,71 @@ def dev_sample(
     return np.sort(caption_rows), np.sort(image_rows)
 
 
+#: One direction's top candidates per query: ``(Q, n)`` reranker scores, ``(Q, n)`` first-stage
+#: scores and ``(Q, n)`` whether each candidate is a hit.
+CandidateScores = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 def calibrate_cosine_weight(
     model: CrossEncoder,
-    dev: _Data,
+    dev: RerankData,
     image: np.ndarray,
     text: np.ndarray,
     captions: np.ndarray,
     images: np.ndarray,
     n: int,
 ) -> float:
-    """The weight of :data:`COSINE_WEIGHTS` whose reranked top ``n`` scores best on the dev
-    sample (the sum of R@1, R@5 and R@10 both ways for the query rows ``captions`` and
-    ``images``). The cross-encoder scores each query's ``n`` candidates once; only the
+    """The weight of :data:`INTERPOLATION_WEIGHTS` whose reranked top ``n`` scores best on the
+    dev sample (the sum of R@1, R@5 and R@10 both ways for the query rows ``captions`` and
+    ``images``), the bi-encoder's ``(N, E)`` ``image`` and ``(T, E)`` ``text`` vectors being
+    the first stage. The cross-encoder scores each query's ``n`` candidates once; only the
     interpolation ``cross + weight * cosine`` changes with the weight."""
+    first_stage = (text[captions] @ image.T, image[images] @ text.T)
+    directions = candidate_scores(model.cross_score, dev, *first_stage, captions, images, n)
+    return best_weight(directions)
+
+
+def best_weight(directions: list[CandidateScores]) -> float:
+    """The weight of :data:`INTERPOLATION_WEIGHTS` with the best :func:`interpolation_quality`."""
+    return max(INTERPOLATION_WEIGHTS, key=lambda weight: interpolation_quality(directions, weight))
+
+
+def calibrate_first_stage_weight(
+    model: CrossEncoder,
+    dev: RerankData,
+    text_to_image: np.ndarray,
+    image_to_text: np.ndarray,
+    captions: np.ndarray,
+    images: np.ndarray,
+    n: int,
+) -> tuple[float, dict[float, float]]:
+    """The weight of :data:`INTERPOLATION_WEIGHTS` for another first stage's scores
+    (``(len(captions), N)`` ``text_to_image`` and ``(len(images), T)`` ``image_to_text``, the
+    first stage of an index built with another model) in ``match score + weight * first-stage
+    score`` whose reranked top ``n`` scores best on the dev sample, and the sum of R@1/5/10
+    both ways (in percent) that each weight gives."""
+    directions = candidate_scores(model, dev, text_to_image, image_to_text, captions, images, n)
+    recall_sums = {w: 100 * interpolation_quality(directions, w)[0] for w in INTERPOLATION_WEIGHTS}
+    return best_weight(directions), recall_sums
+
+
+def candidate_scores(
+    score: Callable[[SideTokens, SideTokens], torch.Tensor],
+    dev: RerankData,
+    text_to_image: np.ndarray,
+    image_to_text: np.ndarray,
+    captions: np.ndarray,
+    images: np.ndarray,
+    n: int,
+) -> list[CandidateScores]:
+    """Both directions' top ``n`` candidates by the first-stage scores (``text_to_image`` for
+    caption rows ``captions``, ``image_to_text`` for image rows ``images``), each scored once
+    by ``score(queries, candidates)``."""
     directions = [
-        (text[captions] @ image.T, dev.text_side(captions), dev.image_side, dev.owner[captions]),
-        (image[images] @ text.T, dev.image_side(images), dev.text_side, None),
+        (text_to_image, dev.text_side(captions), dev.image_side, dev.owner[captions]),
+        (image_to_text, dev.image_side(images), dev.text_side, None),
     ]
     parts = []
-    model.eval()
     for first_stage, queries, candidates, owners in directions:
         top = first_stage_top(first_stage, n)
         hits = (
@@ -487,42 +534,30 @@ def calibrate_cosine_weight(
             )
         )
         with torch.inference_mode():
-            cross = torch.cat(
+            scored = torch.cat(
                 [
-                    model.cross_score(
+                    score(
                         repeat_side(queries.take(list(range(s, e))), top.shape[1]),
                         candidates(top[s:e].reshape(-1)),
                     )
                     for s, e in _spans(len(top), 16)
                 ]
             ).view(top.shape)
-        cosine = np.take_along_axis(first_stage, top, axis=1)
-        parts.append((cross.numpy(), cosine, hits))
-
-    return best_cosine_weight(parts)
+        parts.append((scored.numpy(), np.take_along_axis(first_stage, top, axis=1), hits))
+    return parts
 
 
-#: One direction's top candidates per query: ``(Q, n)`` cross-encoder scores, ``(Q, n)``
-#: bi-encoder cosines and ``(Q, n)`` whether each candidate is a hit.
-CandidateScores = tuple[np.ndarray, np.ndarray, np.ndarray]
-
-
-def best_cosine_weight(directions: list[CandidateScores]) -> float:
-    """The weight of :data:`COSINE_WEIGHTS` whose interpolation ``cross + weight * cosine``
-    gives the largest sum of R@1, R@5 and R@10 over ``directions``, ties broken by the mean
-    reciprocal rank. A hit tied with a miss counts below it, so a weight that makes scores tie
-    (a constant cross-encoder with weight 0) is never chosen for its ties. The first best
-    weight wins."""
-
-    def quality(weight: float) -> tuple[float, float]:
-        recall_sum, reciprocal = 0.0, 0.0
-        for cross, cosine, hits in directions:
-            scores = cross + weight * cosine
-            best_hit = np.where(hits, scores, -np.inf).max(axis=1, keepdims=True)
-            beaten_by = (np.where(hits, -np.inf, scores) >= best_hit).sum(axis=1)
-            ranks = np.where(hits.any(axis=1), beaten_by + 1, np.inf)
-            recall_sum += sum(float((ranks <= k).mean()) for k in (1, 5, 10))
-            reciprocal += float((1.0 / ranks).mean())
-        return recall_sum, reciprocal
-
-    return max(COSINE_WEIGHTS, key=quality)
+def interpolation_quality(directions: list[CandidateScores], weight: float) -> tuple[float, float]:
+    """The sum of R@1, R@5 and R@10 (fractions) over ``directions`` when candidates are
+    ranked by ``score + weight * first-stage score``, and the sum of mean reciprocal ranks
+    (the tie-breaker). A hit tied with a miss counts below it, so a weight that makes scores
+    tie (a constant reranker with weight 0) never wins for its ties."""
+    recall_sum, reciprocal = 0.0, 0.0
+    for score, first_stage, hits in directions:
+        scores = score + weight * first_stage
+        best_hit = np.where(hits, scores, -np.inf).max(axis=1, keepdims=True)
+        beaten_by = (np.where(hits, -np.inf, scores) >= best_hit).sum(axis=1)
+        ranks = np.where(hits.any(axis=1), beaten_by + 1, np.inf)
+        recall_sum += sum(float((ranks <= k).mean()) for k in (1, 5, 10))
+        reciprocal += float((1.0 / ranks).mean())
+    return recall_sum, reciprocal
