@@ -511,7 +511,9 @@ class Retriever:
         With ``rerank=N``, the first stage's top ``max(N, k)`` are rescored by a cross-encoder
         (``reranker``, default the shipped one) reading the query's and each candidate's token
         features (stored beside the items: an index created with ``token_features``); hits are
-        those candidates reordered, and their scores the cross-encoder's.
+        those candidates reordered, and their scores the reranker's: the cross-encoder's, plus
+        the first stage's times the weight the reranker was calibrated with for this index's
+        model (``mmret train rerank-calibrate``; none for other models).
         """
         if isinstance(queries, str | Query):
             raise InputError("search takes a list of queries; wrap a single one in [...]")
@@ -545,7 +547,9 @@ class Retriever:
             )
         from mmret.reranker import FirstStage
 
-        first_stage = FirstStage(self.encoder.spec, np.array([hit.score for _, hit in hits]))
+        # Refined scores are not the plain model's: the reranker has no weight for them.
+        ranker = self.encoder.spec if self.refiner is None else f"{self.encoder.spec} + memory"
+        first_stage = FirstStage(ranker, np.array([hit.score for _, hit in hits]))
         scores = model.score(query, self._tokens.read([refs[key] for key in keys]), first_stage)
         order = np.argsort(-scores, kind="stable")
         return [replace(hits[i][1], score=float(scores[i])) for i in order]

@@ -49,8 +49,9 @@ from mmret.items import Query
 from mmret.reranker import load_reranker
 
 RERANK_HELP = (
-    "Rescore the first stage's top N (at least --k) with the cross-encoder reranker "
-    "(0: off); the index must store token features (mmret index --token-features)."
+    "Rescore the first stage's top N (at least --k) with the cross-encoder reranker, plus the "
+    "first stage's score where the reranker is calibrated for the index's model (0: off); the "
+    "index must store token features (mmret index --token-features)."
 )
 RERANKER_HELP = "Reranker folder from `mmret train rerank` (default: the shipped one)."
 
