@@ -158,6 +158,10 @@ def test_hat_encoder_serves_the_trained_head(
         expected = head.item_vectors(head.text_levels(pooled)).numpy()
     np.testing.assert_allclose(text[:1], expected, atol=1e-5)
     assert load_encoder(encoder.spec).spec == encoder.spec
+    # Its layer features are its backbone's (what a reranker's token features read).
+    torch.testing.assert_close(
+        encoder.text_layer_features(["a red square"], [1, 2]).pooled(), pooled
+    )
 
 
 def test_train_hat_cli_end_to_end(manifest: Path, backbone: Encoder, tmp_path: Path) -> None:

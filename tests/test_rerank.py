@@ -18,6 +18,7 @@ from mmret.errors import IndexFormatError
 from mmret.heads.rerank import CrossEncoder, SideTokens
 from mmret.index.integrity import check_index, repair_index
 from mmret.index.token_store import TOKENS_DIR
+from mmret.memory.refine import load_refiner
 from mmret.reranker import (
     FIRST_STAGE_FILE,
     Reranker,
@@ -30,6 +31,7 @@ from mmret.training.rerank import INTERPOLATION_WEIGHTS, best_weight
 from .conftest import COLOURS, solid
 from .rerank_fixtures import LayerHashEncoder, tiny_config, tiny_reranker, tiny_spec
 from .test_encoders import tiny_hf
+from .test_memory import synthetic_memory
 
 WORDS = ["dog", "cat", "beach", "snow", "red", "ball", "child", "grass"]
 
@@ -122,6 +124,22 @@ def test_a_calibrated_first_stage_adds_its_weighted_score(
     for hit in fused:  # the cross-encoder's score plus 3 x the first stage's, nothing else
         assert hit.score == pytest.approx(alone[hit.id] + 3.0 * first[hit.id], abs=1e-5)
     assert calibrated.first_stage_weight("never-calibrated") == 0.0
+
+
+def test_a_refined_index_is_not_given_the_plain_models_weight(tmp_path: Path) -> None:
+    encoder = LayerHashEncoder(32)
+    refiner = load_refiner(synthetic_memory(tmp_path / "memory"), "mean", k=3)
+    folder = tmp_path / "refined"
+    with Retriever.create(
+        folder, encoder=encoder, token_features=tiny_spec(encoder), refiner=refiner
+    ) as index:
+        index.add(items(tmp_path / "photos"))
+        plain = tiny_reranker(encoder)
+        calibrated = Reranker(plain.model, encoder, {encoder.spec: 3.0})
+        fused = index.search(QUERIES[:1], k=8, rerank=8, reranker=calibrated)[0]
+        alone = index.search(QUERIES[:1], k=8, rerank=8, reranker=plain)[0]
+    assert [(h.id, h.score) for h in fused] == [(h.id, h.score) for h in alone]
+    refiner.close()
 
 
 def test_first_stage_weights_are_kept_per_model_and_bad_files_are_named(tmp_path: Path) -> None:

@@ -184,7 +184,32 @@ class Encoder(ABC):
         return self.normalise(np.concatenate(chunks))
 
 
-class HeadOnBackbone(Encoder):
+class SharesLayers(Encoder):
+    """An encoder whose layer features are another encoder's (``layers_of``): a head on frozen
+    towers, or embeddings refined after the fact."""
+
+    layers_of: Encoder
+
+    @property
+    def layer_source(self) -> str:
+        return self.layers_of.layer_source
+
+    @property
+    def image_layer_count(self) -> int:
+        return self.layers_of.image_layer_count
+
+    @property
+    def text_layer_count(self) -> int:
+        return self.layers_of.text_layer_count
+
+    def _image_layers(self, images: list[Image.Image], layers: tuple[int, ...]) -> LayerFeatures:
+        return self.layers_of._image_layers(images, layers)
+
+    def _text_layers(self, texts: list[str], layers: tuple[int, ...]) -> LayerFeatures:
+        return self.layers_of._text_layers(texts, layers)
+
+
+class HeadOnBackbone(SharesLayers):
     """An encoder whose trained head reads another encoder's (its backbone's) layer features:
     its layers are the backbone's, and it refuses a backbone whose layers have changed."""
 
@@ -195,16 +220,5 @@ class HeadOnBackbone(Encoder):
                 f"{backbone_spec!r} now gives those of {backbone.layer_source!r}"
             )
         self.backbone = backbone
+        self.layers_of = backbone
         self.image_size = backbone.image_size
-
-    @property
-    def layer_source(self) -> str:
-        return self.backbone.layer_source
-
-    @property
-    def image_layer_count(self) -> int:
-        return self.backbone.image_layer_count
-
-    @property
-    def text_layer_count(self) -> int:
-        return self.backbone.text_layer_count

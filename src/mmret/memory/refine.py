@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmret.encoders.base import Encoder, l2_normalise
+from mmret.encoders.base import Encoder, SharesLayers, l2_normalise
 from mmret.errors import IndexFormatError, InputError
 from mmret.heads.reco import Fusion, load_fusion
 from mmret.memory.store import Memory, Modality, check_modality, other
@@ -146,15 +146,17 @@ class Refiner:
         self.memory.close()
 
 
-class RefinedEncoder(Encoder):
+class RefinedEncoder(SharesLayers):
     """An encoder whose image and text embeddings pass through a :class:`Refiner`.
 
     Its ``spec`` is the base encoder's (an index records the refinement separately); image+text
-    inputs combine the two refined views as any encoder combines its plain ones.
+    inputs combine the two refined views as any encoder combines its plain ones. Layer features
+    are the base encoder's: refining touches embeddings only.
     """
 
     def __init__(self, base: Encoder, refiner: Refiner) -> None:
         self.base = base
+        self.layers_of = base
         self.refiner = refiner
         self.spec = base.spec
         self.dim = base.dim
