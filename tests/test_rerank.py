@@ -248,10 +248,14 @@ def test_train_index_search_and_evaluate_from_the_cli(manifest: Path, tmp_path: 
         "--backbone", backbone.spec, "--image-layer", "-1", "--text-layer", "-1",
         "--image-grid", "2", "--warmup-epochs", "1", "--epochs", "1", "--negatives", "1",
         "--mine-top", "2", "--queries-per-epoch", "4", "--width", "16", "--layers", "1", *cache,
+        "--first-stage", backbone.spec,
     ]  # fmt: skip
     result = CliRunner().invoke(app, train)
     assert result.exit_code == 0, result.output
     assert "reranked top 20" in " ".join(result.output.split())
+    # Then calibrated for the named first stage, on the dev sample.
+    assert "<- chosen" in result.output
+    assert set(read_first_stage_weights(out)) == {backbone.spec}
     history = json.loads((out / "training.json").read_text())["history"]
     assert [entry["epoch"] for entry in history] == [1, 2] and history[1]["dev_reranked"]
     assert history[1]["dev_reranked"]["cosine_weight"] in INTERPOLATION_WEIGHTS

@@ -73,10 +73,20 @@ def train(
         None, help="Layer feature store (default ~/.cache/mmret/layers)."
     ),
     float16: bool = typer.Option(False, help="Store weights in float16 (half the file size)."),
+    calibrate: bool = typer.Option(
+        True, help="With --dev, calibrate the saved model for each --first-stage afterwards."
+    ),
+    first_stage: list[str] = typer.Option(
+        [DEFAULT_MODEL],
+        "--first-stage",
+        help="Model whose indexes the reranker will rerank (repeatable; see rerank-calibrate).",
+    ),
 ) -> None:
     """Train a cross-encoder reranker jointly with its bi-encoder on stored token features.
 
-    Resumable: the same command run again continues after the last finished epoch.
+    Resumable: the same command run again continues after the last finished epoch. With --dev
+    the saved model is then calibrated for the first stage of --first-stage's indexes (as
+    `mmret train rerank-calibrate` does).
     """
     encoder = load_encoder(backbone)
     image_layer = resolve_layers([image_layer], encoder.image_layer_count, "image")[0]
@@ -141,6 +151,9 @@ def train(
     }
     (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
     console.print(f"[green]saved reranker to {out}[/] (use it with --rerank N --reranker {out})")
+    if calibrate and dev is not None:
+        for model_spec in first_stage:
+            calibrate_folder(out, dev, model_spec, config.rerank_n, layers=cache_dir)
 
 
 @friendly_errors
@@ -162,34 +175,49 @@ def calibrate(
     reranked top N give the best sum of R@1/5/10 both ways on the dev sample that training
     chose its epoch on (500 captions, 100 images). Recorded in first_stage.json in the folder.
     """
+    calibrate_folder(
+        reranker,
+        dev,
+        first_stage,
+        n,
+        layers=cache_dir / "layers" if cache_dir else None,
+        embeddings=cache_dir / "embeddings" if cache_dir else None,
+    )
+
+
+def calibrate_folder(
+    reranker: Path,
+    dev: Path,
+    first_stage: str,
+    n: int = 20,
+    *,
+    layers: Path | None = None,
+    embeddings: Path | None = None,
+) -> None:
+    """Calibrate the reranker in ``reranker`` for ``first_stage`` on ``dev`` and say what was
+    chosen (``layers`` and ``embeddings``: caches, default under ~/.cache/mmret)."""
     model = load_reranker(reranker)
     config = model.model.config
     report = SkipReport()
     pairs = read_pairs(dev, report)
-    layers = layer_feature_set(
+    features = layer_feature_set(
         pairs,
         model.backbone,
         [config.image_layer],
         [config.text_layer],
-        cache_dir=cache_dir / "layers" if cache_dir else None,
+        cache_dir=layers,
         report=report,
         show_progress=True,
     )
     encoder = load_encoder(first_stage)
 
     def embedded(side: Encoder) -> PairEmbeddings:
-        return embed_pairs(
-            side,
-            pairs,
-            cache_dir=cache_dir / "embeddings" if cache_dir else None,
-            report=report,
-            show_progress=True,
-        )
+        return embed_pairs(side, pairs, cache_dir=embeddings, report=report, show_progress=True)
 
     documents = embedded(encoder)
     queries = documents if encoder.for_queries() is encoder else embedded(encoder.for_queries())
     print_skips(report)
-    if len(documents.image) != len(layers.image_ids):
+    if len(documents.image) != len(features.image_ids):
         raise InputError(f"{dev}: the first stage and the token features kept different images")
     log = reranker / "training.json"
     sampling = (
@@ -200,7 +228,7 @@ def calibrate(
     captions, images = dev_sample(sampling, len(documents.text), len(documents.image))
     weight, recall_sums = calibrate_first_stage_weight(
         model.model,
-        RerankData(layers, config),
+        RerankData(features, config),
         similarity(queries.text[captions], documents.image, encoder.token_dim),
         similarity(queries.image[images], documents.text, encoder.token_dim),
         captions,
