@@ -25,7 +25,6 @@ same for models trained with the same seed. Everything reads the stored dev laye
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -40,19 +39,17 @@ from mmret.evaluation.retrieval import RetrievalReport, recalls, retrieval_metri
 from mmret.reranker import SHIPPED_RERANKER, load_reranker
 from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
 from mmret.training.features import PairSet, read_pairs
-from mmret.training.rerank import RerankTrainingConfig, dev_sample, embed_stored
+from mmret.training.rerank import dev_sample, embed_stored, training_config
 
 
 def unseen_rows(folder: Path, captions: int, images: int) -> tuple[np.ndarray, np.ndarray]:
     """The dev caption and image rows a model's training did not rerank: training chose its
     epoch and calibrated its cosine weight on a dev sample (``training.json`` beside the
     weights records how it was drawn), so those rows are left out of its evaluation."""
-    log = folder / "training.json"
-    if not log.is_file():
+    config = training_config(folder)
+    if config is None:
         return np.arange(captions), np.arange(images)
-    seen = dev_sample(
-        RerankTrainingConfig.from_dict(json.loads(log.read_text())["config"]), captions, images
-    )
+    seen = dev_sample(config, captions, images)
     return (
         np.setdiff1d(np.arange(captions), seen[0]),
         np.setdiff1d(np.arange(images), seen[1]),

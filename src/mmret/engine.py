@@ -545,10 +545,9 @@ class Retriever:
                 f"{self.folder}: no stored token features for {missing[:5]} "
                 "(run `mmret check` and `mmret repair`)"
             )
-        from mmret.reranker import FirstStage
+        from mmret.reranker import FirstStage, first_stage_name
 
-        # Refined scores are not the plain model's: the reranker has no weight for them.
-        ranker = self.encoder.spec if self.refiner is None else f"{self.encoder.spec} + memory"
+        ranker = first_stage_name(self.encoder.spec, refined=self.refiner is not None)
         first_stage = FirstStage(ranker, np.array([hit.score for _, hit in hits]))
         scores = model.score(query, self._tokens.read([refs[key] for key in keys]), first_stage)
         order = np.argsort(-scores, kind="stable")

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmret._files import write_atomic
 from mmret.encoders import Encoder, load_encoder
 from mmret.encoders.base import Content
 from mmret.errors import IndexFormatError, InputError
@@ -198,11 +199,16 @@ def write_first_stage_weight(folder: Path, model: str, weight: float, record: An
     """Record ``weight`` for first-stage ``model`` in ``folder`` (and how it was chosen), keeping
     the weights calibrated for other models; written atomically."""
     path = folder / FIRST_STAGE_FILE
+    read_first_stage_weights(folder)  # a damaged file is named, not overwritten
     document: dict[str, Any] = {"weights": {}, "calibration": {}}
     if path.is_file():
         document = json.loads(path.read_text())
     document["weights"][model] = weight
-    document["calibration"][model] = record
-    scratch = path.with_suffix(".json.tmp")
-    scratch.write_text(json.dumps(document, indent=2) + "\n")
-    scratch.replace(path)
+    document.setdefault("calibration", {})[model] = record
+    write_atomic(path, (json.dumps(document, indent=2) + "\n").encode())
+
+
+def first_stage_name(spec: str, refined: bool) -> str:
+    """What a first stage's scores are calibrated under: its model's spec, or for embeddings
+    refined with a memory (scores that are not the plain model's) a name no calibration has."""
+    return f"{spec} + memory" if refined else spec

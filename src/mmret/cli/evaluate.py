@@ -61,7 +61,7 @@ from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import read_items
 from mmret.items import Item
 from mmret.late_interaction import similarity
-from mmret.reranker import FirstStage, load_reranker
+from mmret.reranker import FirstStage, first_stage_name, load_reranker
 from mmret.training.feature_store import layer_feature_set
 from mmret.training.features import PairSet
 
@@ -220,7 +220,17 @@ def retrieval(
     )
     score_s = time.perf_counter() - scoring
     reranked = (
-        rerank_pairs(pairs, arrays, label, rerank, reranker, cache_dir, report) if rerank else []
+        rerank_pairs(
+            pairs,
+            arrays,
+            first_stage_name(encoder.spec, refined=refiner is not None),
+            rerank,
+            reranker,
+            cache_dir,
+            report,
+        )
+        if rerank
+        else []
     )
     print_skips(report)
     seconds = time.perf_counter() - started
@@ -427,7 +437,7 @@ def ir(
                 features[kind, row] = cross.features([items[row]])
             return features[kind, row]
 
-        first_stage_model = encoder.spec
+        first_stage_model = first_stage_name(encoder.spec, refined=refiner is not None)
 
         def first_stage(query: int, documents: np.ndarray) -> np.ndarray:
             scores: np.ndarray = similarity(

@@ -27,6 +27,7 @@ from mmret.training.rerank import (
     calibrate_first_stage_weight,
     dev_sample,
     train_rerank,
+    training_config,
 )
 
 DEFAULTS = RerankTrainingConfig()
@@ -219,12 +220,7 @@ def calibrate_folder(
     print_skips(report)
     if len(documents.image) != len(features.image_ids):
         raise InputError(f"{dev}: the first stage and the token features kept different images")
-    log = reranker / "training.json"
-    sampling = (
-        RerankTrainingConfig.from_dict(json.loads(log.read_text())["config"])
-        if log.is_file()
-        else DEFAULTS
-    )
+    sampling = training_config(reranker) or DEFAULTS
     captions, images = dev_sample(sampling, len(documents.text), len(documents.image))
     weight, recall_sums = calibrate_first_stage_weight(
         model.model,

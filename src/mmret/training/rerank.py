@@ -18,6 +18,7 @@ fixed sample of queries; the epoch with the best sum of those recalls is kept. C
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -446,6 +447,14 @@ def _evaluate(
     return RerankEpochLog(epoch, loss, metrics, reranked, calibrated)
 
 
+def training_config(folder: Path) -> RerankTrainingConfig | None:
+    """The config a reranker in ``folder`` was trained with (``training.json``), if recorded."""
+    log = folder / "training.json"
+    if not log.is_file():
+        return None
+    return RerankTrainingConfig.from_dict(json.loads(log.read_text())["config"])
+
+
 def dev_sample(
     config: RerankTrainingConfig, captions: int, images: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -503,8 +512,9 @@ def calibrate_first_stage_weight(
     score`` whose reranked top ``n`` scores best on the dev sample, and the sum of R@1/5/10
     both ways (in percent) that each weight gives."""
     directions = candidate_scores(model, dev, text_to_image, image_to_text, captions, images, n)
-    recall_sums = {w: 100 * interpolation_quality(directions, w)[0] for w in INTERPOLATION_WEIGHTS}
-    return best_weight(directions), recall_sums
+    quality = {w: interpolation_quality(directions, w) for w in INTERPOLATION_WEIGHTS}
+    best = max(quality, key=quality.__getitem__)  # the first best, as best_weight
+    return best, {w: 100 * recall_sum for w, (recall_sum, _) in quality.items()}
 
 
 def candidate_scores(
