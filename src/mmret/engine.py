@@ -39,6 +39,7 @@ from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import ItemSource
 from mmret.items import Item, Query
 from mmret.late_interaction import normalise_tokens
+from mmret.query_bank import POOL, QueryBank, shipped_query_bank
 
 if TYPE_CHECKING:
     from mmret.heads.rerank import SideTokens
@@ -50,8 +51,9 @@ ADD_CHUNK = 256
 
 @dataclass(frozen=True)
 class SearchResult:
-    """One hit: the item's id, its score (cosine similarity; for a multi-vector model the MaxSim
-    sum over the query's tokens), and what was stored with it."""
+    """One hit: the item's id, its score (cosine similarity, minus the query bank's discount
+    where a search normalises with one; for a multi-vector model the MaxSim sum over the
+    query's tokens; after reranking the reranker's score), and what was stored with it."""
 
     id: str
     score: float
@@ -111,6 +113,7 @@ class Retriever:
         self._tokens = self._token_files()
         self._token_backend: Encoder | None = None
         self._reranker: Reranker | None = None
+        self._shipped_bank: list[QueryBank | None] = []  # looked up on first use
         self._backend, self._generation = self._load_backend()
 
     # -- opening --------------------------------------------------------------------------
@@ -505,8 +508,15 @@ class Retriever:
         filter: Filter | None = None,
         rerank: int = 0,
         reranker: Reranker | None = None,
+        query_bank: QueryBank | bool = True,
     ) -> list[list[SearchResult]]:
         """The ``k`` best items for each query (a string is a text query), best first.
+
+        ``query_bank``: scores of a text or an image query are normalised with a query bank
+        (:mod:`mmret.query_bank`: each item's cosine minus a discount for being close to
+        many typical queries), by default with the bank that ships for the index's model
+        (``starter-v3``; none for other models or memory-refined indexes); ``False`` turns
+        it off, a :class:`~mmret.query_bank.QueryBank` of this model uses that one.
 
         With ``rerank=N``, the first stage's top ``max(N, k)`` are rescored by a cross-encoder
         (``reranker``, default the shipped one) reading the query's and each candidate's token
@@ -521,18 +531,82 @@ class Retriever:
             raise InputError(f"rerank must be 0 (off) or a number of candidates, got {rerank}")
         normalised = [Query(text=q) if isinstance(q, str) else q for q in queries]
         vectors = self.encoder.for_queries().encode(normalised)
+        bank = self._query_bank(query_bank)
+        modalities = [query_modality(query) for query in normalised]
+        first = self._first_stage(vectors, max(k, rerank), filter, bank, modalities)
         if not rerank:
-            return self.search_vectors(vectors, k=k, filter=filter)
+            return [[hit for _, hit in hits] for hits in first]
         model = self._reranker_for(reranker)
-        first = self._search_keys(vectors, max(k, rerank), filter)
         sides = model.features(normalised)
-        return [self._rerank(model, sides.take([row]), hits)[:k] for row, hits in enumerate(first)]
+        return [
+            self._rerank(model, sides.take([row]), hits, bank is not None)[:k]
+            for row, hits in enumerate(first)
+        ]
+
+    def _query_bank(self, option: QueryBank | bool) -> QueryBank | None:
+        """The query bank a search normalises with (see :meth:`search`), or None."""
+        if isinstance(option, QueryBank):
+            option.check_encoder(self.encoder.spec)
+            if self.refiner is not None:
+                raise InputError(
+                    f"{self.folder} refines its vectors with a memory; a query bank "
+                    "normalises plain cosines"
+                )
+            return option
+        if not option or self.refiner is not None:
+            return None
+        if not self._shipped_bank:
+            self._shipped_bank.append(shipped_query_bank(self.encoder.spec))
+        return self._shipped_bank[0]
+
+    def _first_stage(
+        self,
+        vectors: np.ndarray,
+        depth: int,
+        filter: Filter | None,
+        bank: QueryBank | None,
+        modalities: Sequence[str | None],
+    ) -> list[list[tuple[int, SearchResult]]]:
+        """The top ``depth`` hits (with store keys) of each query vector; with a ``bank``, the
+        top :data:`~mmret.query_bank.POOL` by cosine rescored for each query's modality
+        (``"text"``, ``"image"``; None: left as cosines) and cut to ``depth``."""
+        if bank is None:
+            return self._search_keys(vectors, depth, filter)
+        pooled = self._search_keys(vectors, max(depth, POOL), filter)
+        return [
+            self._discounted(bank, modality, hits)[:depth]
+            for modality, hits in zip(modalities, pooled, strict=True)
+        ]
+
+    def _discounted(
+        self, bank: QueryBank, modality: str | None, hits: list[tuple[int, SearchResult]]
+    ) -> list[tuple[int, SearchResult]]:
+        """``hits`` rescored with ``bank``'s discounts for a query of ``modality`` and
+        re-sorted (unchanged for None: an image+text query, the bank holds single-modality
+        queries)."""
+        if not hits or modality is None:
+            return hits
+        with self._mutex:
+            stored = self._store.vectors_of([hit.id for _, hit in hits])
+        kept = [(key, hit) for key, hit in hits if hit.id in stored]  # removed meanwhile
+        if not kept:
+            return []
+        vectors = np.stack([stored[hit.id] for _, hit in kept])
+        discounts = bank.discount(vectors, modality)
+        scores = np.array([hit.score for _, hit in kept]) - discounts
+        order = np.argsort(-scores, kind="stable")
+        return [(kept[i][0], replace(kept[i][1], score=float(scores[i]))) for i in order]
 
     def _rerank(
-        self, model: Reranker, query: SideTokens, hits: list[tuple[int, SearchResult]]
+        self,
+        model: Reranker,
+        query: SideTokens,
+        hits: list[tuple[int, SearchResult]],
+        query_bank: bool,
     ) -> list[SearchResult]:
         """``hits`` reordered by the reranker's scores (the cross-encoder's, plus the first
-        stage's as calibrated for this index's model), which they then carry."""
+        stage's as calibrated for this index's model and ``query_bank`` normalisation), which
+        they then carry."""
         if not hits:
             return []
         assert self._tokens is not None  # check_index refused an index without token features
@@ -547,19 +621,32 @@ class Retriever:
             )
         from mmret.reranker import FirstStage, first_stage_name
 
-        ranker = first_stage_name(self.encoder.spec, refined=self.refiner is not None)
+        ranker = first_stage_name(
+            self.encoder.spec, refined=self.refiner is not None, query_bank=query_bank
+        )
         first_stage = FirstStage(ranker, np.array([hit.score for _, hit in hits]))
         scores = model.score(query, self._tokens.read([refs[key] for key in keys]), first_stage)
         order = np.argsort(-scores, kind="stable")
         return [replace(hits[i][1], score=float(scores[i])) for i in order]
 
     def search_vectors(
-        self, vectors: np.ndarray, *, k: int = 10, filter: Filter | None = None
+        self,
+        vectors: np.ndarray,
+        *,
+        k: int = 10,
+        filter: Filter | None = None,
+        modality: str | None = None,
+        query_bank: QueryBank | bool = True,
     ) -> list[list[SearchResult]]:
         """Like :meth:`search` for ``(Q, dim)`` query vectors in the encoder's space (they are
         L2-normalised here, each token for a multi-vector model, so scores are cosine
-        similarities or sums of them)."""
-        return [[hit for _, hit in hits] for hits in self._search_keys(vectors, k, filter)]
+        similarities or sums of them). Vectors of text or image queries (``modality`` "text"
+        or "image") are normalised with the query bank as :meth:`search` normalises them."""
+        if modality not in (None, "text", "image"):
+            raise InputError(f"modality must be 'text', 'image' or None, got {modality!r}")
+        bank = self._query_bank(query_bank) if modality else None
+        first = self._first_stage(vectors, k, filter, bank, [modality] * len(vectors))
+        return [[hit for _, hit in hits] for hits in first]
 
     def _search_keys(
         self, vectors: np.ndarray, k: int, filter: Filter | None
@@ -648,6 +735,13 @@ class Retriever:
             "format_version": self.manifest.format_version,
             "mmret_version": self.manifest.mmret_version,
         }
+
+
+def query_modality(query: Query) -> str | None:
+    """ "text" or "image" for a single-modality query, None for an image+text one."""
+    if query.image is None:
+        return "text"
+    return "image" if query.text is None else None
 
 
 def encode_items(

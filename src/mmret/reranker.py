@@ -208,7 +208,10 @@ def write_first_stage_weight(folder: Path, model: str, weight: float, record: An
     write_atomic(path, (json.dumps(document, indent=2) + "\n").encode())
 
 
-def first_stage_name(spec: str, refined: bool) -> str:
-    """What a first stage's scores are calibrated under: its model's spec, or for embeddings
-    refined with a memory (scores that are not the plain model's) a name no calibration has."""
-    return f"{spec} + memory" if refined else spec
+def first_stage_name(spec: str, refined: bool, query_bank: bool = False) -> str:
+    """What a first stage's scores are calibrated under: its model's spec, for scores
+    normalised with a query bank ``"SPEC + query bank"``, and for embeddings refined with a
+    memory (scores that are not the plain model's) a name no calibration has."""
+    if refined:
+        return f"{spec} + memory"
+    return f"{spec} + query bank" if query_bank else spec

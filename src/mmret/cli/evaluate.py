@@ -25,6 +25,7 @@ from mmret.cli.memory import (
     refined_label,
 )
 from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_skips, status
+from mmret.cli.query_bank import QUERY_BANK_HELP, resolve_query_bank
 from mmret.encoders import DEFAULT_MODEL, Encoder, load_encoder
 from mmret.errors import InputError
 from mmret.evaluation import reports
@@ -166,12 +167,14 @@ def retrieval(
     memory_search: str = typer.Option("uni", "--memory-search", help=SEARCH_HELP),
     rerank: list[int] = typer.Option([], "--rerank", min=1, help=RERANK_HELP),
     reranker: Path | None = typer.Option(None, help=RERANKER_HELP),
+    query_bank: str = typer.Option("auto", "--query-bank", help=QUERY_BANK_HELP),
 ) -> None:
     """Image-text retrieval: Recall@1/5/10 both ways, RSUM and median ranks.
 
     Every image and caption is embedded (and cached). Text-to-image: each caption ranks all
     images, its own is the hit. Image-to-text: each image ranks all captions, any of its own
-    is a hit. Recalls are percentages; ties count in the query's favour.
+    is a hit. Recalls are percentages; ties count in the query's favour. Scores are normalised
+    with the model's query bank as `mmret search` normalises them (--query-bank off: cosines).
 
     With --rerank N the first stage's top N are rescored by the cross-encoder from stored
     token features (a query whose hit is not among them keeps its first-stage rank); ms per
@@ -199,9 +202,11 @@ def retrieval(
             encoder.for_queries(), pairs, cache_dir=cache_dir, report=report, show_progress=True
         )
     encode_s = time.perf_counter() - encoding
-    label = refined_label(encoder.spec, refiner)
+    bank = resolve_query_bank(query_bank, encoder.spec, refined=refiner is not None)
+    label = refined_label(encoder.spec, refiner) + (" + query bank" if bank else "")
     scoring = time.perf_counter()
     arrays = (embeddings.image, embeddings.text, embeddings.text_image)
+    offsets = bank.offsets(embeddings.image, embeddings.text) if bank else None
     metrics = (
         folded_metrics(
             *arrays,
@@ -209,6 +214,7 @@ def retrieval(
             token_dim=encoder.token_dim,
             image_queries=queries.image,
             text_queries=queries.text,
+            offsets=offsets,
         )
         if folds > 1
         else retrieval_metrics(
@@ -216,6 +222,7 @@ def retrieval(
             token_dim=encoder.token_dim,
             image_queries=queries.image,
             text_queries=queries.text,
+            offsets=offsets,
         )
     )
     score_s = time.perf_counter() - scoring
@@ -223,7 +230,10 @@ def retrieval(
         rerank_pairs(
             pairs,
             arrays,
-            first_stage_name(encoder.spec, refined=refiner is not None),
+            offsets,
+            first_stage_name(
+                encoder.spec, refined=refiner is not None, query_bank=bank is not None
+            ),
             rerank,
             reranker,
             cache_dir,
@@ -243,6 +253,7 @@ def retrieval(
         "n_texts": metrics.n_texts,
         "model": label,
         **({"memory": refiner.record()} if refiner else {}),
+        **({"query_bank": {"beta": bank.beta, "weight": bank.weight}} if bank else {}),
         "seconds": round(seconds, 3),
     }
     per_fold = f" per fold, mean of {folds} folds" if folds > 1 else ""
@@ -526,6 +537,7 @@ def doc_task(
 def rerank_pairs(
     pairs: PairSet,
     arrays: tuple[np.ndarray, np.ndarray, np.ndarray],
+    offsets: tuple[np.ndarray, np.ndarray] | None,
     first_stage_model: str,
     sizes: Sequence[int],
     folder: Path | None,
@@ -534,7 +546,8 @@ def rerank_pairs(
 ) -> list[RerankedReport]:
     """Recalls after reranking the top N for each N in ``sizes``, from stored token features
     (extracted once into the layer feature store), with the weight of the first stage's
-    scores that the reranker was calibrated with for ``first_stage_model`` (if any)."""
+    scores that the reranker was calibrated with for ``first_stage_model`` (if any); the first
+    stage's scores are the cosines minus ``offsets`` (a query bank's discounts) if given."""
     model = load_reranker(folder)
     config = model.model.config
     features = layer_feature_set(
@@ -551,7 +564,9 @@ def rerank_pairs(
     sides = StoredSides(features, config.image_layer, config.text_layer)
     weight = model.first_stage_weight(first_stage_model)
     return [
-        reranked_retrieval(model.model, *arrays, sides, n, first_stage_weight=weight)
+        reranked_retrieval(
+            model.model, *arrays, sides, n, first_stage_weight=weight, offsets=offsets
+        )
         for n in sorted(set(sizes))
     ]
 

@@ -31,6 +31,8 @@ from mmret.cli.output import (
     results_table,
     status,
 )
+from mmret.cli.query_bank import QUERY_BANK_HELP, query_bank_option
+from mmret.cli.query_bank import train as train_query_bank
 from mmret.cli.rerank import calibrate as calibrate_rerank
 from mmret.cli.rerank import train as train_rerank
 from mmret.cli.serve import serve
@@ -67,6 +69,7 @@ app.add_typer(memory_app, name="memory")
 train_app.command("reco")(train_reco)
 train_app.command("rerank")(train_rerank)
 train_app.command("rerank-calibrate")(calibrate_rerank)
+train_app.command("query-bank")(train_query_bank)
 train_app.command("caption")(train_caption)
 app.command()(check)
 app.command()(repair)
@@ -218,6 +221,7 @@ def search(
     memory_search: str = typer.Option("uni", "--memory-search", help=SEARCH_HELP),
     rerank: int = typer.Option(0, "--rerank", min=0, help=RERANK_HELP),
     reranker: Path | None = typer.Option(None, help=RERANKER_HELP),
+    query_bank: str = typer.Option("auto", "--query-bank", help=QUERY_BANK_HELP),
 ) -> None:
     """Search an index with a text, an image, or both.
 
@@ -231,7 +235,12 @@ def search(
     with Retriever.open(index_dir, readonly=True, refiner=refiner) as retriever:
         model = load_reranker(reranker) if rerank and reranker else None
         hits = retriever.search(
-            [query], k=k, filter=parse_filter(filters) or None, rerank=rerank, reranker=model
+            [query],
+            k=k,
+            filter=parse_filter(filters) or None,
+            rerank=rerank,
+            reranker=model,
+            query_bank=query_bank_option(query_bank),
         )[0]
     if as_json:
         print_json({"results": [hit.to_dict() for hit in hits]})

@@ -10,6 +10,7 @@ import torch
 import typer
 
 from mmret.cli.output import console, friendly_errors, print_skips
+from mmret.cli.query_bank import resolve_query_bank
 from mmret.cli.train import epoch_line
 from mmret.encoders import DEFAULT_MODEL, Encoder, load_encoder
 from mmret.encoders.layers import resolve_layers
@@ -17,7 +18,12 @@ from mmret.errors import InputError
 from mmret.evaluation.embeddings import PairEmbeddings, embed_pairs
 from mmret.ingest.report import SkipReport
 from mmret.late_interaction import similarity
-from mmret.reranker import FIRST_STAGE_FILE, load_reranker, write_first_stage_weight
+from mmret.reranker import (
+    FIRST_STAGE_FILE,
+    first_stage_name,
+    load_reranker,
+    write_first_stage_weight,
+)
 from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
 from mmret.training.features import read_pairs
 from mmret.training.rerank import (
@@ -168,6 +174,11 @@ def calibrate(
     cache_dir: Path | None = typer.Option(
         None, help="Cache for layer features and embeddings (default ~/.cache/mmret)."
     ),
+    query_bank: str = typer.Option(
+        "auto",
+        "--query-bank",
+        help="The first stage's query bank (as its searches use it): 'auto', 'off' or a folder.",
+    ),
 ) -> None:
     """Calibrate the weight of a first stage's scores in the reranker's score.
 
@@ -183,6 +194,7 @@ def calibrate(
         n,
         layers=cache_dir / "layers" if cache_dir else None,
         embeddings=cache_dir / "embeddings" if cache_dir else None,
+        query_bank=query_bank,
     )
 
 
@@ -194,9 +206,11 @@ def calibrate_folder(
     *,
     layers: Path | None = None,
     embeddings: Path | None = None,
+    query_bank: str = "auto",
 ) -> None:
     """Calibrate the reranker in ``reranker`` for ``first_stage`` on ``dev`` and say what was
-    chosen (``layers`` and ``embeddings``: caches, default under ~/.cache/mmret)."""
+    chosen (``layers`` and ``embeddings``: caches, default under ~/.cache/mmret;
+    ``query_bank``: as ``--query-bank``, the first stage's normalisation)."""
     model = load_reranker(reranker)
     config = model.model.config
     report = SkipReport()
@@ -222,11 +236,15 @@ def calibrate_folder(
         raise InputError(f"{dev}: the first stage and the token features kept different images")
     sampling = training_config(reranker) or DEFAULTS
     captions, images = dev_sample(sampling, len(documents.text), len(documents.image))
+    bank = resolve_query_bank(query_bank, encoder.spec, refined=False)
+    image_offset, text_offset = (
+        bank.offsets(documents.image, documents.text) if bank else (0.0, 0.0)
+    )
     weight, recall_sums = calibrate_first_stage_weight(
         model.model,
         RerankData(features, config),
-        similarity(queries.text[captions], documents.image, encoder.token_dim),
-        similarity(queries.image[images], documents.text, encoder.token_dim),
+        similarity(queries.text[captions], documents.image, encoder.token_dim) - image_offset,
+        similarity(queries.image[images], documents.text, encoder.token_dim) - text_offset,
         captions,
         images,
         n,
@@ -238,11 +256,12 @@ def calibrate_folder(
         "n": n,
         "rsum_by_weight": {f"{w:g}": round(r, 2) for w, r in recall_sums.items()},
     }
-    write_first_stage_weight(reranker, encoder.spec, weight, record)
+    name = first_stage_name(encoder.spec, refined=False, query_bank=bank is not None)
+    write_first_stage_weight(reranker, name, weight, record)
     for w, r in recall_sums.items():
         mark = "  <- chosen" if w == weight else ""
         console.print(f"weight {w:>4g}: RSUM {r:.1f} (dev sample, top {n}){mark}", highlight=False)
     console.print(
-        f"[green]{reranker / FIRST_STAGE_FILE}: {encoder.spec} first stage weighted {weight:g}[/]",
+        f"[green]{reranker / FIRST_STAGE_FILE}: {name} first stage weighted {weight:g}[/]",
         highlight=False,
     )

@@ -145,20 +145,23 @@ def reranked_retrieval(
     images: Sequence[int] | np.ndarray | None = None,
     query_batch: int = 1,
     first_stage_weight: float = 0.0,
+    offsets: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> RerankedReport:
     """Image-text retrieval metrics (the standard protocol) after reranking the top ``n``.
 
     ``image (N, D)`` and ``text (T, D)`` are the first stage's unit vectors; ``captions`` and
     ``images`` choose the query rows (default: all), for a quicker estimate on a sample;
-    ``first_stage_weight`` is the weight of their cosines in the reranked score.
+    ``first_stage_weight`` is the weight of their scores in the reranked score: cosines, minus
+    ``offsets`` (``(N,)`` and ``(T,)`` discounts of images and texts, a query bank's) if given.
     """
     caption_rows = np.arange(len(text)) if captions is None else np.asarray(captions)
     image_rows = np.arange(len(image)) if images is None else np.asarray(images)
     owner = np.asarray(text_image)
     captions_of = [np.flatnonzero(owner == i) for i in range(len(image))]
+    image_offset, text_offset = offsets if offsets is not None else (0.0, 0.0)
     t2i, t2i_s = reranked_ranks(
         model,
-        text[caption_rows] @ image.T,
+        text[caption_rows] @ image.T - image_offset,
         lambda q: owner[caption_rows[q : q + 1]],
         lambda rows: sides.texts(caption_rows[rows]),
         sides.images,
@@ -168,7 +171,7 @@ def reranked_retrieval(
     )
     i2t, i2t_s = reranked_ranks(
         model,
-        image[image_rows] @ text.T,
+        image[image_rows] @ text.T - text_offset,
         lambda q: captions_of[image_rows[q]],
         lambda rows: sides.images(image_rows[rows]),
         sides.texts,

@@ -27,9 +27,14 @@ _CHUNK = 1024
 
 
 def ranks_text_to_image(
-    image: np.ndarray, text: np.ndarray, text_image: np.ndarray, token_dim: int | None = None
+    image: np.ndarray,
+    text: np.ndarray,
+    text_image: np.ndarray,
+    token_dim: int | None = None,
+    image_offset: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``(T,)`` 1-based rank of each caption's own image among ``(N, D)`` images.
+    """``(T,)`` 1-based rank of each caption's own image among ``(N, D)`` images, by their
+    scores minus ``image_offset (N,)`` if given (a query bank's discount).
 
     >>> image = np.array([[1.0, 0.0], [0.0, 1.0]])
     >>> text = np.array([[1.0, 0.0], [1.0, 0.0], [0.6, 0.8]])
@@ -39,15 +44,22 @@ def ranks_text_to_image(
     ranks = np.empty(len(text), dtype=np.int64)
     for start in range(0, len(text), _CHUNK):
         sims = similarity(text[start : start + _CHUNK], image, token_dim)
+        if image_offset is not None:
+            sims = sims - image_offset[None, :]
         own = sims[np.arange(len(sims)), text_image[start : start + _CHUNK]]
         ranks[start : start + _CHUNK] = (sims > own[:, None]).sum(axis=1) + 1
     return ranks
 
 
 def ranks_image_to_text(
-    image: np.ndarray, text: np.ndarray, text_image: np.ndarray, token_dim: int | None = None
+    image: np.ndarray,
+    text: np.ndarray,
+    text_image: np.ndarray,
+    token_dim: int | None = None,
+    text_offset: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``(N,)`` 1-based rank of each image's best-ranked caption among ``(T, D)`` captions.
+    """``(N,)`` 1-based rank of each image's best-ranked caption among ``(T, D)`` captions, by
+    their scores minus ``text_offset (T,)`` if given.
 
     >>> image = np.array([[1.0, 0.0], [0.0, 1.0]])
     >>> text = np.array([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
@@ -57,6 +69,8 @@ def ranks_image_to_text(
     ranks = np.empty(len(image), dtype=np.int64)
     for start in range(0, len(image), _CHUNK):
         sims = similarity(image[start : start + _CHUNK], text, token_dim)
+        if text_offset is not None:
+            sims = sims - text_offset[None, :]
         rows = np.arange(start, start + len(sims))
         own = text_image[None, :] == rows[:, None]
         best_own = np.where(own, sims, -np.inf).max(axis=1)
@@ -128,14 +142,18 @@ def retrieval_metrics(
     token_dim: int | None = None,
     image_queries: np.ndarray | None = None,
     text_queries: np.ndarray | None = None,
+    offsets: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> RetrievalReport:
     """Metrics for unit-norm ``(N, D)`` images and ``(T, D)`` texts; ``text_image[t]`` is
     caption t's image. ``image_queries`` / ``text_queries`` (default: ``image`` / ``text``)
-    are what ranks the other side, for models that embed queries differently."""
+    are what ranks the other side, for models that embed queries differently. ``offsets``:
+    ``(N,)`` and ``(T,)`` amounts subtracted from the images' and the texts' scores (a query
+    bank's discounts, :mod:`mmret.query_bank`)."""
     queries_t = text if text_queries is None else text_queries
     queries_i = image if image_queries is None else image_queries
-    t2i = ranks_text_to_image(image, queries_t, text_image, token_dim)
-    i2t = ranks_image_to_text(queries_i, text, text_image, token_dim)
+    image_offset, text_offset = offsets if offsets is not None else (None, None)
+    t2i = ranks_text_to_image(image, queries_t, text_image, token_dim, image_offset)
+    i2t = ranks_image_to_text(queries_i, text, text_image, token_dim, text_offset)
     return report_from_ranks(t2i, i2t, len(image), len(text))
 
 
@@ -164,6 +182,7 @@ def folded_metrics(
     token_dim: int | None = None,
     image_queries: np.ndarray | None = None,
     text_queries: np.ndarray | None = None,
+    offsets: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> RetrievalReport:
     """The COCO "1k" protocol: metrics on ``folds`` consecutive image folds, averaged.
 
@@ -185,6 +204,7 @@ def folded_metrics(
                 token_dim=token_dim,
                 image_queries=queries_i[lo:hi],
                 text_queries=queries_t[keep],
+                offsets=None if offsets is None else (offsets[0][lo:hi], offsets[1][keep]),
             )
         )
 

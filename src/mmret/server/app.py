@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from mmret._version import __version__
+from mmret.engine import query_modality
 from mmret.errors import (
     IndexBusyError,
     IndexFormatError,
@@ -138,7 +139,8 @@ def _add_routes(
             raise InputError("a search needs a text, an image, both, or like (an item id)")
         else:
             vector = await asyncio.wrap_future(current.encode_query(query))
-            hits = await run_in_threadpool(current.search_vector, vector, k, checked)
+            modality = query_modality(query)
+            hits = await run_in_threadpool(current.search_vector, vector, k, checked, modality)
         took = 1000 * (loop.time() - started)
         return SearchResponse(results=[Hit.of(hit) for hit in hits], took_ms=round(took, 2))
 

@@ -102,9 +102,13 @@ class SearchService:
         return self.batcher.query(query)
 
     def search_vector(
-        self, vector: np.ndarray, k: int, filter_: Filter | None
+        self, vector: np.ndarray, k: int, filter_: Filter | None, modality: str | None
     ) -> list[SearchResult]:
-        return self.retriever.search_vectors(vector[None, :], k=k, filter=filter_)[0]
+        """Hits of an encoded query; ``modality`` ("text", "image" or None for both) picks its
+        query-bank normalisation, as :meth:`mmret.Retriever.search`."""
+        return self.retriever.search_vectors(
+            vector[None, :], k=k, filter=filter_, modality=modality
+        )[0]
 
     def similar(self, item_id: str, k: int, filter_: Filter | None) -> list[SearchResult]:
         return self.retriever.similar([item_id], k=k, filter=filter_)[0]
