@@ -14,6 +14,7 @@ from mmret import InputError, Item, Retriever
 from mmret.cli.main import app
 from mmret.encoders.hashing import HashEncoder
 from mmret.evaluation.embeddings import PairEmbeddings
+from mmret.evaluation.ir import ir_metrics
 from mmret.evaluation.retrieval import retrieval_metrics
 from mmret.query_bank import QueryBank, load_query_bank, shipped_query_bank
 from mmret.training.query_bank import choose_settings
@@ -59,6 +60,15 @@ def test_search_demotes_a_hub_close_to_the_banks_queries(tmp_path: Path) -> None
         assert found[-1].id == "hub"  # every bank query sits on it
         with pytest.raises(InputError, match="hash:64"):
             retriever.search(["a dog"], query_bank=QueryBank("hash:64", hub[None], hub[None], 1, 1))
+
+
+def test_ir_metrics_subtract_each_querys_discounts() -> None:
+    docs = unit(np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]))
+    queries = unit(np.array([[1.0, 0.1], [1.0, 0.1]]))
+    qrels = {"a": {"d1": 1}, "b": {"d1": 1}}
+    discounts = [np.array([0.5, 0.0, 0.0]), None]  # only query "a" is discounted
+    report = ir_metrics(queries, docs, ["a", "b"], ["d0", "d1", "d2"], qrels, discounts=discounts)
+    assert report.ranks.tolist() == [1, 2]
 
 
 def test_a_bank_round_trips_and_bad_folders_are_named(tmp_path: Path) -> None:
@@ -129,6 +139,15 @@ def test_build_search_and_evaluate_with_a_bank_from_the_cli(manifest: Path, tmp_
         "beta": saved.beta,
         "weight": saved.weight,
     }
+    queries, qrels = tmp_path / "queries.jsonl", tmp_path / "qrels.tsv"
+    queries.write_text('{"id": "q1", "text": "a red square"}\n{"id": "q2", "text": "blue"}\n')
+    qrels.write_text("q1 0 red 1\nq2 0 blue 1\n")
+    ir = CliRunner().invoke(
+        app, ["eval", "ir", str(queries), str(manifest), str(qrels), "--model", "hash:32",
+              "--query-bank", str(bank), "--json", str(record), *cache],
+    )  # fmt: skip
+    assert ir.exit_code == 0, ir.output
+    assert json.loads(record.read_text())["model"] == "hash:32 + query bank"
     wrong = CliRunner().invoke(
         app, ["eval", "retrieval", str(manifest), "--model", "hash:16", "--query-bank", str(bank)]
     )

@@ -737,8 +737,9 @@ class Retriever:
         }
 
 
-def query_modality(query: Query) -> str | None:
-    """ "text" or "image" for a single-modality query, None for an image+text one."""
+def query_modality(query: Query | Item) -> str | None:
+    """The modality of a single-modality query (or item), "text" or "image"; None for an
+    image+text one."""
     if query.image is None:
         return "text"
     return "image" if query.text is None else None

@@ -27,6 +27,7 @@ from mmret.cli.memory import (
 from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_skips, status
 from mmret.cli.query_bank import QUERY_BANK_HELP, resolve_query_bank
 from mmret.encoders import DEFAULT_MODEL, Encoder, load_encoder
+from mmret.engine import query_modality
 from mmret.errors import InputError
 from mmret.evaluation import reports
 from mmret.evaluation.classification import (
@@ -404,12 +405,15 @@ def ir(
         help="Rescore each query's top N documents with the cross-encoder reranker (0: off).",
     ),
     reranker: Path | None = typer.Option(None, help=RERANKER_HELP),
+    query_bank: str = typer.Option("auto", "--query-bank", help=QUERY_BANK_HELP),
 ) -> None:
     """Multimodal retrieval (M-BEIR / M2KR style): R@1/5/10, MRR@10 and nDCG@10, in percent.
 
     Queries and documents may have a text, an image or both (embedded as the encoder combines
     them). R@K counts queries with a relevant document in the top K; nDCG uses the graded
-    relevance with a log2 discount against the ideal ordering of the judged documents.
+    relevance with a log2 discount against the ideal ordering of the judged documents. Text
+    and image queries' scores are normalised with the model's query bank as `mmret search`
+    normalises them (--query-bank off: plain scores).
 
     With --rerank N each query's top N are reordered by the cross-encoder (token features of
     the queries and of the documents that are candidates are computed once per run).
@@ -438,6 +442,12 @@ def ir(
         doc_vectors = embed_items(encoder, doc_items, cache_dir=cache_dir, show_progress=True)
     encode_s = time.perf_counter() - encoding
     query_ids = [item.id for item in query_items]
+    bank = resolve_query_bank(query_bank, encoder.spec, refined=refiner is not None)
+    discounts = None
+    if bank is not None:
+        label += " + query bank"
+        by_modality = {m: bank.discount(doc_vectors, m) for m in ("text", "image")}
+        discounts = [by_modality.get(query_modality(item) or "") for item in query_items]
     reorder = None
     if rerank:
         cross = load_reranker(reranker)
@@ -448,13 +458,16 @@ def ir(
                 features[kind, row] = cross.features([items[row]])
             return features[kind, row]
 
-        first_stage_model = first_stage_name(encoder.spec, refined=refiner is not None)
+        first_stage_model = first_stage_name(
+            encoder.spec, refined=refiner is not None, query_bank=bank is not None
+        )
 
         def first_stage(query: int, documents: np.ndarray) -> np.ndarray:
             scores: np.ndarray = similarity(
                 query_vectors[query : query + 1], doc_vectors[documents], encoder.token_dim
             )[0]
-            return scores
+            discount = discounts[query] if discounts is not None else None
+            return scores if discount is None else scores - discount[documents]
 
         reorder = reranking_order(
             lambda q, c, s: cross.score(q, c, FirstStage(first_stage_model, s)),
@@ -473,6 +486,7 @@ def ir(
         token_dim=encoder.token_dim,
         reorder=reorder,
         depth=rerank,
+        discounts=discounts,
     )
     unknown = len(set(judgements) - set(query_ids))
     if unknown:

@@ -141,10 +141,13 @@ def ir_metrics(
     token_dim: int | None = None,
     reorder: Callable[[int, np.ndarray], np.ndarray] | None = None,
     depth: int = 0,
+    discounts: Sequence[np.ndarray | None] | None = None,
 ) -> IRReport:
     """Score ``(Q, D)`` query vectors against ``(N, D)`` documents the way the model scores
     (:func:`~mmret.late_interaction.similarity`: inner product, or MaxSim with ``token_dim``)
     and evaluate them against ``qrels``. Queries without a relevant judgement are left out.
+    ``discounts[q]``, when given and not None, is subtracted from query ``q``'s ``(N,)``
+    scores (a query bank's discounts for its modality).
 
     ``reorder(q, ranked)``, when given, returns query row ``q``'s ranked document indices
     reordered (a reranker); the first stage then ranks at least ``depth`` documents for it.
@@ -155,12 +158,18 @@ def ir_metrics(
     if not scored:
         raise InputError("no query has a relevant document in the qrels")
     judged = [qrels[query_ids[i]] for i in scored]
+
+    def scores(rows: list[int]) -> np.ndarray:
+        sims: np.ndarray = similarity(query_vectors[rows], doc_vectors, token_dim)
+        for offset, row in enumerate(rows):
+            discount = discounts[row] if discounts is not None else None
+            if discount is not None:
+                sims[offset] -= discount
+        return sims
+
     ranked = np.concatenate(
         [
-            top_k(
-                similarity(query_vectors[scored[s : s + _CHUNK]], doc_vectors, token_dim),
-                max(max_k, 10, depth),
-            )
+            top_k(scores(scored[s : s + _CHUNK]), max(max_k, 10, depth))
             for s in range(0, len(scored), _CHUNK)
         ]
     )
