@@ -12,7 +12,9 @@ features plus the cross-encoder, one query at a time). ``--first-stage SPEC@N,..
 (repeatable) has the first model rerank that encoder's first stage too (what ``mmret search
 --rerank`` does on an index built with it): the cross-encoder alone, and, where the reranker
 was calibrated for that model (``mmret train rerank-calibrate``), plus the first stage's score
-times the calibrated weight. ``--ceiling Q`` scores Q sampled captions against all 1,000 images
+times the calibrated weight; where a query bank ships for that model, its first stage
+normalised with it too (what searches of its indexes use by default), with the weight
+calibrated for that. ``--ceiling Q`` scores Q sampled captions against all 1,000 images
 (and Q / 5 images against all 5,000 captions) with the cross-encoder alone: what it reaches
 without a first stage. ``--captions`` and ``--images`` sample the queries (fixed seed) to
 keep the run short on a busy machine; every row of a model scores the same queries (its first
@@ -25,6 +27,7 @@ same for models trained with the same seed. Everything reads the stored dev laye
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +39,17 @@ from mmret.encoders import load_encoder
 from mmret.evaluation.embeddings import embed_pairs
 from mmret.evaluation.rerank import RerankedReport, StoredSides, reranked_ranks, reranked_retrieval
 from mmret.evaluation.retrieval import RetrievalReport, recalls, retrieval_metrics
-from mmret.reranker import SHIPPED_RERANKER, load_reranker
+from mmret.query_bank import shipped_query_bank
+from mmret.reranker import SHIPPED_RERANKER, first_stage_name, load_reranker
 from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
 from mmret.training.features import PairSet, read_pairs
 from mmret.training.rerank import dev_sample, embed_stored, training_config
+
+#: A first stage: its name, ``(image, text)`` vectors, the query bank's offsets (or None),
+#: the rerank depths and the first-stage weights to rerank with.
+Stage = tuple[
+    str, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None, list[int], list[float]
+]
 
 
 def unseen_rows(folder: Path, captions: int, images: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,34 +149,39 @@ def main() -> None:
             else image_pool
         )
         own = embed_stored(reranker.model, dev)
-        stages = [("own bi-encoder", own, numbers(own_sizes) or sizes, [0.0])]
+        stages: list[Stage] = [("own bi-encoder", own, None, numbers(own_sizes) or sizes, [0.0])]
         for first_stage in args.first_stage if number == 0 else []:
             encoder_spec, _, depths = first_stage.partition("@")
             weight = reranker.first_stage_weight(encoder_spec)
             vectors = _first_stage_vectors(encoder_spec, pairs, len(dev.image_ids))
-            stages.append((encoder_spec, vectors, numbers(depths) or sizes, sorted({0.0, weight})))
-        for stage, (image, text), depths, weights in stages:
-            full = retrieval_metrics(image, text, owner)
+            depth_list = numbers(depths) or sizes
+            stages.append((encoder_spec, vectors, None, depth_list, sorted({0.0, weight})))
+            bank = shipped_query_bank(encoder_spec)
+            if bank is not None:  # what searches of its indexes use by default
+                normalised = first_stage_name(encoder_spec, refined=False, query_bank=True)
+                weights = sorted({0.0, reranker.first_stage_weight(normalised)})
+                stages.append((normalised, vectors, bank.offsets(*vectors), depth_list, weights))
+        for stage, (image, text), offsets, depths, weights in stages:
+            full = retrieval_metrics(image, text, owner, offsets=offsets)
             extra[f"{name} / {stage} / first stage, all queries"] = full.to_dict()
-            first = reranked_retrieval(
-                reranker.model, image, text, owner, sides, 1, captions=captions, images=images
-            ).report
+            rerank = partial(
+                reranked_retrieval,
+                reranker.model,
+                image,
+                text,
+                owner,
+                sides,
+                captions=captions,
+                images=images,
+                offsets=offsets,
+            )
+            first = rerank(1).report
             rows.append(
                 [name, stage, "-", "-", *recall_cells(first), "-", "-", f"{first.rsum:.1f}"]
             )
             for weight in weights:
                 for n in depths:
-                    result: RerankedReport = reranked_retrieval(
-                        reranker.model,
-                        image,
-                        text,
-                        owner,
-                        sides,
-                        n,
-                        captions=captions,
-                        images=images,
-                        first_stage_weight=weight,
-                    )
+                    result: RerankedReport = rerank(n, first_stage_weight=weight)
                     rows.append(
                         [
                             name,
