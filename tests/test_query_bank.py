@@ -4,6 +4,7 @@ queries is demoted in search and evaluation, banks round-trip and refuse other e
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,14 @@ def test_build_search_and_evaluate_with_a_bank_from_the_cli(manifest: Path, tmp_
     )  # fmt: skip
     assert built.exit_code == 0, built.output
     assert "saved the query bank" in built.output and "dev RSUM" in built.output
-    assert load_query_bank(bank).image.shape == (3, 32)
+    built_bank = load_query_bank(bank)
+    assert built_bank.image.shape == (3, 32)
+    record = tmp_path / "eval.json"
+    evaluate = ["eval", "retrieval", str(manifest), "--model", "hash:32", "--json", str(record)]
+    replace(built_bank, weight=0.0).save(bank)  # a zero weight: scores are left as they are
+    off = CliRunner().invoke(app, [*evaluate, "--query-bank", str(bank), *cache])
+    assert off.exit_code == 0 and "query_bank" not in json.loads(record.read_text())
+    replace(built_bank, weight=0.5).save(bank)
     made = CliRunner().invoke(
         app, ["index", str(manifest), "--out", str(index), "--model", "hash:32"]
     )
@@ -128,7 +136,6 @@ def test_build_search_and_evaluate_with_a_bank_from_the_cli(manifest: Path, tmp_
     )
     assert found.exit_code == 0, found.output
     assert json.loads(found.output)["results"]
-    record = tmp_path / "eval.json"
     evaluated = CliRunner().invoke(
         app, ["eval", "retrieval", str(manifest), "--model", "hash:32", "--query-bank", str(bank),
               "--json", str(record), *cache],

@@ -552,7 +552,7 @@ class Retriever:
                     f"{self.folder} refines its vectors with a memory; a query bank "
                     "normalises plain cosines"
                 )
-            return option
+            return option if option.weight else None  # a zero weight changes nothing
         if not option or self.refiner is not None:
             return None
         if not self._shipped_bank:

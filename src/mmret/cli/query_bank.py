@@ -41,7 +41,7 @@ def resolve_query_bank(value: str, spec: str, refined: bool) -> QueryBank | None
         option.check_encoder(spec)
         if refined:
             raise InputError("a query bank normalises plain cosines, not memory-refined ones")
-        return option
+        return option if option.weight else None  # a zero weight changes nothing
     return shipped_query_bank(spec) if option and not refined else None
 
 
