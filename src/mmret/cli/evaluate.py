@@ -411,9 +411,10 @@ def ir(
 
     Queries and documents may have a text, an image or both (embedded as the encoder combines
     them). R@K counts queries with a relevant document in the top K; nDCG uses the graded
-    relevance with a log2 discount against the ideal ordering of the judged documents. Text
-    and image queries' scores are normalised with the model's query bank as `mmret search`
-    normalises them (--query-bank off: plain scores).
+    relevance with a log2 discount against the ideal ordering of the judged documents.
+
+    Text and image queries' scores are normalised with the model's query bank as `mmret
+    search` normalises them (--query-bank off: plain scores).
 
     With --rerank N each query's top N are reordered by the cross-encoder (token features of
     the queries and of the documents that are candidates are computed once per run).
