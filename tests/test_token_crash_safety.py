@@ -85,7 +85,7 @@ def test_kill_minus_nine_never_breaks_the_token_features(tmp_path: Path) -> None
                 hit.id: key
                 for key, hit in retriever._search_keys(
                     encoder.encode([item(i) for i in chosen]), 10**6, None
-                )[0]
+                )[0][0]
             }
             assert stored is not None
             for item_id in chosen:

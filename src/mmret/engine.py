@@ -39,7 +39,7 @@ from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import ItemSource
 from mmret.items import Item, Query
 from mmret.late_interaction import normalise_tokens
-from mmret.query_bank import POOL, QueryBank, shipped_query_bank
+from mmret.query_bank import POOL, QueryBank, select_query_bank
 
 if TYPE_CHECKING:
     from mmret.heads.rerank import SideTokens
@@ -113,7 +113,6 @@ class Retriever:
         self._tokens = self._token_files()
         self._token_backend: Encoder | None = None
         self._reranker: Reranker | None = None
-        self._shipped_bank: list[QueryBank | None] = []  # looked up on first use
         self._backend, self._generation = self._load_backend()
 
     # -- opening --------------------------------------------------------------------------
@@ -545,19 +544,7 @@ class Retriever:
 
     def _query_bank(self, option: QueryBank | bool) -> QueryBank | None:
         """The query bank a search normalises with (see :meth:`search`), or None."""
-        if isinstance(option, QueryBank):
-            option.check_encoder(self.encoder.spec)
-            if self.refiner is not None:
-                raise InputError(
-                    f"{self.folder} refines its vectors with a memory; a query bank "
-                    "normalises plain cosines"
-                )
-            return option if option.weight else None  # a zero weight changes nothing
-        if not option or self.refiner is not None:
-            return None
-        if not self._shipped_bank:
-            self._shipped_bank.append(shipped_query_bank(self.encoder.spec))
-        return self._shipped_bank[0]
+        return select_query_bank(option, self.encoder.spec, refined=self.refiner is not None)
 
     def _first_stage(
         self,
@@ -570,32 +557,13 @@ class Retriever:
         """The top ``depth`` hits (with store keys) of each query vector; with a ``bank``, the
         top :data:`~mmret.query_bank.POOL` by cosine rescored for each query's modality
         (``"text"``, ``"image"``; None: left as cosines) and cut to ``depth``."""
-        if bank is None:
-            return self._search_keys(vectors, depth, filter)
-        pooled = self._search_keys(vectors, max(depth, POOL), filter)
+        if bank is None or not any(modalities):
+            return self._search_keys(vectors, depth, filter)[0]
+        pooled, stored = self._search_keys(vectors, max(depth, POOL), filter, with_vectors=True)
         return [
-            self._discounted(bank, modality, hits)[:depth]
+            discounted(bank, modality, hits, stored)[:depth]
             for modality, hits in zip(modalities, pooled, strict=True)
         ]
-
-    def _discounted(
-        self, bank: QueryBank, modality: str | None, hits: list[tuple[int, SearchResult]]
-    ) -> list[tuple[int, SearchResult]]:
-        """``hits`` rescored with ``bank``'s discounts for a query of ``modality`` and
-        re-sorted (unchanged for None: an image+text query, the bank holds single-modality
-        queries)."""
-        if not hits or modality is None:
-            return hits
-        with self._mutex:
-            stored = self._store.vectors_of([hit.id for _, hit in hits])
-        kept = [(key, hit) for key, hit in hits if hit.id in stored]  # removed meanwhile
-        if not kept:
-            return []
-        vectors = np.stack([stored[hit.id] for _, hit in kept])
-        discounts = bank.discount(vectors, modality)
-        scores = np.array([hit.score for _, hit in kept]) - discounts
-        order = np.argsort(-scores, kind="stable")
-        return [(kept[i][0], replace(kept[i][1], score=float(scores[i]))) for i in order]
 
     def _rerank(
         self,
@@ -649,9 +617,10 @@ class Retriever:
         return [[hit for _, hit in hits] for hits in first]
 
     def _search_keys(
-        self, vectors: np.ndarray, k: int, filter: Filter | None
-    ) -> list[list[tuple[int, SearchResult]]]:
-        """:meth:`search_vectors`' hits with each item's store key."""
+        self, vectors: np.ndarray, k: int, filter: Filter | None, *, with_vectors: bool = False
+    ) -> tuple[list[list[tuple[int, SearchResult]]], dict[int, np.ndarray]]:
+        """:meth:`search_vectors`' hits with each item's store key, and with ``with_vectors``
+        the hits' stored vectors by key, read in the same snapshot."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if (
             vectors.ndim == 2
@@ -666,6 +635,12 @@ class Retriever:
             allowed = self._columns.matching_keys(self._store, filter) if filter else None
             scores, keys = self._current_backend().search(vectors, k, allowed)
             rows = self._store.rows(np.unique(keys[keys >= 0]).tolist())
+            found = np.array(sorted(rows), dtype=np.int64)
+            stored = (
+                dict(zip(found.tolist(), self._store.vectors_at(found), strict=True))
+                if with_vectors
+                else {}
+            )
         results = []
         for row_scores, row_keys in zip(scores.tolist(), keys.tolist(), strict=True):
             hits = []
@@ -675,7 +650,7 @@ class Retriever:
                     result = SearchResult(row.id, score, row.text, row.image, row.metadata)
                     hits.append((key, result))
             results.append(hits)
-        return results
+        return results, stored
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         """Those of ``ids`` that are in the index."""
@@ -735,6 +710,23 @@ class Retriever:
             "format_version": self.manifest.format_version,
             "mmret_version": self.manifest.mmret_version,
         }
+
+
+def discounted(
+    bank: QueryBank,
+    modality: str | None,
+    hits: list[tuple[int, SearchResult]],
+    stored: dict[int, np.ndarray],
+) -> list[tuple[int, SearchResult]]:
+    """``hits`` rescored with ``bank``'s discounts of their ``stored`` vectors (by store key)
+    for a query of ``modality`` and re-sorted (unchanged for None: an image+text query, the
+    bank holds single-modality queries)."""
+    if not hits or modality is None:
+        return hits
+    discounts = bank.discount(np.stack([stored[key] for key, _ in hits]), modality)
+    scores = np.array([hit.score for _, hit in hits]) - discounts
+    order = np.argsort(-scores, kind="stable")
+    return [(hits[i][0], replace(hits[i][1], score=float(scores[i]))) for i in order]
 
 
 def query_modality(query: Query | Item) -> str | None:

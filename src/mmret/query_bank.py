@@ -19,6 +19,7 @@ chosen on dev data by ``mmret train query-bank``. A bank ships for the default m
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,8 @@ def load_query_bank(folder: str | Path) -> QueryBank:
             raise KeyError("type")
         vectors = load_file(str(path / VECTORS_FILE))
         text, image = (vectors[m].astype(np.float32) for m in ("text", "image"))
+        for array in (text, image):
+            array.setflags(write=False)  # a shipped bank is shared by every search
     except FileNotFoundError as error:
         raise InputError(f"{path}: not a query bank ({error.filename} is missing)") from None
     except (json.JSONDecodeError, KeyError, TypeError, OSError) as error:
@@ -116,7 +119,21 @@ def load_query_bank(folder: str | Path) -> QueryBank:
     )
 
 
+@functools.cache
 def shipped_query_bank(spec: str) -> QueryBank | None:
-    """The bank that ships for encoder ``spec``, if one does."""
+    """The bank that ships for encoder ``spec``, if one does (read once per process)."""
     folder = SHIPPED_BANKS.get(spec)
     return load_query_bank(folder) if folder is not None and folder.is_dir() else None
+
+
+def select_query_bank(option: QueryBank | bool, spec: str, refined: bool) -> QueryBank | None:
+    """The bank that normalises scores of model ``spec``: for ``option`` True the one that
+    ships for it, for False none, or ``option`` itself (a bank of that model). None for
+    memory-refined scores (``refined``; a given bank is refused) and for a zero weight, which
+    changes nothing."""
+    if isinstance(option, QueryBank):
+        option.check_encoder(spec)
+        if refined:
+            raise InputError("a query bank normalises plain cosines, not memory-refined ones")
+        return option if option.weight else None
+    return shipped_query_bank(spec) if option and not refined else None

@@ -12,7 +12,7 @@ from mmret.encoders import DEFAULT_MODEL, load_encoder
 from mmret.errors import InputError
 from mmret.evaluation.embeddings import embed_pairs
 from mmret.ingest.report import SkipReport
-from mmret.query_bank import QueryBank, load_query_bank, shipped_query_bank
+from mmret.query_bank import QueryBank, load_query_bank, select_query_bank
 from mmret.training.features import read_pairs
 from mmret.training.query_bank import build_query_bank
 
@@ -35,14 +35,8 @@ def query_bank_option(value: str) -> QueryBank | bool:
 
 def resolve_query_bank(value: str, spec: str, refined: bool) -> QueryBank | None:
     """The bank ``--query-bank`` names for scores of model ``spec`` (``refined``: with a
-    memory, whose scores no bank normalises), as a search of its index would use it."""
-    option = query_bank_option(value)
-    if isinstance(option, QueryBank):
-        option.check_encoder(spec)
-        if refined:
-            raise InputError("a query bank normalises plain cosines, not memory-refined ones")
-        return option if option.weight else None  # a zero weight changes nothing
-    return shipped_query_bank(spec) if option and not refined else None
+    memory), as a search of its index would use it."""
+    return select_query_bank(query_bank_option(value), spec, refined)
 
 
 @friendly_errors
