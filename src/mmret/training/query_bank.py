@@ -66,11 +66,14 @@ def choose_settings(
     rsums: dict[str, float] = {}
     best: tuple[float, float, float] | None = None
     for beta in betas:
+        # A discount is its weight times a log-mean-exp that depends on beta alone.
+        image_unit, text_unit = QueryBank(encoder, text_bank, image_bank, beta, 1.0).offsets(
+            dev.image, dev.text
+        )
         for weight in weights:
             if weight == 0 and beta != betas[0]:
                 continue  # no discount: beta does not matter
-            bank = QueryBank(encoder, text_bank, image_bank, beta, weight)
-            offsets = bank.offsets(dev.image, dev.text) if weight else None
+            offsets = (weight * image_unit, weight * text_unit) if weight else None
             rsum = retrieval_metrics(dev.image, dev.text, dev.text_image, offsets=offsets).rsum
             rsums[f"beta {beta:g}, weight {weight:g}"] = round(rsum, 2)
             if best is None or rsum > best[0]:
