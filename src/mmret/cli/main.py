@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from mmret.cli.ensemble import train as train_ensemble
 from mmret.cli.evaluate import eval_app
 from mmret.cli.generate import ask, caption, context, eval_caption, eval_fewshot
 from mmret.cli.maintain import check, recluster, repair
@@ -70,6 +71,7 @@ train_app.command("reco")(train_reco)
 train_app.command("rerank")(train_rerank)
 train_app.command("rerank-calibrate")(calibrate_rerank)
 train_app.command("query-bank")(train_query_bank)
+train_app.command("ensemble")(train_ensemble)
 train_app.command("caption")(train_caption)
 app.command()(check)
 app.command()(repair)
