@@ -1,16 +1,16 @@
 """Encoding throughput of starter encoders, each next to a plain loop over the same model.
 
-    python benchmarks/encode_throughput.py [--models starter starter-v3 starter:DIR] [--images 256]
-        [--texts 2048] [--quick]
+    python benchmarks/encode_throughput.py [--models starter starter-v3 starter-v4 starter:DIR]
+        [--images 256] [--texts 2048] [--quick]
 
 The reference decodes each image with PIL and calls the towers and the alignment head
 directly, batch by batch, with none of mmret's machinery; mmret's number is
 ``Encoder.encode_images`` / ``encode_texts`` on the same inputs (both take image paths, so
 both include JPEG decoding). All runs of one input kind are timed in turns, medians over
 ``--repeats``, so the models' numbers are comparable even on a busy machine. ``--models``
-takes any starter spec (``starter:DIR`` for a trained head, whose towers it names). Images
-are Flickr8k dev photos when ``../shared/data`` is present, else scikit-image's sample photos
-repeated.
+takes any starter spec (``starter:DIR`` for a trained head, whose towers it names) or an
+ensemble of them (``starter-v4``, ``ensemble:DIR``). Images are Flickr8k dev photos when
+``../shared/data`` is present, else scikit-image's sample photos repeated.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from PIL import Image
 
 from _common import FLICKR, RESULTS, interleaved_medians, report
 from mmret.demo import write_photos
-from mmret.encoders import DEFAULT_MODEL, load_encoder
+from mmret.encoders import DEFAULT_MODEL, Encoder, load_encoder
+from mmret.encoders.ensemble import EnsembleEncoder
 from mmret.encoders.starter import StarterEncoder
 
 FLICKR_DEV = FLICKR / "dev.jsonl"
@@ -47,13 +48,37 @@ def inputs(n_images: int, n_texts: int, scratch: Path) -> tuple[list[Path], list
     return repeat(images, n_images), repeat(texts, n_texts), source
 
 
+Embed = Callable[[list], torch.Tensor]
+
+
+def plain_embedders(encoder: Encoder) -> tuple[Embed, Embed]:
+    """Image and text embedding by calling the towers and heads directly: a starter model's
+    towers and head, or each member of an ensemble (starter-v4) in turn, side by side."""
+    if isinstance(encoder, EnsembleEncoder):
+        parts = [plain_embedders(member) for member in encoder.members]
+
+        def joined(side: int, batch: list) -> torch.Tensor:
+            return torch.cat(
+                [torch.nn.functional.normalize(part[side](batch), dim=-1) * w**0.5
+                 for part, w in zip(parts, encoder.weights, strict=True)], dim=-1
+            )  # fmt: skip
+
+        return (lambda batch: joined(0, batch)), (lambda batch: joined(1, batch))
+    assert isinstance(encoder, StarterEncoder), f"{encoder.spec} is not a starter model"
+    towers, head = encoder.towers, encoder.head
+    return (
+        lambda batch: head.image(towers.image_features(batch)),
+        lambda batch: head.text(towers.text_features(batch)),
+    )
+
+
 def timed_runs(
     spec: str, images: list[Path], texts: list[str]
 ) -> dict[str, dict[str, Callable[[], object]]]:
-    """``{"images"|"texts": {"SPEC reference"|"SPEC mmret": run}}`` for one starter encoder."""
+    """``{"images"|"texts": {"SPEC reference"|"SPEC mmret": run}}`` for one starter encoder
+    (or an ensemble of them)."""
     encoder = load_encoder(spec)
-    assert isinstance(encoder, StarterEncoder), f"{spec} is not a starter model"
-    towers, head = encoder.towers, encoder.head
+    embed_image, embed_text = plain_embedders(encoder)
 
     def reference_images() -> None:
         with torch.inference_mode():
@@ -61,12 +86,12 @@ def timed_runs(
                 batch = [
                     Image.open(p).convert("RGB") for p in images[start : start + encoder.batch_size]
                 ]
-                head.image(towers.image_features(batch))
+                embed_image(batch)
 
     def reference_texts() -> None:
         with torch.inference_mode():
             for start in range(0, len(texts), encoder.batch_size):
-                head.text(towers.text_features(texts[start : start + encoder.batch_size]))
+                embed_text(texts[start : start + encoder.batch_size])
 
     check = encoder.encode_texts(texts[:4])
     assert np.allclose(np.linalg.norm(check, axis=1), 1, atol=1e-5)
@@ -84,7 +109,7 @@ def timed_runs(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["starter", DEFAULT_MODEL])
+    parser.add_argument("--models", nargs="+", default=["starter", "starter-v3", DEFAULT_MODEL])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--texts", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)

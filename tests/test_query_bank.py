@@ -104,9 +104,10 @@ def test_settings_are_chosen_by_dev_rsum() -> None:
 
 
 def test_the_default_models_bank_ships() -> None:
-    bank = shipped_query_bank("starter-v3")
-    assert bank is not None and bank.encoder == "starter-v3" and bank.weight > 0
-    assert bank.text.shape[1] == bank.image.shape[1] == 512
+    for spec, dim in (("starter-v3", 512), ("starter-v4", 1024)):
+        bank = shipped_query_bank(spec)
+        assert bank is not None and bank.encoder == spec and bank.weight > 0
+        assert bank.text.shape[1] == bank.image.shape[1] == dim
     assert shipped_query_bank("starter") is None
 
 

@@ -39,7 +39,10 @@ CONFIG_FILE = "config.json"
 VECTORS_FILE = "bank.safetensors"
 SHIPPED = Path(__file__).resolve().parent / "weights"
 #: encoder spec -> folder of the bank that ships for it.
-SHIPPED_BANKS = {"starter-v3": SHIPPED / "query-bank-starter-v3"}
+SHIPPED_BANKS = {
+    "starter-v3": SHIPPED / "query-bank-starter-v3",
+    "starter-v4": SHIPPED / "query-bank-starter-v4",
+}
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,10 @@ eval_app = typer.Typer(
     no_args_is_help=True,
 )
 
-MODEL_HELP = "Encoder spec: starter, starter:DIR, hf:NAME, open_clip:MODEL/TAG, hash:DIM."
+MODEL_HELP = (
+    "Encoder spec: starter-v4 (default), starter-v3, starter, starter:DIR, ensemble:DIR, "
+    "hf:NAME, open_clip:MODEL/TAG, hash:DIM."
+)
 HEAD_HELP = "Alignment head folder from `mmret train align` (same as --model starter:DIR)."
 JSON_HELP = "Write the numbers as JSON here."
 MARKDOWN_HELP = "Write the tables as Markdown here."

@@ -64,7 +64,7 @@ def build(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Memory folder to create."),
     model: str = typer.Option(
-        DEFAULT_MODEL, help="Encoder spec: starter-v3 (the default), starter, hf:NAME, ..."
+        DEFAULT_MODEL, help=f"Encoder spec: {DEFAULT_MODEL} (the default), starter, hf:NAME, ..."
     ),
     backend: str = typer.Option(
         "auto", help="Index backend: auto, exact or faiss (auto: exact below 100k pairs)."

@@ -18,8 +18,8 @@ from mmret.training.query_bank import build_query_bank
 
 QUERY_BANK_HELP = (
     "Normalise text and image queries' scores with a query bank (fewer hub items): 'auto' "
-    "uses the bank that ships for the index's model (starter-v3), 'off' none, or a folder "
-    "from `mmret train query-bank`."
+    "uses the bank that ships for the index's model (starter-v4, starter-v3), 'off' none, or "
+    "a folder from `mmret train query-bank`."
 )
 
 

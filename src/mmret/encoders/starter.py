@@ -30,7 +30,7 @@ SHIPPED_HEAD = WEIGHTS / "starter"
 #: The encoder new indexes, evaluations and the CLI use when none is named. A stronger default
 #: gets a new spec name (``starter-v2``, ``starter-v3``) so every existing index keeps opening
 #: with the model that built it.
-DEFAULT_MODEL = "starter-v3"
+DEFAULT_MODEL = "starter-v4"
 
 
 @cache

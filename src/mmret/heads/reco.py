@@ -34,6 +34,7 @@ SHIPPED = Path(__file__).resolve().parent.parent / "weights"
 SHIPPED_FUSIONS = {
     "starter": SHIPPED / "reco-starter",
     "starter-v3": SHIPPED / "reco-starter-v3",
+    "starter-v4": SHIPPED / "reco-starter-v4",
 }
 
 
