@@ -115,7 +115,10 @@ def test_train_index_search_and_evaluate_an_ensemble_from_the_cli(
     record = tmp_path / "eval.json"
     run("eval", "retrieval", manifest, "--model", spec, "--json", record, *cache)
     assert json.loads(record.read_text())["model"] == f"ensemble:{folder.resolve()}"
-    run("train", "ensemble", "--member", "hash:16", "--dev", manifest, "--out", folder, code=1)
+    alone = run(
+        "train", "ensemble", "--member", "hash:16", "--dev", manifest, "--out", folder, code=1
+    )
+    assert "two or more --member models" in alone
 
 
 def test_other_weights_change_the_cache_key() -> None:

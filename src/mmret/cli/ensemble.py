@@ -9,6 +9,7 @@ import typer
 
 from mmret.cli.output import console, friendly_errors, print_skips
 from mmret.encoders import load_encoder
+from mmret.errors import InputError
 from mmret.evaluation.embeddings import embed_pairs
 from mmret.ingest.report import SkipReport
 from mmret.training.ensemble import choose_weights
@@ -34,6 +35,8 @@ def train(
     (both ways) and the best RSUM kept. Use it with --model ensemble:OUT; it encodes with every
     member, so it is as slow as the members together.
     """
+    if len(member) < 2:
+        raise InputError(f"an ensemble needs two or more --member models, got {member}")
     encoders = [load_encoder(spec) for spec in member]
     report = SkipReport()
     pairs = read_pairs(dev, report)

@@ -28,8 +28,8 @@ from mmret.heads.alignment import AlignmentHead
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 SHIPPED_HEAD = WEIGHTS / "starter"
 #: The encoder new indexes, evaluations and the CLI use when none is named. A stronger default
-#: gets a new spec name (``starter-v2``, ``starter-v3``) so every existing index keeps opening
-#: with the model that built it.
+#: gets a new spec name (``starter-v2``, ``starter-v3``, ``starter-v4``) so every existing index
+#: keeps opening with the model that built it.
 DEFAULT_MODEL = "starter-v4"
 
 
