@@ -635,12 +635,11 @@ class Retriever:
             allowed = self._columns.matching_keys(self._store, filter) if filter else None
             scores, keys = self._current_backend().search(vectors, k, allowed)
             rows = self._store.rows(np.unique(keys[keys >= 0]).tolist())
-            found = np.array(sorted(rows), dtype=np.int64)
-            stored = (
-                dict(zip(found.tolist(), self._store.vectors_at(found), strict=True))
-                if with_vectors
-                else {}
-            )
+            stored: dict[int, np.ndarray] = {}
+            if with_vectors:
+                found = sorted(rows)
+                found_vectors = self._store.vectors_at(np.array(found, dtype=np.int64))
+                stored = dict(zip(found, found_vectors, strict=True))
         results = []
         for row_scores, row_keys in zip(scores.tolist(), keys.tolist(), strict=True):
             hits = []
