@@ -13,6 +13,8 @@ from mmret.encoders.hashing import HashEncoder, TokenHashEncoder
 from mmret.index.integrity import check_index, repair_index
 from mmret.late_interaction import normalise_tokens
 
+from .forking import exit_code, fork
+
 pytest.importorskip("pymilvus")
 
 DIM = 16
@@ -52,6 +54,42 @@ def test_an_index_on_milvus_lite_persists_catches_up_and_repairs(tmp_path: Path)
     with Retriever.open(folder, readonly=True) as reader:
         assert len(reader._backend) == 297
         assert reader.search_vectors(vectors[[123]], k=1)[0][0].id == "item-123"
+
+
+def test_rows_milvus_lost_are_rebuilt_from_the_store(tmp_path: Path) -> None:
+    """Milvus Lite killed while writing can lose rows it had acknowledged; the item store is
+    the truth, so an index whose collection came back short is rebuilt on open."""
+    folder = tmp_path / "index"
+    vectors = unit(50)
+    with Retriever.create(folder, encoder=HashEncoder(DIM), backend="milvus") as retriever:
+        retriever.add_vectors(items(0, 50), vectors)
+        backend = retriever._backend
+        backend._db.delete(backend._collection, filter="key in [3, 17]")  # lost behind our back
+    with Retriever.open(folder, readonly=True) as reader:
+        assert len(reader._backend) == 50
+        assert reader.search_vectors(vectors[[3]], k=1)[0][0].id == "item-3"
+    assert "holds 48 vectors, not 50" in check_index(folder).problems[0]  # until repaired
+    repair_index(folder)
+    assert check_index(folder).ok
+
+
+def backend_holds(folder: Path, count: int) -> bool:
+    with Retriever.open(folder) as writer:
+        return len(writer._backend) == count
+
+
+def test_a_closed_milvus_lite_index_opens_in_another_process(tmp_path: Path) -> None:
+    """Milvus Lite serves a database from inside the process that opened it, locked against
+    others: closing the last retriever on it must let the next process in."""
+    folder = tmp_path / "index"
+    with Retriever.create(folder, encoder=HashEncoder(DIM), backend="milvus") as retriever:
+        retriever.add_vectors(items(0, 20), unit(20))
+    with Retriever.open(folder, readonly=True) as reader:
+        with Retriever.open(folder, readonly=True) as other:  # one server, two clients
+            assert len(other._backend) == 20
+        assert reader.search_vectors(unit(20)[[3]], k=1)[0][0].id == "item-3"  # still served
+        assert exit_code(fork(backend_holds, folder, 20)) == 1  # locked while one is open
+    assert exit_code(fork(backend_holds, folder, 20)) == 0
 
 
 def test_a_multi_vector_index_on_milvus_scores_exact_maxsim(tmp_path: Path) -> None:

@@ -227,6 +227,7 @@ class Retriever:
                     self.flush()
             finally:
                 self._store.close()
+                self._backend.close()
                 if self._owns_refiner and self.refiner is not None:
                     self.refiner.close()
                     self._owns_refiner = False
@@ -268,27 +269,38 @@ class Retriever:
         """
         with self._store.snapshot():
             generation, epoch = self._store.generation, self._store.epoch
-            manifest = self.manifest
-            backend = new_backend(  # the recorded count: counting the rows reads the table
-                manifest.backend,
-                manifest.backend_options,
-                manifest.dim,
-                self._store.recorded_count,
-                manifest.token_dim,
-            )
-            backend.use_stored_vectors(self._store.vectors_at)
+            count = self._store.recorded_count  # counting the rows would read the table
+            backend = self._new_backend()
             cached = backend.load(self.folder, epoch)
+            if cached is not None and cached <= generation:
+                self._catch_up(backend, cached)
+                if len(backend) != count:
+                    # The cache lost entries its record stands for (Milvus Lite killed while
+                    # writing can lose rows it had acknowledged): rebuilt from the store.
+                    backend.close()
+                    backend, cached = self._new_backend(), None
             if cached is None or cached > generation:
                 with contextlib.closing(self._store.vector_chunks()) as chunks:  # ends its read
-                    backend.build(chunks, self._store.recorded_count)
+                    backend.build(chunks, count)
                 cached = -1
-            else:
-                self._catch_up(backend, cached)
-                if backend.cache_outdated:
-                    cached = -1  # a writer's flush saves it in the current layout
+            elif backend.cache_outdated:
+                cached = -1  # a writer's flush saves it in the current layout
         self._epoch = epoch
         self._saved_generation = cached  # what the cache file holds: flush() rewrites it
         return backend, generation
+
+    def _new_backend(self) -> VectorIndex:
+        """An empty backend of the manifest's kind, sized for the store, reading its vectors."""
+        manifest = self.manifest
+        backend = new_backend(
+            manifest.backend,
+            manifest.backend_options,
+            manifest.dim,
+            self._store.recorded_count,
+            manifest.token_dim,
+        )
+        backend.use_stored_vectors(self._store.vectors_at)
+        return backend
 
     def _catch_up(self, backend: VectorIndex, since: int) -> None:
         keys, vectors, removed = self._store.changes_since(since, backend.last_key)

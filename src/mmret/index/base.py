@@ -92,6 +92,10 @@ class VectorIndex(ABC):
                 np.concatenate([vectors for _, vectors in parts]),
             )
 
+    def close(self) -> None:  # noqa: B027
+        """Let go of what the backend holds outside this object (connections, an embedded
+        server); the retriever calls it once, when it closes. Default: nothing held."""
+
     def save(self, folder: Path, epoch: str, generation: int) -> None:  # noqa: B027
         """Persist a cache of the structure as of the store's ``generation`` (default: none)."""
 

@@ -183,24 +183,27 @@ def _check_backend(
         report.problem("manifest", f"{folder / MANIFEST_FILE}: unusable backend ({error})")
         return
     backend.use_stored_vectors(store.vectors_at)
-    if backend.load(folder, store.epoch) == store.generation:
-        if len(backend) != report.items:
-            report.problem(
-                "cache",
-                f"{folder}: the {backend.name} cache holds {len(backend)} vectors, "
-                f"not {report.items} (repair rebuilds it)",
+    try:
+        if backend.load(folder, store.epoch) == store.generation:
+            if len(backend) != report.items:
+                report.problem(
+                    "cache",
+                    f"{folder}: the {backend.name} cache holds {len(backend)} vectors, "
+                    f"not {report.items} (repair rebuilds it)",
+                )
+            elif not np.array_equal(backend.stored_keys(), keys):
+                report.problem(
+                    "cache",
+                    f"{folder}: the {backend.name} cache holds other items than {ITEMS_FILE} "
+                    "(repair rebuilds it)",
+                )
+        elif backend.cache_files(folder):
+            report.notices.append(
+                f"{folder}: the {backend.name} cache is stale or unreadable; it is updated from "
+                f"{ITEMS_FILE} on open"
             )
-        elif not np.array_equal(backend.stored_keys(), keys):
-            report.problem(
-                "cache",
-                f"{folder}: the {backend.name} cache holds other items than {ITEMS_FILE} "
-                "(repair rebuilds it)",
-            )
-    elif backend.cache_files(folder):
-        report.notices.append(
-            f"{folder}: the {backend.name} cache is stale or unreadable; it is updated from "
-            f"{ITEMS_FILE} on open"
-        )
+    finally:
+        backend.close()
 
 
 @dataclass

@@ -20,7 +20,9 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import weakref
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -47,12 +49,47 @@ def _client(uri: str) -> Any:
             "backend 'milvus' needs pymilvus and milvus-lite: pip install 'mmret[milvus]'"
         ) from None
     try:
-        return MilvusClient(uri=uri, token=os.environ.get(TOKEN_VARIABLE, ""))
+        client = MilvusClient(uri=uri, token=os.environ.get(TOKEN_VARIABLE, ""))
     except Exception as error:  # pymilvus raises its own hierarchy, and OSError for Lite
         raise IndexFormatError(
             f"cannot open Milvus at {uri} ({error}); Milvus Lite serves one process at a "
             "time: readers beside a writer need a Milvus server (backend option uri)"
         ) from None
+    if _is_lite(uri):
+        with _LITE_LOCK:
+            _LITE_CLIENTS[_lite_key(uri)] += 1
+    return client
+
+
+def _is_lite(uri: str) -> bool:
+    """A database file served by Milvus Lite (pymilvus's rule), not a server's address."""
+    return uri.endswith(".db")
+
+
+def _lite_key(uri: str) -> str:
+    return os.path.abspath(uri)  # noqa: PTH100 - milvus_lite's own key for a database
+
+
+#: Milvus Lite serves each database from a server inside the first process that opened it,
+#: and pymilvus never stops it: the database stays locked against other processes until this
+#: one exits. Clients open per database here, so that the last to close stops its server.
+_LITE_CLIENTS: Counter[str] = Counter()
+_LITE_LOCK = threading.Lock()
+
+
+def _close_client(client: Any, uri: str) -> None:
+    client.close()
+    if not _is_lite(uri):
+        return
+    path = _lite_key(uri)
+    with _LITE_LOCK:
+        _LITE_CLIENTS[path] -= 1
+        if _LITE_CLIENTS[path] > 0:
+            return
+        del _LITE_CLIENTS[path]
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(path)
 
 
 @INDEXES.register("milvus")
@@ -261,17 +298,35 @@ class MilvusIndex(VectorIndex):
             where, collection = "", ""
         if collection:
             where = self.uri or str(folder / where)
-            if self._connect(where).has_collection(collection):
-                self._open(where, collection, fresh=False)
+            if self._connect(where).has_collection(collection) and self._reopened(
+                where, collection
+            ):
                 return cache.generation
         self._connect(self.uri or str(folder / _LITE_FILE))
         self._collection, self._count, self._last = f"mmret_{epoch}", 0, -1
         return None
 
+    def _reopened(self, where: str, collection: str) -> bool:
+        """Open an existing collection; ``False`` if Milvus cannot load it (Milvus Lite killed
+        mid-write can leave its segment files short): it is then rebuilt from the store."""
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            self._open(where, collection, fresh=False)
+        except MilvusException:
+            return False
+        return True
+
     def _connect(self, where: str) -> Any:
         if self._db is None or where != self._where:
+            self.close()
             self._db, self._where = _client(where), where
         return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            _close_client(db, self._where)
 
     def cache_files(self, folder: Path) -> list[Path]:
         """The record (the Milvus Lite database is not listed: its collection is rebuilt, not
