@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +23,10 @@ from mmret.cli.main import app
 from mmret.encoders.hashing import HashEncoder
 from mmret.errors import IndexBusyError
 
-from .forking import exit_code, fork
+from .forking import exit_code, fork, pipe
 
 DIM = 16
 BATCH = 10
-
-pytestmark = pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
 
 
 def new_index(folder: Path, backend: str = "exact") -> None:
@@ -89,7 +88,7 @@ def snapshot_problems(retriever: Retriever, seen: list[int]) -> list[str]:
 def test_readers_in_threads_and_processes_see_whole_writes(tmp_path: Path, backend: str) -> None:
     folder = tmp_path / "index"
     new_index(folder, backend)
-    writer = fork(lambda: write_batches(folder, batches=150))
+    writer = fork(write_batches, folder, 150)
     shared = Retriever.open(folder, readonly=True)
     problems: list[str] = []
     done = threading.Event()
@@ -101,7 +100,7 @@ def test_readers_in_threads_and_processes_see_whole_writes(tmp_path: Path, backe
 
     own = [Retriever.open(folder, readonly=True) for _ in range(2)]
     threads = [threading.Thread(target=read, args=(r,)) for r in [shared, shared, *own]]
-    reader = fork(lambda: read_until(folder, last_batch=149))
+    reader = fork(read_until, folder, 149)
     for thread in threads:
         thread.start()
     writer_status, reader_status = exit_code(writer), exit_code(reader)
@@ -143,17 +142,24 @@ def test_a_waiting_writer_gets_in_when_the_first_finishes(tmp_path: Path) -> Non
 def test_a_killed_writer_leaves_no_stale_lock(tmp_path: Path) -> None:
     folder = tmp_path / "index"
     new_index(folder)
-    read_fd, write_fd = os.pipe()
-    pid = fork(lambda: (Retriever.open(folder), os.write(write_fd, b"open"), time.sleep(60)))
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as reader:
-        assert reader.read(4) == b"open"  # the child holds the lock now, however long it took
+    reader, writer = pipe()
+    child = fork(open_and_hold, folder, writer)
+    writer.close()
+    assert reader.recv_bytes() == b"open"  # the child holds the lock now, however long it took
     with pytest.raises(IndexBusyError):
         Retriever.open(folder, wait=0)
-    os.kill(pid, signal.SIGKILL)
-    assert exit_code(pid) == -signal.SIGKILL
+    child.kill()
+    assert exit_code(child) == -signal.SIGKILL
     with Retriever.open(folder, wait=0) as writer:
         assert len(writer) == 0
+
+
+def open_and_hold(folder: Path, reports: Connection) -> None:
+    """Open ``folder`` for writing, say so, and hold it until killed."""
+    retriever = Retriever.open(folder)
+    reports.send_bytes(b"open")
+    time.sleep(60)
+    retriever.close()
 
 
 def forbid_full_reads(retriever: Retriever, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import sqlite3
 import time
 import zlib
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from mmret.encoders.hashing import HashEncoder, TokenHashEncoder
 from mmret.index.integrity import check_index
 from mmret.index.manifest import ITEMS_FILE, read_manifest
 
-from .forking import exit_code, fork
+from .forking import exit_code, fork, pipe, received
 
 DIM = 16
 BATCH = 20
@@ -72,8 +72,9 @@ except ImportError:
 MULTI_VECTOR = {"maxsim", "plaid", "milvus-maxsim"}
 #: Multi-vector backends index sets of this many tokens of DIM dimensions.
 TOKENS = 4
-
-pytestmark = pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+#: Seconds a writer may take to open the index and finish its first write: far beyond what a
+#: loaded machine needs, so that a writer that hangs fails the test instead of stalling it.
+FIRST_WRITE_WITHIN = 120
 
 
 def encoder_for(backend: str) -> Encoder:
@@ -119,8 +120,8 @@ def stored_ids(folder: Path) -> set[str]:
         db.close()
 
 
-def run_writer(folder: Path, start: int, report_fd: int) -> None:
-    """The child: apply writes from ``start`` on, forever, writing each number once done."""
+def run_writer(folder: Path, start: int, reports: Connection) -> None:
+    """The child: apply writes from ``start`` on, forever, reporting each number once done."""
     encoder = index_encoder(folder)
     retriever = Retriever.open(folder, encoder=encoder)
     for number in range(start, 10**9):
@@ -132,23 +133,23 @@ def run_writer(folder: Path, start: int, report_fd: int) -> None:
             retriever.remove(batch)
         if number % 3 == 2:
             retriever.flush()  # rewrite the FAISS cache now and then: kills land there too
-        os.write(report_fd, f"{number + 1}\n".encode())
+        reports.send_bytes(str(number + 1).encode())
 
 
 def kill_writer_once(folder: Path, start: int, delay: float, after_a_write: bool) -> int:
     """Start a writer at operation ``start``, SIGKILL it ``delay`` seconds later (counted from
     its first finished write when ``after_a_write``, else from its start); returns how many
     operations it reported done (``start`` if none)."""
-    read_fd, write_fd = os.pipe()
-    pid = fork(lambda: run_writer(folder, start, write_fd))
-    os.close(write_fd)
-    reported = os.read(read_fd, 1 << 20) if after_a_write else b""  # blocks until one is done
+    reader, writer = pipe()
+    child = fork(run_writer, folder, start, writer)
+    writer.close()
+    if after_a_write:
+        assert reader.poll(FIRST_WRITE_WITHIN), f"a writer made no write in {FIRST_WRITE_WITHIN} s"
     time.sleep(delay)
-    os.kill(pid, signal.SIGKILL)
-    exit_code(pid)
-    with os.fdopen(read_fd, "rb") as reader:
-        lines = (reported + reader.read()).split()
-    return int(lines[-1]) if lines else start
+    child.kill()  # SIGKILL
+    exit_code(child)
+    reports = received(reader)
+    return int(reports[-1]) if reports else start
 
 
 def verify(folder: Path, done: int, rng: random.Random) -> int:
@@ -198,19 +199,23 @@ def test_kill_minus_nine_at_random_points_never_breaks_the_index(
     assert done >= points // 2, f"only {done} writes in {points} runs"
 
 
+def create_empty(folder: Path) -> None:
+    Retriever.create(folder, encoder=HashEncoder(DIM)).close()
+
+
 def test_kill_during_create_leaves_nothing_or_a_whole_index(tmp_path: Path) -> None:
     rng = random.Random(7)
     for attempt in range(30):
         folder = tmp_path / f"index-{attempt}"
-        pid = fork(lambda folder=folder: Retriever.create(folder, encoder=HashEncoder(DIM)).close())
+        child = fork(create_empty, folder)
         time.sleep(rng.uniform(0.0, 0.02))
-        os.kill(pid, signal.SIGKILL)
-        exit_code(pid)
+        child.kill()  # SIGKILL
+        exit_code(child)
         if folder.exists():
             assert check_index(folder).ok
             with Retriever.open(folder, encoder=HashEncoder(DIM)) as retriever:
                 assert len(retriever) == 0
         else:
             # The next create succeeds and sweeps away what the dead one left.
-            Retriever.create(folder, encoder=HashEncoder(DIM)).close()
+            create_empty(folder)
             assert not list(tmp_path.glob(f".{folder.name}.building-*"))

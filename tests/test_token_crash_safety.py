@@ -12,30 +12,27 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from mmret import Item, Query, Retriever
 from mmret.index.integrity import check_index
 
-from .forking import exit_code, fork
+from .forking import exit_code, fork, pipe, received
 from .rerank_fixtures import LayerHashEncoder, tiny_reranker, tiny_spec
 from .test_crash_safety import operation, state_after, stored_ids
 
 KILL_POINTS = int(os.environ.get("MMRET_KILL_POINTS", "15"))
-
-pytestmark = pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
 
 
 def item(item_id: str) -> Item:
     return Item(item_id, text=f"word{item_id.replace('-', ' word')}", metadata={"n": 1})
 
 
-def run_writer(folder: Path, start: int, report_fd: int) -> None:
+def run_writer(folder: Path, start: int, reports: Connection) -> None:
     encoder = LayerHashEncoder(16)
     retriever = Retriever.open(folder, encoder=encoder)
     for number in range(start, 10**9):
@@ -45,19 +42,18 @@ def run_writer(folder: Path, start: int, report_fd: int) -> None:
             retriever.add_vectors(items, encoder.encode(items))
         else:
             retriever.remove(batch)
-        os.write(report_fd, f"{number + 1}\n".encode())
+        reports.send_bytes(str(number + 1).encode())
 
 
 def kill_once(folder: Path, start: int, delay: float) -> int:
-    read_fd, write_fd = os.pipe()
-    pid = fork(lambda: run_writer(folder, start, write_fd))
-    os.close(write_fd)
+    reader, writer = pipe()
+    child = fork(run_writer, folder, start, writer)
+    writer.close()
     time.sleep(delay)
-    os.kill(pid, signal.SIGKILL)
-    exit_code(pid)
-    with os.fdopen(read_fd, "rb") as reader:
-        lines = reader.read().split()
-    return int(lines[-1]) if lines else start
+    child.kill()  # SIGKILL
+    exit_code(child)
+    reports = received(reader)
+    return int(reports[-1]) if reports else start
 
 
 def test_kill_minus_nine_never_breaks_the_token_features(tmp_path: Path) -> None:
