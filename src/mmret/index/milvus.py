@@ -92,6 +92,10 @@ def _close_client(client: Any, uri: str) -> None:
     server_manager_instance.release_server(path)
 
 
+class _TwiceStoredError(Exception):
+    """A collection holds some row more than once."""
+
+
 @INDEXES.register("milvus")
 class MilvusIndex(VectorIndex):
     """Inner-product search in a Milvus collection of ``(key, vector)`` rows.
@@ -144,8 +148,11 @@ class MilvusIndex(VectorIndex):
             self._count, self._last = 0, -1
         else:
             self._db.load_collection(collection)
-            keys = self.stored_keys()
+            rows = self._key_column()
+            keys = np.unique(rows)
             self._count, self._last = len(keys), int(keys[-1]) if len(keys) else -1
+            if len(rows) != len(keys) * self._rows_per_item:
+                raise _TwiceStoredError(collection)
 
     def _create(self, collection: str) -> None:
         from pymilvus import DataType
@@ -187,11 +194,15 @@ class MilvusIndex(VectorIndex):
         return self._last
 
     def stored_keys(self) -> np.ndarray:
+        return np.unique(self._key_column())
+
+    def _key_column(self) -> np.ndarray:
+        """The key of every row in the collection (one per item, or one per token)."""
         if self._db is None:
             return np.empty(0, dtype=np.int64)
         # One query (Milvus Lite has no query iterator): 40,000 keys took 0.9 s.
         rows = self._db.query(self._collection, filter="key >= 0", output_fields=["key"])
-        return np.unique(np.asarray([row["key"] for row in rows], dtype=np.int64))
+        return np.asarray([row["key"] for row in rows], dtype=np.int64)
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         keys = np.asarray(keys, dtype=np.int64)
@@ -307,13 +318,15 @@ class MilvusIndex(VectorIndex):
         return None
 
     def _reopened(self, where: str, collection: str) -> bool:
-        """Open an existing collection; ``False`` if Milvus cannot load it (Milvus Lite killed
-        mid-write can leave its segment files short): it is then rebuilt from the store."""
+        """Open an existing collection; ``False`` if Milvus cannot load it or holds rows twice
+        (Milvus Lite killed mid-write can leave its segment files short, or keep a row both
+        saved and replayed, and a search for all would then return it twice and miss others):
+        it is then rebuilt from the store."""
         from pymilvus.exceptions import MilvusException
 
         try:
             self._open(where, collection, fresh=False)
-        except MilvusException:
+        except (MilvusException, _TwiceStoredError):
             return False
         return True
 
