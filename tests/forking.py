@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing import forkserver
@@ -36,6 +37,7 @@ _PRELOAD = [
     "tests.test_hostile_input",
     "tests.test_token_crash_safety",
 ]
+_CONTEXT.set_forkserver_preload(_PRELOAD)
 _ROOT = str(Path(__file__).resolve().parents[1])
 
 
@@ -72,6 +74,28 @@ def received(reader: Connection) -> list[bytes]:
             return messages
 
 
+def reports_until_killed(
+    work: Callable[..., object],
+    *args: object,
+    delay: float,
+    after_first_report: bool = False,
+    first_report_within: float = 120.0,
+) -> list[bytes]:
+    """Run ``work(*args, writer)`` in a child, SIGKILL it ``delay`` seconds after it started
+    (after its first report when ``after_first_report``: a child that sends none within
+    ``first_report_within`` seconds fails the test rather than stalling it), and return every
+    report it sent on ``writer``."""
+    reader, writer = pipe()
+    child = fork(work, *args, writer)
+    writer.close()
+    if after_first_report:
+        assert reader.poll(first_report_within), f"no report in {first_report_within} s"
+    time.sleep(delay)
+    child.kill()
+    exit_code(child)
+    return received(reader)
+
+
 def peak_memory_of(work: Callable[..., object], *args: object) -> int:
     """How far running ``work(*args)`` in a child raised that child's resident memory above its
     size when the work began, at the peak, in MB.
@@ -104,7 +128,6 @@ def _run(work: Callable[..., object], *args: object) -> None:
 def _start_server() -> None:
     """Start the fork server once, able to import ``tests`` (Python 3.11's server ignores the
     parent's ``sys.path``; it does inherit the environment)."""
-    _CONTEXT.set_forkserver_preload(_PRELOAD)
     with _python_path(_ROOT):
         forkserver.ensure_running()
 

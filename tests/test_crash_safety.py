@@ -27,7 +27,7 @@ from mmret.encoders.hashing import HashEncoder, TokenHashEncoder
 from mmret.index.integrity import check_index
 from mmret.index.manifest import ITEMS_FILE, read_manifest
 
-from .forking import exit_code, fork, pipe, received
+from .forking import exit_code, fork, reports_until_killed
 
 DIM = 16
 BATCH = 20
@@ -140,15 +140,14 @@ def kill_writer_once(folder: Path, start: int, delay: float, after_a_write: bool
     """Start a writer at operation ``start``, SIGKILL it ``delay`` seconds later (counted from
     its first finished write when ``after_a_write``, else from its start); returns how many
     operations it reported done (``start`` if none)."""
-    reader, writer = pipe()
-    child = fork(run_writer, folder, start, writer)
-    writer.close()
-    if after_a_write:
-        assert reader.poll(FIRST_WRITE_WITHIN), f"a writer made no write in {FIRST_WRITE_WITHIN} s"
-    time.sleep(delay)
-    child.kill()  # SIGKILL
-    exit_code(child)
-    reports = received(reader)
+    reports = reports_until_killed(
+        run_writer,
+        folder,
+        start,
+        delay=delay,
+        after_first_report=after_a_write,
+        first_report_within=FIRST_WRITE_WITHIN,
+    )
     return int(reports[-1]) if reports else start
 
 

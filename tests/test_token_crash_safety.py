@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 from mmret import Item, Query, Retriever
 from mmret.index.integrity import check_index
 
-from .forking import exit_code, fork, pipe, received
+from .forking import reports_until_killed
 from .rerank_fixtures import LayerHashEncoder, tiny_reranker, tiny_spec
 from .test_crash_safety import operation, state_after, stored_ids
 
@@ -46,13 +45,7 @@ def run_writer(folder: Path, start: int, reports: Connection) -> None:
 
 
 def kill_once(folder: Path, start: int, delay: float) -> int:
-    reader, writer = pipe()
-    child = fork(run_writer, folder, start, writer)
-    writer.close()
-    time.sleep(delay)
-    child.kill()  # SIGKILL
-    exit_code(child)
-    reports = received(reader)
+    reports = reports_until_killed(run_writer, folder, start, delay=delay)
     return int(reports[-1]) if reports else start
 
 

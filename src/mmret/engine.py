@@ -270,7 +270,7 @@ class Retriever:
         with self._store.snapshot():
             generation, epoch = self._store.generation, self._store.epoch
             count = self._store.recorded_count  # counting the rows would read the table
-            backend = self._new_backend()
+            backend = self._new_backend(count)
             cached = backend.load(self.folder, epoch)
             if cached is not None and cached <= generation:
                 self._catch_up(backend, cached)
@@ -278,7 +278,7 @@ class Retriever:
                     # The cache lost entries its record stands for (Milvus Lite killed while
                     # writing can lose rows it had acknowledged): rebuilt from the store.
                     backend.close()
-                    backend, cached = self._new_backend(), None
+                    backend, cached = self._new_backend(count), None
             if cached is None or cached > generation:
                 with contextlib.closing(self._store.vector_chunks()) as chunks:  # ends its read
                     backend.build(chunks, count)
@@ -289,15 +289,12 @@ class Retriever:
         self._saved_generation = cached  # what the cache file holds: flush() rewrites it
         return backend, generation
 
-    def _new_backend(self) -> VectorIndex:
-        """An empty backend of the manifest's kind, sized for the store, reading its vectors."""
+    def _new_backend(self, count: int) -> VectorIndex:
+        """An empty backend of the manifest's kind, sized for ``count`` items, reading the
+        store's vectors."""
         manifest = self.manifest
         backend = new_backend(
-            manifest.backend,
-            manifest.backend_options,
-            manifest.dim,
-            self._store.recorded_count,
-            manifest.token_dim,
+            manifest.backend, manifest.backend_options, manifest.dim, count, manifest.token_dim
         )
         backend.use_stored_vectors(self._store.vectors_at)
         return backend

@@ -48,15 +48,15 @@ def _client(uri: str) -> Any:
         raise InputError(
             "backend 'milvus' needs pymilvus and milvus-lite: pip install 'mmret[milvus]'"
         ) from None
-    try:
-        client = MilvusClient(uri=uri, token=os.environ.get(TOKEN_VARIABLE, ""))
-    except Exception as error:  # pymilvus raises its own hierarchy, and OSError for Lite
-        raise IndexFormatError(
-            f"cannot open Milvus at {uri} ({error}); Milvus Lite serves one process at a "
-            "time: readers beside a writer need a Milvus server (backend option uri)"
-        ) from None
-    if _is_lite(uri):
-        with _LITE_LOCK:
+    with _LITE_LOCK:  # a Lite server being stopped is not handed to a new client meanwhile
+        try:
+            client = MilvusClient(uri=uri, token=os.environ.get(TOKEN_VARIABLE, ""))
+        except Exception as error:  # pymilvus raises its own hierarchy, and OSError for Lite
+            raise IndexFormatError(
+                f"cannot open Milvus at {uri} ({error}); Milvus Lite serves one process at a "
+                "time: readers beside a writer need a Milvus server (backend option uri)"
+            ) from None
+        if _is_lite(uri):
             _LITE_CLIENTS[_lite_key(uri)] += 1
     return client
 
@@ -81,15 +81,14 @@ def _close_client(client: Any, uri: str) -> None:
     client.close()
     if not _is_lite(uri):
         return
+    from milvus_lite.server_manager import server_manager_instance
+
     path = _lite_key(uri)
     with _LITE_LOCK:
         _LITE_CLIENTS[path] -= 1
-        if _LITE_CLIENTS[path] > 0:
-            return
-        del _LITE_CLIENTS[path]
-    from milvus_lite.server_manager import server_manager_instance
-
-    server_manager_instance.release_server(path)
+        if _LITE_CLIENTS[path] == 0:
+            del _LITE_CLIENTS[path]
+            server_manager_instance.release_server(path)
 
 
 class _TwiceStoredError(Exception):
