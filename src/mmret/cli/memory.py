@@ -4,6 +4,7 @@ commands that encode (index, search, eval)."""
 from __future__ import annotations
 
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,15 @@ from mmret.encoders import DEFAULT_MODEL, load_encoder
 from mmret.errors import InputError
 from mmret.evaluation.embeddings import PairEmbeddings
 from mmret.ingest.report import SkipReport
-from mmret.memory.embedding import embed_pair_set, first_captions
+from mmret.memory.embedding import embed_pair_set, first_caption_rows, first_captions
 from mmret.memory.refine import Refiner, load_refiner
 from mmret.memory.store import Memory, build_memory
+from mmret.training.crossfit import cross_fitted_folds
 from mmret.training.features import read_pairs
 from mmret.training.reco import (
     CHECKPOINT,
+    RecoData,
+    RecoFold,
     RecoTrainingConfig,
     reco_data,
     train_reco,
@@ -139,6 +143,13 @@ def train(
     learning_rate: float = typer.Option(RecoTrainingConfig.learning_rate, min=0.0),
     weight_decay: float = typer.Option(RecoTrainingConfig.weight_decay, min=0.0),
     seed: int = typer.Option(RecoTrainingConfig.seed),
+    cross_fit: int = typer.Option(
+        RecoTrainingConfig.cross_fit,
+        min=0,
+        help="Train on K cross-fitted folds: an alignment retrained per fold embeds the "
+        "fold's pairs, unseen, against a memory of the others (for a model trained on "
+        "MANIFEST, with a memory of MANIFEST's pairs). 0: off.",
+    ),
     max_captions: int | None = typer.Option(
         None, min=1, help="Use the first N captions of each training and dev image (default: all)."
     ),
@@ -166,6 +177,7 @@ def train(
         learning_rate=learning_rate,
         weight_decay=weight_decay,
         seed=seed,
+        cross_fit=cross_fit,
     )
     checkpoint = out / CHECKPOINT
     if checkpoint.exists() and not resume:
@@ -174,20 +186,36 @@ def train(
             "choose another --out"
         )
     report = SkipReport()
-    with Memory.open(memory) as opened:
+    with Memory.open(memory) as opened, ExitStack() as stack:
         with status(f"Loading encoder {opened.manifest.encoder}..."):
             encoder = load_encoder(opened.manifest.encoder)
-        embedded = embed_pair_set(
-            encoder,
-            first_captions(read_pairs(manifest, report), max_captions),
-            cache_dir=cache_dir,
-            report=report,
-            show_progress=True,
-        )
-        with status("Searching the memory for every training image and caption..."):
-            train_data = reco_data(
-                embedded.embeddings, opened, config, own_rows=opened.rows_of(embedded.image_ids)
+        pairs = read_pairs(manifest, report)
+        train_data: RecoData | list[RecoFold]
+        if cross_fit:
+            train_data = stack.enter_context(
+                cross_fitted_folds(
+                    encoder,
+                    pairs,
+                    first_caption_rows(pairs, max_captions),
+                    opened,
+                    config,
+                    cache_dir=cache_dir,
+                    show_progress=True,
+                )
             )
+            own_excluded = 0
+        else:
+            embedded = embed_pair_set(
+                encoder,
+                first_captions(pairs, max_captions),
+                cache_dir=cache_dir,
+                report=report,
+                show_progress=True,
+            )
+            own_rows = opened.rows_of(embedded.image_ids)
+            with status("Searching the memory for every training image and caption..."):
+                train_data = reco_data(embedded.embeddings, opened, config, own_rows=own_rows)
+            own_excluded = int(np.sum(own_rows >= 0))
         dev_data = None
         if dev is not None:
             dev_embedded = embed_pair_set(
@@ -211,7 +239,6 @@ def train(
             on_epoch=show_epoch,
             show_progress=True,
         )
-        own_excluded = int(np.sum(opened.rows_of(embedded.image_ids) >= 0))
     fusion.save(out, dtype=torch.float16 if float16 else None)
     shutil.rmtree(checkpoint)  # the run is finished: nothing left to resume
     write_training_record(

@@ -52,6 +52,16 @@ def first_captions(pairs: PairSet, limit: int | None) -> PairSet:
     """
     if limit is None:
         return pairs
+    keep = first_caption_rows(pairs, limit)
+    return PairSet(
+        pairs.image_ids, pairs.images, [pairs.texts[i] for i in keep], pairs.text_image[keep]
+    )
+
+
+def first_caption_rows(pairs: PairSet, limit: int | None) -> np.ndarray:
+    """``(T',)`` rows of the captions :func:`first_captions` keeps."""
+    if limit is None:
+        return np.arange(len(pairs.texts), dtype=np.int64)
     if limit < 1:
         raise InputError(f"max captions per image must be at least 1, got {limit}")
     seen = np.zeros(len(pairs.images), dtype=np.int64)
@@ -60,12 +70,7 @@ def first_captions(pairs: PairSet, limit: int | None) -> PairSet:
         if seen[owner] < limit:
             keep.append(position)
             seen[owner] += 1
-    return PairSet(
-        pairs.image_ids,
-        pairs.images,
-        [pairs.texts[i] for i in keep],
-        pairs.text_image[np.asarray(keep, dtype=np.int64)],
-    )
+    return np.asarray(keep, dtype=np.int64)
 
 
 def embed_texts_cached(

@@ -10,7 +10,7 @@ checkpoint (weights, optimiser, random state, best dev state) to resume from.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +45,9 @@ class RecoTrainingConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
     seed: int = 0
+    #: Train on ``cross_fit`` cross-fitted folds (:mod:`mmret.training.crossfit`); 0: on the
+    #: frozen model's own embeddings of the training pairs.
+    cross_fit: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,6 +107,15 @@ def reco_data(
     )
 
 
+@dataclass(frozen=True)
+class RecoFold:
+    """Training data whose neighbour rows index ``memory`` (a cross-fitting fold's own memory,
+    see :mod:`mmret.training.crossfit`)."""
+
+    data: RecoData
+    memory: Memory
+
+
 class _Partners:
     """The memory's vectors as tensors, and gathering ``(B, k)`` rows into ``(B, k, D)``."""
 
@@ -148,7 +160,7 @@ class RecoEpochLog:
 
 
 def train_reco(
-    train: RecoData,
+    train: RecoData | Sequence[RecoFold],
     memory: Memory,
     dev: RecoData | None = None,
     config: RecoTrainingConfig | None = None,
@@ -160,35 +172,32 @@ def train_reco(
 ) -> tuple[TransformerFusion, list[RecoEpochLog]]:
     """Train a fusion with RECO's three-term loss; with ``dev``, keep the epoch of best RSUM
     (refined images against refined captions). Seeded: the same inputs give the same fusion,
-    resumed or not."""
+    resumed or not.
+
+    ``train`` is data whose neighbours index ``memory`` (the memory the fusion is for, which
+    ``dev`` searches too), or cross-fitted folds, each with its own memory: a batch then holds
+    one fold's pairs, since folds embed with different models.
+    """
     config = config or RecoTrainingConfig()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    dim = train.image.shape[1]
+    folds = [
+        _FoldTensors(f)
+        for f in ([RecoFold(train, memory)] if isinstance(train, RecoData) else train)
+    ]
     fusion = TransformerFusion(
         FusionConfig(
-            dim=dim,
+            dim=folds[0].image.shape[1],
             heads=config.heads,
             ff_dim=config.ff_dim,
             dropout=config.dropout,
             encoder=memory.manifest.encoder,
         )
     )
-    partners = _Partners(memory)
-    image = torch.from_numpy(train.image)
-    text = torch.from_numpy(train.text)
-    owner = torch.from_numpy(train.text_image)
-    image_rows = torch.from_numpy(train.image_neighbours)
-    text_rows = torch.from_numpy(train.text_neighbours)
     optimiser = torch.optim.AdamW(
         fusion.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    # An epoch shows every image once, with one of its captions drawn at random: RECO trains
-    # on image-text pairs, and a batch then never holds two captions of one image.
-    by_image = torch.argsort(owner, stable=True)
-    counts = torch.bincount(owner, minlength=len(image))
-    starts = torch.cumsum(counts, 0) - counts
-    steps_per_epoch = max(1, len(image) // config.batch_size)
+    steps_per_epoch = sum(fold.steps(config.batch_size) for fold in folds)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser,
         max_lr=config.learning_rate,
@@ -200,24 +209,25 @@ def train_reco(
         if checkpoint_dir is None:
             raise InputError("resuming needs the checkpoint folder")
         state = _TrainingState.load(checkpoint_dir, config, fusion, optimiser, schedule, generator)
+    dev_partners = _Partners(memory)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         fusion.train()
-        order = torch.randperm(len(image), generator=generator)
-        draw = torch.rand(len(image), generator=generator)
-        caption = by_image[starts + (draw * counts).long().clamp(max=counts - 1)]
+        batches = [
+            (fold, batch) for fold in folds for batch in fold.batches(config.batch_size, generator)
+        ]
+        if len(folds) > 1:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
         total = 0.0
         steps = progress(
-            range(steps_per_epoch),
+            batches,
             total=steps_per_epoch,
             description=f"Epoch {epoch}/{config.epochs}",
             enabled=show_progress,
         )
-        for step in steps:
-            images = order[step * config.batch_size : (step + 1) * config.batch_size]
-            batch = caption[images]
-            plain_v, plain_t = image[images], text[batch]
-            texts_of_v, valid_v = partners.gather(image_rows[images], "text")
-            images_of_t, valid_t = partners.gather(text_rows[batch], "image")
+        for fold, (images, captions) in steps:
+            plain_v, plain_t = fold.image[images], fold.text[captions]
+            texts_of_v, valid_v = fold.partners.gather(fold.image_rows[images], "text")
+            images_of_t, valid_t = fold.partners.gather(fold.text_rows[captions], "image")
             refined_v = fusion.fuse(plain_v, texts_of_v, valid_v, "image")
             refined_t = fusion.fuse(plain_t, images_of_t, valid_t, "text")
             scale = fusion.logit_scale
@@ -233,7 +243,7 @@ def train_reco(
             total += float(loss.detach())
         metrics = None
         if dev is not None:
-            metrics = retrieval_metrics(*refine_all(fusion, dev, partners), dev.text_image)
+            metrics = retrieval_metrics(*refine_all(fusion, dev, dev_partners), dev.text_image)
             if metrics.rsum > state.best_rsum:
                 state.best_rsum = metrics.rsum
                 state.best = {k: v.detach().clone() for k, v in fusion.state_dict().items()}
@@ -247,6 +257,45 @@ def train_reco(
     if state.best is not None:
         fusion.load_state_dict(state.best)
     return fusion.eval(), [_log_from_dict(entry) for entry in state.history]
+
+
+class _FoldTensors:
+    """One fold's training data as tensors, and its epoch's batches of pairs.
+
+    An epoch shows every image once, with one of its captions drawn at random: RECO trains on
+    image-text pairs, and a batch then never holds two captions of one image.
+    """
+
+    def __init__(self, fold: RecoFold) -> None:
+        self.partners = _Partners(fold.memory)
+        self.image = torch.from_numpy(fold.data.image)
+        self.text = torch.from_numpy(fold.data.text)
+        self.image_rows = torch.from_numpy(fold.data.image_neighbours)
+        self.text_rows = torch.from_numpy(fold.data.text_neighbours)
+        owner = torch.from_numpy(fold.data.text_image)
+        self.by_image = torch.argsort(owner, stable=True)
+        self.counts = torch.bincount(owner, minlength=len(self.image))
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+
+    def steps(self, batch_size: int) -> int:
+        return max(1, len(self.image) // batch_size)
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(images, one caption of each)`` row batches covering the fold once."""
+        order = torch.randperm(len(self.image), generator=generator)
+        draw = torch.rand(len(self.image), generator=generator)
+        caption = self.by_image[
+            self.starts + (draw * self.counts).long().clamp(max=self.counts - 1)
+        ]
+        return [
+            (images, caption[images])
+            for images in (
+                order[step * batch_size : (step + 1) * batch_size]
+                for step in range(self.steps(batch_size))
+            )
+        ]
 
 
 def _log_dict(log: RecoEpochLog) -> dict[str, Any]:

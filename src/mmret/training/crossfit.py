@@ -1,0 +1,236 @@
+"""Cross-fitted RECO training data: what the fusion sees in training, as it will see it in use.
+
+A RECO fusion refines an embedding with the memory's knowledge. When the frozen model's own
+alignment was trained on the very pairs the fusion trains on (mmret's starter models and a
+Flickr8k memory), those pairs are embedded far better than any unseen one: the model ranks
+its training pairs nearly perfectly, so a fusion trained on them learns that the memory has
+nothing to add, and does no better than the frozen model on new data.
+
+Cross-fitting (as in stacking) removes that gap. The training pairs are cut into ``K`` folds;
+for each fold an alignment is retrained with the model's own recipe on the other folds; that
+fold's pairs, which it never saw, are embedded by it and search a memory of the other folds'
+pairs, which it did see. That is the situation of a new query against the real memory (built by
+the model from its own training set), so the fusion learns from neighbours as they really come.
+Only the training data changes: the trained fusion refines the real model's embeddings with the
+real memory, and is chosen on dev that way.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from mmret._progress import progress
+from mmret.encoders.base import Encoder
+from mmret.encoders.ensemble import EnsembleEncoder
+from mmret.encoders.starter import SHIPPED_HEAD, WEIGHTS, StarterEncoder
+from mmret.errors import InputError
+from mmret.evaluation.embeddings import PairEmbeddings
+from mmret.items import Item
+from mmret.memory.store import Memory, Modality, write_memory
+from mmret.training.align import AlignTrainingConfig, embed_pairs, train_alignment
+from mmret.training.features import PairFeatures, PairSet, pair_features
+from mmret.training.knowledge import ClassKnowledge, imagenet_knowledge
+from mmret.training.reco import RecoFold, RecoTrainingConfig, reco_data
+
+TRAINING_RECORD = "training.json"
+
+
+def alignment_recipe(encoder: Encoder) -> AlignTrainingConfig:
+    """The recipe ``encoder``'s alignment was trained with (its folder's training record)."""
+    if not isinstance(encoder, StarterEncoder):
+        raise InputError(
+            f"cross-fitting retrains the model's alignment, so it needs a model trained by "
+            f"`mmret train align` (starter, starter-v3, starter:DIR) or an ensemble of such "
+            f"models (starter-v4); {encoder.spec!r} is not one"
+        )
+    name, _, rest = encoder.spec.partition(":")
+    folder = Path(rest) if rest else (SHIPPED_HEAD if name == "starter" else WEIGHTS / name)
+    record = folder / TRAINING_RECORD
+    if not record.is_file():
+        raise InputError(
+            f"cross-fitting needs the recipe {encoder.spec!r} was trained with, and {folder} has "
+            f"no {TRAINING_RECORD}"
+        )
+    recorded = json.loads(record.read_text())["config"]
+    known = {f.name for f in fields(AlignTrainingConfig)}
+    return AlignTrainingConfig(**{k: v for k, v in recorded.items() if k in known})
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One alignment model to retrain per fold: its training features, recipe, ImageNet
+    knowledge (when its recipe distils it) and its weight in the encoder (1 alone)."""
+
+    features: PairFeatures
+    recipe: AlignTrainingConfig
+    knowledge: ClassKnowledge | None
+    weight: float
+
+    def fold_embeddings(self, rest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every training image's and caption's embedding by an alignment trained on the
+        images ``rest`` only, scaled as the encoder scales this member."""
+        knowledge = None
+        if self.knowledge is not None:
+            logits = np.asarray(self.knowledge.image_logits)[rest]
+            knowledge = ClassKnowledge(self.knowledge.class_text, logits)
+        head, _ = train_alignment(
+            _subset(self.features, rest), None, self.recipe, knowledge=knowledge
+        )
+        image, text = embed_pairs(head, self.features)
+        scale = np.float32(np.sqrt(self.weight))
+        return image * scale, text * scale
+
+
+def _members(
+    encoder: Encoder, pairs: PairSet, cache_dir: Path | None, show_progress: bool
+) -> list[_Member]:
+    """``encoder``'s retrainable alignments: itself, or an ensemble's members."""
+    parts: list[tuple[Encoder, float]] = [(encoder, 1.0)]
+    if isinstance(encoder, EnsembleEncoder):
+        parts = list(zip(encoder.members, encoder.weights, strict=True))
+    members = []
+    for part, weight in parts:
+        recipe = alignment_recipe(part)
+        assert isinstance(part, StarterEncoder)
+        features = pair_features(
+            pairs, towers=part.towers, cache_dir=cache_dir, show_progress=show_progress
+        )
+        if len(features.image_ids) != len(pairs.image_ids):
+            raise InputError("cross-fitting needs every training image to decode")
+        knowledge = None
+        if recipe.imagenet_weight > 0:
+            knowledge = imagenet_knowledge(
+                part.towers, features, cache_dir=cache_dir, show_progress=show_progress
+            )
+        members.append(_Member(features, recipe, knowledge, weight))
+    return members
+
+
+@dataclass(frozen=True)
+class _MemoryPairs:
+    """The real memory's pairs as training rows: ``images (M,)`` and, per memory row, the
+    caption rows its text vector averages; ``items`` as stored."""
+
+    images: np.ndarray
+    captions: list[np.ndarray]
+    items: list[Item]
+
+
+def _memory_pairs(memory: Memory, pairs: PairSet) -> _MemoryPairs:
+    """Where each pair of ``memory`` lies among the training ``pairs``."""
+    image_row = {id_: row for row, id_ in enumerate(pairs.image_ids)}
+    missing = [id_ for id_ in memory.ids if id_ not in image_row]
+    if missing:
+        raise InputError(
+            f"cross-fitting needs a memory of the training manifest's own pairs, and "
+            f"{len(missing)} of the {len(memory)} pairs of {memory.folder} are not in it "
+            f"(first: {missing[0]!r}); build the memory from the same manifest"
+        )
+    caption_rows: dict[tuple[int, str], int] = {}
+    for row, (owner, text) in enumerate(zip(pairs.text_image.tolist(), pairs.texts, strict=True)):
+        caption_rows.setdefault((owner, text), row)
+    stored = memory.indexes["text"].get(memory.ids)
+    images = np.asarray([image_row[id_] for id_ in memory.ids], dtype=np.int64)
+    captions, items = [], []
+    for id_, image in zip(memory.ids, images.tolist(), strict=True):
+        text = stored[id_].text or ""
+        captions.append(np.asarray([caption_rows[(image, line)] for line in text.split("\n")]))
+        items.append(Item(id=id_, text=text, image=stored[id_].image))
+    return _MemoryPairs(images, captions, items)
+
+
+def _subset(features: PairFeatures, images: np.ndarray) -> PairFeatures:
+    """The features of training ``images`` (sorted rows) and of their captions."""
+    position = np.full(len(features.image_ids), -1, dtype=np.int64)
+    position[images] = np.arange(len(images))
+    owner = np.asarray(features.text_image)
+    keep = position[owner] >= 0
+    return PairFeatures(
+        [features.image_ids[i] for i in images.tolist()],
+        np.asarray(features.image)[images],
+        np.asarray(features.text)[keep],
+        position[owner[keep]],
+    )
+
+
+@contextmanager
+def cross_fitted_folds(
+    encoder: Encoder,
+    pairs: PairSet,
+    query_captions: np.ndarray,
+    memory: Memory,
+    config: RecoTrainingConfig,
+    *,
+    cache_dir: Path | None = None,
+    show_progress: bool = False,
+) -> Iterator[list[RecoFold]]:
+    """``config.cross_fit`` cross-fitted training folds of ``pairs`` (the manifest ``encoder`` and
+    ``memory`` were built from); each fold's memory lives in a scratch folder until exit.
+
+    ``query_captions``: the caption rows of ``pairs`` used as training queries (all, or the
+    first few per image); the alignments always train on every caption, as the model did. An
+    ensemble's members are each retrained per fold and combined as the ensemble combines them.
+    """
+    folds = config.cross_fit
+    if folds < 2:
+        raise InputError(f"cross-fitting needs at least 2 folds, got {folds}")
+    members = _members(encoder, pairs, cache_dir, show_progress)
+    in_memory = _memory_pairs(memory, pairs)
+    order = np.random.default_rng(config.seed).permutation(len(pairs.image_ids))
+    owner = np.asarray(pairs.text_image)
+    out: list[RecoFold] = []
+    with ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmret-crossfit-")))
+        splits = progress(
+            enumerate(np.array_split(order, folds), start=1),
+            total=folds,
+            description="Cross-fitting (an alignment per fold)",
+            enabled=show_progress,
+        )
+        for fold, held in splits:
+            held = np.sort(held)
+            rest = np.setdiff1d(np.arange(len(pairs.image_ids)), held)
+            parts = [member.fold_embeddings(rest) for member in members]
+            image = np.concatenate([part[0] for part in parts], axis=1)
+            text = np.concatenate([part[1] for part in parts], axis=1)
+            kept = np.flatnonzero(~np.isin(in_memory.images, held)).tolist()
+            fold_memory = stack.enter_context(
+                _fold_memory(
+                    scratch / f"fold-{fold}",
+                    encoder,
+                    [in_memory.items[row] for row in kept],
+                    {
+                        "image": image[in_memory.images[kept]],
+                        "text": np.stack([text[in_memory.captions[row]].mean(0) for row in kept]),
+                    },
+                    source=str(memory.folder),
+                )
+            )
+            queries = query_captions[np.isin(owner[query_captions], held)]
+            position = np.full(len(pairs.image_ids), -1, dtype=np.int64)
+            position[held] = np.arange(len(held))
+            embeddings = PairEmbeddings(image[held], text[queries], position[owner[queries]])
+            out.append(RecoFold(reco_data(embeddings, fold_memory, config), fold_memory))
+        yield out
+
+
+@contextmanager
+def _fold_memory(
+    folder: Path,
+    encoder: Encoder,
+    items: list[Item],
+    vectors: dict[Modality, np.ndarray],
+    *,
+    source: str,
+) -> Iterator[Memory]:
+    """A memory of ``items`` with a fold model's vectors, on exact indexes, opened."""
+    write_memory(folder, encoder, items, vectors, source=source, backend="exact")
+    with Memory.open(folder) as opened:
+        yield opened
