@@ -103,6 +103,7 @@ def test_train_reco_on_cross_fitted_folds(trained: tuple[Path, Path, Path], tmp_
     assert "epoch   2" in output
     record = json.loads((out / "training.json").read_text())
     assert record["config"]["cross_fit"] == 3
+    assert record["training_items_with_own_pair_excluded"] == 12
     head = manifest.parent / "head"
     report = run(
         "eval", "retrieval", manifest, "--model", f"starter:{head}", "--memory", memory,

@@ -203,7 +203,8 @@ def train(
                     show_progress=True,
                 )
             )
-            own_excluded = 0
+            # A fold's memory holds the other folds' pairs only: every own pair is left out.
+            own_excluded = int(np.sum(opened.rows_of(pairs.image_ids) >= 0))
         else:
             embedded = embed_pair_set(
                 encoder,
