@@ -90,6 +90,12 @@ def test_cross_fitting_refuses_what_it_cannot_retrain(trained: tuple[Path, Path,
         )
         with pytest.raises(InputError, match="6 of the 12 pairs"), refused:
             pass
+        encoder = load_encoder(memory.manifest.encoder)
+        for folds in (1, 13):
+            config = RecoTrainingConfig(**{**CONFIG.to_dict(), "cross_fit": folds})
+            refused = cross_fitted_folds(encoder, pairs, queries, memory, config)
+            with pytest.raises(InputError, match="2 to 12 folds"), refused:
+                pass
 
 
 def test_train_reco_on_cross_fitted_folds(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:

@@ -141,6 +141,13 @@ def _memory_pairs(memory: Memory, pairs: PairSet) -> _MemoryPairs:
     captions, items = [], []
     for id_, image in zip(memory.ids, images.tolist(), strict=True):
         text = stored[id_].text or ""
+        unknown = [line for line in text.split("\n") if (image, line) not in caption_rows]
+        if unknown:
+            raise InputError(
+                f"cross-fitting needs a memory of the training manifest's own pairs, and the "
+                f"memory's pair {id_!r} has the caption {unknown[0]!r}, which the manifest does "
+                "not give that image; build the memory from the same manifest"
+            )
         captions.append(np.asarray([caption_rows[(image, line)] for line in text.split("\n")]))
         items.append(Item(id=id_, text=text, image=stored[id_].image))
     return _MemoryPairs(images, captions, items)
@@ -179,8 +186,11 @@ def cross_fitted_folds(
     ensemble's members are each retrained per fold and combined as the ensemble combines them.
     """
     folds = config.cross_fit
-    if folds < 2:
-        raise InputError(f"cross-fitting needs at least 2 folds, got {folds}")
+    if not 2 <= folds <= len(pairs.image_ids):
+        raise InputError(
+            f"cross-fitting needs 2 to {len(pairs.image_ids)} folds (one per training image at "
+            f"most), got {folds}"
+        )
     members = _members(encoder, pairs, cache_dir, show_progress)
     in_memory = _memory_pairs(memory, pairs)
     order = np.random.default_rng(config.seed).permutation(len(pairs.image_ids))
