@@ -185,6 +185,8 @@ def train_reco(
         _FoldTensors(f)
         for f in ([RecoFold(train, memory)] if isinstance(train, RecoData) else train)
     ]
+    if not folds:
+        raise InputError("no training data: give RecoData or at least one RecoFold")
     fusion = TransformerFusion(
         FusionConfig(
             dim=folds[0].image.shape[1],
@@ -209,7 +211,7 @@ def train_reco(
         if checkpoint_dir is None:
             raise InputError("resuming needs the checkpoint folder")
         state = _TrainingState.load(checkpoint_dir, config, fusion, optimiser, schedule, generator)
-    dev_partners = _Partners(memory)
+    dev_partners = folds[0].partners if isinstance(train, RecoData) else _Partners(memory)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         fusion.train()
         batches = [
