@@ -40,7 +40,14 @@ def shared_towers(pair: str = TOWERS) -> StarterTowers:
 
 
 class StarterEncoder(Encoder):
-    def __init__(self, head: AlignmentHead, spec: str, towers: StarterTowers | None = None) -> None:
+    def __init__(
+        self,
+        head: AlignmentHead,
+        spec: str,
+        towers: StarterTowers | None = None,
+        *,
+        folder: Path | None = None,
+    ) -> None:
         try:
             self.pair = TowerPair.from_name(head.config.towers)
         except (InputError, RegistryError) as error:
@@ -57,6 +64,9 @@ class StarterEncoder(Encoder):
         self.spec = spec
         self.dim = head.config.embed_dim
         self._towers = towers
+        #: The head folder the alignment was loaded from (None: built in memory); its
+        #: ``training.json`` says how it was trained.
+        self.folder = folder
 
     @property
     def towers(self) -> StarterTowers:
@@ -99,7 +109,7 @@ class StarterEncoder(Encoder):
 def load_starter(head_dir: str) -> StarterEncoder:
     folder = Path(head_dir) if head_dir else SHIPPED_HEAD
     spec = f"starter:{folder.resolve()}" if head_dir else "starter"
-    return StarterEncoder(AlignmentHead.load(folder), spec)
+    return StarterEncoder(AlignmentHead.load(folder), spec, folder=folder)
 
 
 def _register_shipped(name: str, what: str) -> None:
@@ -110,7 +120,7 @@ def _register_shipped(name: str, what: str) -> None:
             raise InputError(
                 f"{name} takes no argument, got {rest!r} (a trained head is --model starter:DIR)"
             )
-        return StarterEncoder(AlignmentHead.load(WEIGHTS / name), name)
+        return StarterEncoder(AlignmentHead.load(WEIGHTS / name), name, folder=WEIGHTS / name)
 
     load.__doc__ = what
     ENCODERS.register(name)(load)

@@ -29,7 +29,7 @@ import numpy as np
 from mmret._progress import progress
 from mmret.encoders.base import Encoder
 from mmret.encoders.ensemble import EnsembleEncoder
-from mmret.encoders.starter import SHIPPED_HEAD, WEIGHTS, StarterEncoder
+from mmret.encoders.starter import StarterEncoder
 from mmret.errors import InputError
 from mmret.evaluation.embeddings import PairEmbeddings
 from mmret.items import Item
@@ -50,14 +50,14 @@ def alignment_recipe(encoder: Encoder) -> AlignTrainingConfig:
             f"`mmret train align` (starter, starter-v3, starter:DIR) or an ensemble of such "
             f"models (starter-v4); {encoder.spec!r} is not one"
         )
-    name, _, rest = encoder.spec.partition(":")
-    folder = Path(rest) if rest else (SHIPPED_HEAD if name == "starter" else WEIGHTS / name)
-    record = folder / TRAINING_RECORD
-    if not record.is_file():
+    folder = encoder.folder
+    if folder is None or not (folder / TRAINING_RECORD).is_file():
+        where = "it was not loaded from a folder" if folder is None else f"{folder} has none"
         raise InputError(
-            f"cross-fitting needs the recipe {encoder.spec!r} was trained with, and {folder} has "
-            f"no {TRAINING_RECORD}"
+            f"cross-fitting needs the recipe {encoder.spec!r} was trained with "
+            f"({TRAINING_RECORD}), and {where}"
         )
+    record = folder / TRAINING_RECORD
     recorded = json.loads(record.read_text())["config"]
     known = {f.name for f in fields(AlignTrainingConfig)}
     return AlignTrainingConfig(**{k: v for k, v in recorded.items() if k in known})
@@ -141,14 +141,15 @@ def _memory_pairs(memory: Memory, pairs: PairSet) -> _MemoryPairs:
     captions, items = [], []
     for id_, image in zip(memory.ids, images.tolist(), strict=True):
         text = stored[id_].text or ""
-        unknown = [line for line in text.split("\n") if (image, line) not in caption_rows]
+        lines = text.split("\n")
+        unknown = [line for line in lines if (image, line) not in caption_rows]
         if unknown:
             raise InputError(
                 f"cross-fitting needs a memory of the training manifest's own pairs, and the "
                 f"memory's pair {id_!r} has the caption {unknown[0]!r}, which the manifest does "
                 "not give that image; build the memory from the same manifest"
             )
-        captions.append(np.asarray([caption_rows[(image, line)] for line in text.split("\n")]))
+        captions.append(np.asarray([caption_rows[(image, line)] for line in lines]))
         items.append(Item(id=id_, text=text, image=stored[id_].image))
     return _MemoryPairs(images, captions, items)
 
