@@ -24,7 +24,12 @@ from mmret.training.features import default_cache_dir, pair_features, read_pairs
 from mmret.training.hat import HatEpochLog, HatTrainingConfig, train_hat
 from mmret.training.knowledge import imagenet_knowledge, imagenet_level_knowledge
 from mmret.training.reco import RecoEpochLog
-from mmret.training.ret import RetEpochLog, RetTrainingConfig, train_ret
+from mmret.training.ret import (
+    RetEpochLog,
+    RetTrainingConfig,
+    cross_fitted_head_vectors,
+    train_ret,
+)
 
 train_app = typer.Typer(
     cls=ReflowedHelp, help="Train the small heads that make retrieval better.", no_args_is_help=True
@@ -357,6 +362,12 @@ def ret(
     batch_size: int = typer.Option(RetTrainingConfig.batch_size, min=2),
     learning_rate: float = typer.Option(RetTrainingConfig.learning_rate, min=0.0),
     seed: int = typer.Option(RetTrainingConfig.seed),
+    cross_fit: int = typer.Option(
+        RetTrainingConfig.cross_fit,
+        min=0,
+        help="Train on the global path's vectors from alignments retrained on K-1 of K folds "
+        "(each never saw the row it embeds); 0: the backbone's own head.",
+    ),
     threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: its default)."),
     cache_dir: Path | None = typer.Option(
         None, help="Layer feature store (default ~/.cache/mmret/layers)."
@@ -390,11 +401,15 @@ def ret(
         learning_rate=learning_rate,
         weight_decay=weight_decay,
         seed=seed,
+        cross_fit=cross_fit,
     )
     encoder = load_encoder(backbone)
     image, text = resolved_layers(encoder, config.image_layers, config.text_layers)
     config = replace(config, image_layers=image, text_layers=text)
     train_set, dev_set = stored_sets(encoder, manifest, dev, image, text, cache_dir)
+    head_vectors = None
+    if cross_fit:
+        head_vectors = cross_fitted_head_vectors(encoder, train_set, config, show_progress=True)
 
     def show(log: RetEpochLog) -> None:
         console.print(epoch_line(log.epoch, log.loss, log.dev), highlight=False)
@@ -410,6 +425,7 @@ def ret(
         show_progress=True,
         # A starter backbone's alignment head reads the towers' last layers: the global path.
         global_head=encoder.head if isinstance(encoder, StarterEncoder) else None,
+        head_vectors=head_vectors,
     )
     model.save(out, dtype=torch.float16 if float16 else None)
     write_layer_head_record(out, manifest, dev, backbone, config.to_dict(), history)

@@ -256,12 +256,15 @@ class RetTower(nn.Module):
         text: LayerFeatures | None,
         image_present: torch.Tensor | None = None,
         text_present: torch.Tensor | None = None,
+        head_vectors: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``(B, T, token_dim)`` unit tokens from the layer features of a batch.
 
         ``image``/``text`` hold the configured layers, in order (None: no input has that
         modality); ``image_present``/``text_present`` ``(B,)`` mark which inputs have it
-        (default: all of them when the features are given).
+        (default: all of them when the features are given). ``head_vectors (B, E)``: the
+        global head's unit embeddings of the inputs, made elsewhere (cross-fitted training
+        feeds those of alignments that never saw the input); default: this tower's own head.
         """
         batch = _batch_size(image, text)
         image_present = _presence(image, image_present, batch)
@@ -273,7 +276,9 @@ class RetTower(nn.Module):
             state = self.cell(state, visual, textual)
         tokens = self.out(self.out_norm(state))
         if self.global_head is not None:
-            vectors = self._head_vectors(image, text, image_present, text_present)
+            vectors = head_vectors
+            if vectors is None:
+                vectors = self._head_vectors(image, text, image_present, text_present)
             tokens = tokens + self.global_out(vectors)[:, None]
         for projection, features, present in (
             (self.image_global, image, image_present),

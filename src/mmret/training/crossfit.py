@@ -88,6 +88,53 @@ class _Member:
         return image * scale, text * scale
 
 
+def fold_splits(count: int, folds: int, seed: int) -> list[np.ndarray]:
+    """``folds`` disjoint sorted arrays of rows that together cover ``range(count)``, drawn
+    at random (seeded); raises :class:`InputError` unless ``2 <= folds <= count``."""
+    if not 2 <= folds <= count:
+        raise InputError(
+            f"cross-fitting needs 2 to {count} folds (one per training image at most), got {folds}"
+        )
+    order = np.random.default_rng(seed).permutation(count)
+    return [np.sort(held) for held in np.array_split(order, folds)]
+
+
+def out_of_fold_embeddings(
+    encoder: Encoder,
+    features: PairFeatures,
+    folds: int,
+    seed: int,
+    *,
+    cache_dir: Path | None = None,
+    show_progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unit ``(N, E)`` image and ``(T, E)`` caption embeddings of ``features``, each made by
+    ``encoder``'s alignment retrained with its own recipe on the ``folds - 1`` folds that leave
+    that image (and its captions) out: how the real alignment embeds data it never saw."""
+    recipe = alignment_recipe(encoder)
+    assert isinstance(encoder, StarterEncoder)
+    knowledge = None
+    if recipe.imagenet_weight > 0:
+        knowledge = imagenet_knowledge(
+            encoder.towers, features, cache_dir=cache_dir, show_progress=show_progress
+        )
+    member = _Member(features, recipe, knowledge, 1.0)
+    owner = np.asarray(features.text_image)
+    image = np.zeros((len(features.image_ids), recipe.embed_dim), dtype=np.float32)
+    text = np.zeros((len(owner), recipe.embed_dim), dtype=np.float32)
+    splits = fold_splits(len(features.image_ids), folds, seed)
+    for held in progress(
+        splits,
+        total=folds,
+        description="Cross-fitting (an alignment per fold)",
+        enabled=show_progress,
+    ):
+        fold_image, fold_text = member.fold_embeddings(np.setdiff1d(np.arange(len(image)), held))
+        captions = np.isin(owner, held)
+        image[held], text[captions] = fold_image[held], fold_text[captions]
+    return image, text
+
+
 def _members(
     encoder: Encoder, pairs: PairSet, cache_dir: Path | None, show_progress: bool
 ) -> list[_Member]:
@@ -187,26 +234,19 @@ def cross_fitted_folds(
     ensemble's members are each retrained per fold and combined as the ensemble combines them.
     """
     folds = config.cross_fit
-    if not 2 <= folds <= len(pairs.image_ids):
-        raise InputError(
-            f"cross-fitting needs 2 to {len(pairs.image_ids)} folds (one per training image at "
-            f"most), got {folds}"
-        )
+    splits = fold_splits(len(pairs.image_ids), folds, config.seed)
     members = _members(encoder, pairs, cache_dir, show_progress)
     in_memory = _memory_pairs(memory, pairs)
-    order = np.random.default_rng(config.seed).permutation(len(pairs.image_ids))
     owner = np.asarray(pairs.text_image)
     out: list[RecoFold] = []
     with ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmret-crossfit-")))
-        splits = progress(
-            enumerate(np.array_split(order, folds), start=1),
+        for fold, held in progress(
+            enumerate(splits, start=1),
             total=folds,
             description="Cross-fitting (an alignment per fold)",
             enabled=show_progress,
-        )
-        for fold, held in splits:
-            held = np.sort(held)
+        ):
             rest = np.setdiff1d(np.arange(len(pairs.image_ids)), held)
             parts = [member.fold_embeddings(rest) for member in members]
             image = np.concatenate([part[0] for part in parts], axis=1)

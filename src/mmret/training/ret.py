@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn import functional as F  # noqa: N812 - the universal torch idiom
 
 from mmret._progress import progress
+from mmret.encoders.base import Encoder
 from mmret.errors import InputError
 from mmret.evaluation.documents import (
     DocumentTaskReport,
@@ -45,7 +47,9 @@ from mmret.training.checkpoint import (
     save_checkpoint,
     warmup_cosine,
 )
+from mmret.training.crossfit import out_of_fold_embeddings
 from mmret.training.feature_store import LayerFeatureSet
+from mmret.training.features import PairFeatures
 from mmret.training.losses import symmetric_info_nce_scores
 
 TASKS = ("text>image", "image>text", "text>image+text")
@@ -79,6 +83,10 @@ class RetTrainingConfig:
     learning_rate: float = 2e-4
     weight_decay: float = 0.05
     seed: int = 0
+    # 0: training sees the global head's own vectors. K >= 2: each training image's and
+    # caption's head vector comes from the head's alignment retrained on the K - 1 folds that
+    # leave it out (:func:`cross_fitted_head_vectors`), as the real head meets new data.
+    cross_fit: int = 0
 
     def __post_init__(self) -> None:
         if len(self.task_weights) != len(TASKS) or min(self.task_weights) < 0:
@@ -188,18 +196,74 @@ def principal_directions(
     return directions
 
 
+@dataclass(frozen=True)
+class HeadVectors:
+    """Unit global-head embeddings of a stored set's rows, ``image (N, E)`` and ``text (T, E)``,
+    fed to the towers in place of their own head's (cross-fitted training)."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+
+    def of(self, image_rows: np.ndarray | None, text_rows: np.ndarray | None) -> torch.Tensor:
+        """``(B, E)`` the vectors of images, captions or image+caption pairs, combined as
+        :meth:`RetTower.forward` combines its head's (the normalised sum)."""
+        parts = [
+            vectors[torch.from_numpy(rows)]
+            for vectors, rows in ((self.image, image_rows), (self.text, text_rows))
+            if rows is not None
+        ]
+        return F.normalize(torch.stack(parts).sum(0), dim=-1)
+
+
+def cross_fitted_head_vectors(
+    encoder: Encoder,
+    train: LayerFeatureSet,
+    config: RetTrainingConfig,
+    *,
+    cache_dir: Path | None = None,
+    show_progress: bool = False,
+) -> HeadVectors:
+    """Every training image's and caption's vector by ``encoder``'s alignment retrained with
+    its own recipe on the ``config.cross_fit - 1`` folds that leave it out, from the stored
+    last layers pooled as the global path pools them."""
+    if not config.global_path:
+        raise InputError(
+            "cross-fitting replaces the global path's head vectors in training: it needs the "
+            "global path (drop --no-global-path)"
+        )
+    images = np.arange(len(train.image_ids))
+    captions = np.arange(len(train.text_image))
+    features = PairFeatures(
+        list(train.image_ids),
+        train.image[config.image_layers[-1]].read_pooled(images).numpy(),
+        F.normalize(train.text[config.text_layers[-1]].read_pooled(captions), dim=-1).numpy(),
+        np.asarray(train.text_image),
+    )
+    image, text = out_of_fold_embeddings(
+        encoder,
+        features,
+        config.cross_fit,
+        config.seed,
+        cache_dir=cache_dir,
+        show_progress=show_progress,
+    )
+    return HeadVectors(torch.from_numpy(image), torch.from_numpy(text))
+
+
 def encode_rows(
     tower: RetTower,
     features: LayerFeatureSet,
     image_rows: np.ndarray | None,
     text_rows: np.ndarray | None,
+    head_vectors: HeadVectors | None = None,
 ) -> torch.Tensor:
     """``(B, T, token_dim)`` tokens of stored images, captions, or image+caption pairs (both
-    row arrays given, of one length)."""
+    row arrays given, of one length); ``head_vectors`` replace the tower's own head's."""
     config = tower.config
     image = None if image_rows is None else features.image_features(image_rows, config.image_layers)
     text = None if text_rows is None else features.text_features(text_rows, config.text_layers)
-    tokens: torch.Tensor = tower(image, text)
+    vectors = None if head_vectors is None else head_vectors.of(image_rows, text_rows)
+    tokens: torch.Tensor = tower(image, text, head_vectors=vectors)
     return tokens
 
 
@@ -293,17 +357,16 @@ def task_loss(
     captions: np.ndarray,
     images: np.ndarray,
     partners: np.ndarray,
+    head_vectors: HeadVectors | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE on the mean-over-query-tokens MaxSim of one task's batch."""
-    if task == "text>image":
-        queries = encode_rows(model.query, train, None, captions)
-        documents = encode_rows(model.document, train, images, None)
-    elif task == "image>text":
-        queries = encode_rows(model.query, train, images, None)
-        documents = encode_rows(model.document, train, None, captions)
-    else:
-        queries = encode_rows(model.query, train, None, captions)
-        documents = encode_rows(model.document, train, images, partners)
+    query_rows, document_rows = {
+        "text>image": ((None, captions), (images, None)),
+        "image>text": ((images, None), (None, captions)),
+        "text>image+text": ((None, captions), (images, partners)),
+    }[task]
+    queries = encode_rows(model.query, train, *query_rows, head_vectors)
+    documents = encode_rows(model.document, train, *document_rows, head_vectors)
     # MaxSim sums over query tokens; dividing by their count keeps the logits' scale
     # independent of T, so one temperature fits every T.
     scores = maxsim_tensors(queries, documents) / queries.shape[1]
@@ -321,14 +384,24 @@ def train_ret(
     on_epoch: Callable[[RetEpochLog], None] | None = None,
     show_progress: bool = False,
     global_head: AlignmentHead | None = None,
+    head_vectors: HeadVectors | None = None,
 ) -> tuple[RetModel, list[dict[str, Any]]]:
     """Train ReT-Q and ReT-D; with ``dev``, keep the epoch of best dev RSUM (else the last),
     measured against each dev image's first caption (see :func:`evaluate_stored`).
+
+    ``head_vectors`` (with ``global_head``): the training rows' global-head vectors to train
+    on in place of ``global_head``'s own (:func:`cross_fitted_head_vectors`); dev and the
+    saved model use ``global_head``.
 
     Returns the model and every epoch's :meth:`RetEpochLog.to_dict`, resumed epochs included.
     With ``checkpoint_dir``, a later call with the same arguments resumes after the last
     finished epoch and ends with the same model as an uninterrupted run.
     """
+    if head_vectors is not None and (global_head is None or not config.global_path):
+        raise InputError(
+            "cross-fitting replaces the global path's head vectors in training: it needs the "
+            "global path and the backbone's alignment head"
+        )
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = build_model(train, config, backbone, layer_source, global_head)
@@ -360,7 +433,9 @@ def train_ret(
             )
             images = order[step * config.batch_size : (step + 1) * config.batch_size]
             captions, partners = batches.pick(images, draws[images])
-            loss = task_loss(model, train, TASKS[tasks[step]], captions, images, partners)
+            loss = task_loss(
+                model, train, TASKS[tasks[step]], captions, images, partners, head_vectors
+            )
             total += descend(optimiser, loss, rate)
         retrieval = documents = None
         if dev is not None:

@@ -1,5 +1,7 @@
-"""Cross-fitted RECO training: each fold's queries are unseen by its alignment and absent from
-its memory, every training pair is a query once, and the CLI trains on the folds."""
+"""Cross-fitted training. RECO: each fold's queries are unseen by its alignment and absent from
+its memory, every training pair is a query once, and the CLI trains on the folds. ReT: the
+global path trains on head vectors of alignments that never saw the row, and ships the real
+head."""
 
 from __future__ import annotations
 
@@ -8,15 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mmret.encoders import load_encoder
 from mmret.encoders.ensemble import EnsembleEncoder
 from mmret.errors import InputError
+from mmret.heads.ret import RetModel
 from mmret.memory.embedding import first_caption_rows
 from mmret.memory.store import Memory, build_memory
-from mmret.training.crossfit import cross_fitted_folds
-from mmret.training.features import read_pairs
+from mmret.training.align import AlignTrainingConfig, embed_pairs, train_alignment
+from mmret.training.crossfit import cross_fitted_folds, fold_splits
+from mmret.training.feature_store import layer_feature_set
+from mmret.training.features import PairFeatures, read_pairs
 from mmret.training.reco import RecoTrainingConfig
+from mmret.training.ret import RetTrainingConfig, cross_fitted_head_vectors
 
 from .cli import run
 from .conftest import solid
@@ -144,3 +151,72 @@ def test_an_ensemble_is_cross_fitted_member_by_member(
             )
             np.testing.assert_allclose(halves[0], 0.5, rtol=1e-5)
             np.testing.assert_allclose(halves[1], np.sqrt(0.75), rtol=1e-5)
+
+
+RET = RetTrainingConfig(
+    image_layers=(7, 8), text_layers=(5, 6), tokens=2, token_dim=8, width=16, heads=2,
+    epochs=1, batch_size=4, cross_fit=3,
+)  # fmt: skip
+
+
+def test_ret_trains_on_head_vectors_of_alignments_that_never_saw_the_row(
+    trained: tuple[Path, Path, Path],
+) -> None:
+    manifest, _, cache = trained
+    encoder = load_encoder(f"starter:{manifest.parent / 'head'}")
+    stored = layer_feature_set(read_pairs(manifest), encoder, [7, 8], [5, 6], cache_dir=cache)
+    vectors = cross_fitted_head_vectors(encoder, stored, RET)
+    # The first fold's rows, embedded by an alignment trained with the head's recipe on the
+    # other folds only, from the pooled last layers the global path reads.
+    images, captions = np.arange(12), np.arange(24)
+    features = PairFeatures(
+        list(stored.image_ids),
+        stored.image[8].read_pooled(images).numpy(),
+        torch.nn.functional.normalize(stored.text[6].read_pooled(captions)).numpy(),
+        np.asarray(stored.text_image),
+    )
+    held = fold_splits(12, 3, RET.seed)[0]
+    rest = np.setdiff1d(images, held)
+    recipe = json.loads((manifest.parent / "head" / "training.json").read_text())["config"]
+    keep = np.isin(features.text_image, rest)
+    position = np.searchsorted(rest, features.text_image[keep])
+    head, _ = train_alignment(
+        PairFeatures([features.image_ids[i] for i in rest], features.image[rest],
+                     features.text[keep], position),
+        None,
+        AlignTrainingConfig(**recipe),
+    )  # fmt: skip
+    image, text = embed_pairs(head, features)
+    own = np.isin(features.text_image, held)
+    np.testing.assert_allclose(vectors.image[held].numpy(), image[held], atol=1e-5)
+    np.testing.assert_allclose(vectors.text[own].numpy(), text[own], atol=1e-5)
+    # ... and not the real head's, which saw every row.
+    real_image, _ = embed_pairs(encoder.head, features)  # type: ignore[attr-defined]
+    assert not np.allclose(vectors.image.numpy(), real_image, atol=1e-3)
+    # An image+text document's vector is the normalised sum, as the tower makes it.
+    pair = vectors.of(held[:1], np.flatnonzero(own)[:1])
+    expected = torch.nn.functional.normalize(vectors.image[held[:1]] + vectors.text[own][:1])
+    torch.testing.assert_close(pair, expected)
+
+
+def test_train_ret_cross_fitted_from_the_cli_ships_the_real_head(
+    trained: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    manifest, _, cache = trained
+    backbone = f"starter:{manifest.parent / 'head'}"
+    out = tmp_path / "ret"
+    args = [
+        "train", "ret", manifest, "--dev", manifest, "--out", out, "--backbone", backbone,
+        "--image-layers", "7,8", "--text-layers", "5,6", "--tokens", "2", "--token-dim", "8",
+        "--width", "16", "--heads", "2", "--epochs", "1", "--batch-size", "4",
+        "--cache-dir", cache,
+    ]  # fmt: skip
+    assert "RSUM" in run(*args, "--cross-fit", "3")
+    assert json.loads((out / "training.json").read_text())["config"]["cross_fit"] == 3
+    model, encoder = RetModel.load(out), load_encoder(backbone)
+    for tower in (model.query, model.document):
+        assert tower.global_head is not None
+        for name, weights in encoder.head.state_dict().items():  # type: ignore[attr-defined]
+            torch.testing.assert_close(tower.global_head.state_dict()[name], weights)
+    refused = run(*args, "--cross-fit", "3", "--no-global-path", code=1)
+    assert "needs the global path" in refused
