@@ -211,8 +211,9 @@ def test_train_ret_cross_fitted_from_the_cli_ships_the_real_head(
         "--width", "16", "--heads", "2", "--epochs", "1", "--batch-size", "4",
         "--cache-dir", cache,
     ]  # fmt: skip
-    assert "RSUM" in run(*args, "--cross-fit", "3")
-    assert json.loads((out / "training.json").read_text())["config"]["cross_fit"] == 3
+    assert "RSUM" in run(*args, "--hard-batches")
+    config = json.loads((out / "training.json").read_text())["config"]
+    assert config["cross_fit"] == 5 and config["hard_batches"]  # a starter backbone: 5 folds
     model, encoder = RetModel.load(out), load_encoder(backbone)
     for tower in (model.query, model.document):
         assert tower.global_head is not None

@@ -28,6 +28,7 @@ from mmret.training.ret import (
     RetTrainingConfig,
     build_model,
     evaluate_stored,
+    neighbourhood_order,
     train_ret,
 )
 
@@ -253,8 +254,9 @@ def test_train_ret_cli_and_evaluation_end_to_end(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "RSUM" in result.output
-    history = json.loads((out / "training.json").read_text())["history"]
-    assert [entry["epoch"] for entry in history] == [1, 2]
+    record = json.loads((out / "training.json").read_text())
+    assert [entry["epoch"] for entry in record["history"]] == [1, 2]
+    assert record["config"]["cross_fit"] == 0  # no alignment to retrain: the head as it is
     bad = CliRunner().invoke(app, [*args, "--task-weights", "1,x,1"])
     message = " ".join(bad.output.replace("│", " ").split())
     assert bad.exit_code != 0 and "comma-separated list of numbers" in message
@@ -325,3 +327,21 @@ def test_the_global_head_starts_the_model_at_the_heads_scores(
     other = AlignmentHead(AlignmentConfig(image_dim=7, text_dim=head.config.text_dim))
     with pytest.raises(InputError, match="last layers"):
         build_model(stored, FAST, backbone.spec, backbone.layer_source, other)
+
+
+def test_hard_batches_group_near_neighbours() -> None:
+    # Two tight clusters of three: every batch of three is one cluster, whatever the seeds.
+    vectors = F.normalize(
+        torch.tensor([[1.0, 0.1], [0.0, 1.0], [1.0, 0.0], [0.1, 1.0], [1.0, 0.05], [0.05, 1.0]]),
+        dim=-1,
+    )
+    for seeds in ([0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [3, 0, 1, 2, 4, 5]):
+        order = neighbourhood_order(vectors, np.asarray(seeds), 3)
+        assert sorted(order.tolist()) == list(range(6))
+        assert {frozenset(order[:3].tolist()), frozenset(order[3:].tolist())} == {
+            frozenset({0, 2, 4}),
+            frozenset({1, 3, 5}),
+        }
+        assert order[0] == seeds[0]
+    with pytest.raises(InputError, match="need --cross-fit"):
+        RetTrainingConfig(hard_batches=True)

@@ -19,12 +19,14 @@ from mmret.encoders.towers import TOWERS, StarterTowers
 from mmret.evaluation.retrieval import RetrievalReport
 from mmret.ingest.report import SkipReport
 from mmret.training.align import AlignTrainingConfig, EpochLog, train_alignment
+from mmret.training.crossfit import retrainable
 from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
 from mmret.training.features import default_cache_dir, pair_features, read_pairs
 from mmret.training.hat import HatEpochLog, HatTrainingConfig, train_hat
 from mmret.training.knowledge import imagenet_knowledge, imagenet_level_knowledge
 from mmret.training.reco import RecoEpochLog
 from mmret.training.ret import (
+    CROSS_FIT,
     RetEpochLog,
     RetTrainingConfig,
     cross_fitted_head_vectors,
@@ -362,11 +364,17 @@ def ret(
     batch_size: int = typer.Option(RetTrainingConfig.batch_size, min=2),
     learning_rate: float = typer.Option(RetTrainingConfig.learning_rate, min=0.0),
     seed: int = typer.Option(RetTrainingConfig.seed),
-    cross_fit: int = typer.Option(
-        RetTrainingConfig.cross_fit,
+    cross_fit: int | None = typer.Option(
+        None,
         min=0,
         help="Train on the global path's vectors from alignments retrained on K-1 of K folds "
-        "(each never saw the row it embeds); 0: the backbone's own head.",
+        "(each never saw the row it embeds); 0: the backbone's own head. Default: 5 when the "
+        "backbone's alignment can be retrained (a starter model) and the global path is on, "
+        "else 0.",
+    ),
+    hard_batches: bool = typer.Option(
+        RetTrainingConfig.hard_batches,
+        help="Batches of images the cross-fitted head finds alike (needs --cross-fit).",
     ),
     threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: its default)."),
     cache_dir: Path | None = typer.Option(
@@ -384,6 +392,9 @@ def ret(
             f"{task_weights!r} is not a comma-separated list of numbers (e.g. 2,1,1)",
             param_hint="--task-weights",
         ) from None
+    encoder = load_encoder(backbone)
+    if cross_fit is None:
+        cross_fit = CROSS_FIT if global_path and retrainable(encoder) else 0
     config = RetTrainingConfig(
         image_layers=parse_layers(image_layers, "--image-layers"),
         text_layers=parse_layers(text_layers, "--text-layers"),
@@ -402,8 +413,8 @@ def ret(
         weight_decay=weight_decay,
         seed=seed,
         cross_fit=cross_fit,
+        hard_batches=hard_batches,
     )
-    encoder = load_encoder(backbone)
     image, text = resolved_layers(encoder, config.image_layers, config.text_layers)
     config = replace(config, image_layers=image, text_layers=text)
     train_set, dev_set = stored_sets(encoder, manifest, dev, image, text, cache_dir)

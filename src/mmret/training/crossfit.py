@@ -42,6 +42,14 @@ from mmret.training.reco import RecoFold, RecoTrainingConfig, reco_data
 TRAINING_RECORD = "training.json"
 
 
+def retrainable(encoder: Encoder) -> bool:
+    """Whether cross-fitting can retrain ``encoder``'s alignment: a model trained by
+    ``mmret train align`` whose folder records its recipe."""
+    if not isinstance(encoder, StarterEncoder) or encoder.folder is None:
+        return False
+    return (encoder.folder / TRAINING_RECORD).is_file()
+
+
 def alignment_recipe(encoder: Encoder) -> AlignTrainingConfig:
     """The recipe ``encoder``'s alignment was trained with (its folder's training record)."""
     if not isinstance(encoder, StarterEncoder):

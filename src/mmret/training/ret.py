@@ -53,6 +53,8 @@ from mmret.training.features import PairFeatures
 from mmret.training.losses import symmetric_info_nce_scores
 
 TASKS = ("text>image", "image>text", "text>image+text")
+#: Folds of ``mmret train ret --cross-fit`` when the backbone's alignment can be retrained.
+CROSS_FIT = 5
 _CHUNK = 256
 _PCA_ROWS = 8192
 
@@ -87,6 +89,9 @@ class RetTrainingConfig:
     # caption's head vector comes from the head's alignment retrained on the K - 1 folds that
     # leave it out (:func:`cross_fitted_head_vectors`), as the real head meets new data.
     cross_fit: int = 0
+    # Batches of images whose (cross-fitted) head vectors are near neighbours, so that the
+    # in-batch negatives are the ones the head confuses (needs ``cross_fit``).
+    hard_batches: bool = False
 
     def __post_init__(self) -> None:
         if len(self.task_weights) != len(TASKS) or min(self.task_weights) < 0:
@@ -96,6 +101,11 @@ class RetTrainingConfig:
             )
         if sum(self.task_weights) <= 0:
             raise InputError("at least one task needs a positive weight")
+        if self.hard_batches and not self.cross_fit:
+            raise InputError(
+                "hard batches group images by their cross-fitted head vectors: they need "
+                "--cross-fit"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,6 +258,21 @@ def cross_fitted_head_vectors(
         show_progress=show_progress,
     )
     return HeadVectors(torch.from_numpy(image), torch.from_numpy(text))
+
+
+def neighbourhood_order(vectors: torch.Tensor, seeds: np.ndarray, batch: int) -> np.ndarray:
+    """A permutation of the rows of ``(N, E)`` ``vectors`` in which each run of ``batch`` is a
+    seed (the first unused row of ``seeds``, a random permutation) and its nearest unused rows."""
+    unused = torch.ones(len(vectors), dtype=torch.bool)
+    order: list[np.ndarray] = []
+    for seed in seeds.tolist():
+        if not unused[seed]:
+            continue
+        scores = torch.where(unused, vectors @ vectors[seed], -torch.inf)
+        nearest = scores.topk(min(batch, int(unused.sum()))).indices
+        unused[nearest] = False
+        order.append(nearest.numpy())
+    return np.concatenate(order)
 
 
 def encode_rows(
@@ -422,6 +447,9 @@ def train_ret(
     for epoch in range(state.epoch + 1, config.epochs + 1):
         model.train()
         order = torch.randperm(batches.images, generator=generator).numpy()
+        if config.hard_batches:
+            assert head_vectors is not None
+            order = neighbourhood_order(head_vectors.image, order, config.batch_size)
         tasks = torch.multinomial(weights, steps, replacement=True, generator=generator).numpy()
         draws = torch.rand(batches.images, 2, generator=generator, dtype=torch.float64).numpy()
         total = 0.0
