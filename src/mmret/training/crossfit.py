@@ -1,4 +1,5 @@
-"""Cross-fitted RECO training data: what the fusion sees in training, as it will see it in use.
+"""Cross-fitted training data: what a head on top of a frozen model sees in training, as it
+will see it in use (RECO's fusion, ReT's global path).
 
 A RECO fusion refines an embedding with the memory's knowledge. When the frozen model's own
 alignment was trained on the very pairs the fusion trains on (mmret's starter models and a
@@ -13,6 +14,10 @@ pairs, which it did see. That is the situation of a new query against the real m
 the model from its own training set), so the fusion learns from neighbours as they really come.
 Only the training data changes: the trained fusion refines the real model's embeddings with the
 real memory, and is chosen on dev that way.
+
+The same gap stops ReT's latent tokens from learning on top of the starter head they copy
+(:func:`out_of_fold_embeddings` gives the head's vectors of each training row from an
+alignment that never saw it; :mod:`mmret.training.ret`).
 """
 
 from __future__ import annotations
