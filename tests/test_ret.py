@@ -345,3 +345,10 @@ def test_hard_batches_group_near_neighbours() -> None:
         assert order[0] == seeds[0]
     with pytest.raises(InputError, match="need --cross-fit"):
         RetTrainingConfig(hard_batches=True)
+
+
+def test_a_cross_fitted_config_needs_its_head_vectors(
+    stored: LayerFeatureSet, backbone: Encoder
+) -> None:
+    with pytest.raises(InputError, match="cross_fitted_head_vectors"):
+        train(stored, backbone, replace(FAST, cross_fit=3))

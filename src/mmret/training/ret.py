@@ -422,6 +422,11 @@ def train_ret(
     With ``checkpoint_dir``, a later call with the same arguments resumes after the last
     finished epoch and ends with the same model as an uninterrupted run.
     """
+    if config.cross_fit and head_vectors is None:
+        raise InputError(
+            "a cross-fitted config trains on cross-fitted head vectors: pass "
+            "head_vectors=cross_fitted_head_vectors(...)"
+        )
     if head_vectors is not None and (global_head is None or not config.global_path):
         raise InputError(
             "cross-fitting replaces the global path's head vectors in training: it needs the "
@@ -447,8 +452,7 @@ def train_ret(
     for epoch in range(state.epoch + 1, config.epochs + 1):
         model.train()
         order = torch.randperm(batches.images, generator=generator).numpy()
-        if config.hard_batches:
-            assert head_vectors is not None
+        if config.hard_batches and head_vectors is not None:
             order = neighbourhood_order(head_vectors.image, order, config.batch_size)
         tasks = torch.multinomial(weights, steps, replacement=True, generator=generator).numpy()
         draws = torch.rand(batches.images, 2, generator=generator, dtype=torch.float64).numpy()
