@@ -35,6 +35,7 @@ from mmret._progress import progress
 from mmret.encoders.base import Encoder
 from mmret.encoders.ensemble import EnsembleEncoder
 from mmret.encoders.starter import StarterEncoder
+from mmret.encoders.towers import StarterTowers
 from mmret.errors import InputError
 from mmret.evaluation.embeddings import PairEmbeddings
 from mmret.items import Item
@@ -86,6 +87,26 @@ class _Member:
     knowledge: ClassKnowledge | None
     weight: float
 
+    @classmethod
+    def of(
+        cls,
+        recipe: AlignTrainingConfig,
+        towers: StarterTowers,
+        features: PairFeatures,
+        weight: float,
+        *,
+        cache_dir: Path | None,
+        show_progress: bool,
+    ) -> _Member:
+        """An alignment to retrain with ``recipe`` on ``features`` of ``towers``, with the
+        ImageNet knowledge the recipe distils."""
+        knowledge = None
+        if recipe.imagenet_weight > 0:
+            knowledge = imagenet_knowledge(
+                towers, features, cache_dir=cache_dir, show_progress=show_progress
+            )
+        return cls(features, recipe, knowledge, weight)
+
     def fold_embeddings(self, rest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every training image's and caption's embedding by an alignment trained on the
         images ``rest`` only, scaled as the encoder scales this member."""
@@ -126,12 +147,9 @@ def out_of_fold_embeddings(
     that image (and its captions) out: how the real alignment embeds data it never saw."""
     recipe = alignment_recipe(encoder)
     assert isinstance(encoder, StarterEncoder)
-    knowledge = None
-    if recipe.imagenet_weight > 0:
-        knowledge = imagenet_knowledge(
-            encoder.towers, features, cache_dir=cache_dir, show_progress=show_progress
-        )
-    member = _Member(features, recipe, knowledge, 1.0)
+    member = _Member.of(
+        recipe, encoder.towers, features, 1.0, cache_dir=cache_dir, show_progress=show_progress
+    )
     owner = np.asarray(features.text_image)
     image = np.zeros((len(features.image_ids), recipe.embed_dim), dtype=np.float32)
     text = np.zeros((len(owner), recipe.embed_dim), dtype=np.float32)
@@ -164,12 +182,16 @@ def _members(
         )
         if len(features.image_ids) != len(pairs.image_ids):
             raise InputError("cross-fitting needs every training image to decode")
-        knowledge = None
-        if recipe.imagenet_weight > 0:
-            knowledge = imagenet_knowledge(
-                part.towers, features, cache_dir=cache_dir, show_progress=show_progress
+        members.append(
+            _Member.of(
+                recipe,
+                part.towers,
+                features,
+                weight,
+                cache_dir=cache_dir,
+                show_progress=show_progress,
             )
-        members.append(_Member(features, recipe, knowledge, weight))
+        )
     return members
 
 
