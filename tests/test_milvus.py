@@ -3,6 +3,7 @@ after a writer that did not save, check and repair. Skipped without ``mmret[milv
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,37 @@ def test_a_multi_vector_index_on_milvus_scores_exact_maxsim(tmp_path: Path) -> N
     (tmp_path / "milvus.mmret" / "milvus-maxsim-cache.npz").unlink()  # refilled from the store
     repair_index(tmp_path / "milvus.mmret")
     assert results(tmp_path / "milvus.mmret") == expected
+
+
+_STANDALONE_SCRIPT = """
+import gc, numpy as np
+from mmret.index.milvus import MilvusIndex
+gone = MilvusIndex(4)
+gone.add(np.arange(2000), np.ones((2000, 4), np.float32))
+del gone
+gc.collect()
+kept = MilvusIndex(4)  # alive at exit
+kept.add(np.arange(3), np.eye(3, 4, dtype=np.float32))
+print(kept.search(np.eye(1, 4, dtype=np.float32), 1)[1][0][0])
+"""
+
+
+def test_standalone_private_databases_are_deleted(tmp_path: Path) -> None:
+    """A standalone instance keeps its vectors in a private Lite database under the temporary
+    folder; both one collected early and one alive at exit are gone when the process ends
+    (their servers stopped first: a running server writes the files again at exit)."""
+    import subprocess
+    import sys
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", _STANDALONE_SCRIPT],
+        env={**os.environ, "TMPDIR": str(scratch)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "0"
+    assert not list(scratch.glob("mmret-milvus-*"))

@@ -16,6 +16,7 @@ Milvus Lite serves one process at a time; readers beside a writer need a server.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -89,6 +90,35 @@ def _close_client(client: Any, uri: str) -> None:
         if _LITE_CLIENTS[path] == 0:
             del _LITE_CLIENTS[path]
             server_manager_instance.release_server(path)
+
+
+#: Private databases of standalone instances: every one this process made and has not yet
+#: deleted, and those whose instance is gone. An instance's finalizer only records that: it
+#: may run inside garbage collection while this module's or Milvus Lite's lock is held, so the
+#: server is stopped and the folder deleted later, by :func:`_discard_orphans`.
+_PRIVATE: set[str] = set()
+_ORPHANED: list[str] = []
+
+
+def _discard_orphans() -> None:
+    """Stop the Lite server of every orphaned private database, then delete its folder (a
+    server left running writes the database's files again when the process exits)."""
+    while _ORPHANED:
+        scratch = _ORPHANED.pop()
+        _PRIVATE.discard(scratch)
+        path = _lite_key(str(Path(scratch) / _LITE_FILE))
+        with _LITE_LOCK:
+            if _LITE_CLIENTS.pop(path, 0):
+                from milvus_lite.server_manager import server_manager_instance
+
+                server_manager_instance.release_server(path)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@atexit.register
+def _discard_private_databases() -> None:
+    _ORPHANED.extend(_PRIVATE)  # instances still alive at exit too
+    _discard_orphans()
 
 
 class _TwiceStoredError(Exception):
@@ -177,8 +207,10 @@ class MilvusIndex(VectorIndex):
         if self._db is None:
             where = self.uri
             if not where:
+                _discard_orphans()
                 scratch = tempfile.mkdtemp(prefix="mmret-milvus-")
-                weakref.finalize(self, shutil.rmtree, scratch, ignore_errors=True)
+                _PRIVATE.add(scratch)
+                weakref.finalize(self, _ORPHANED.append, scratch)
                 where = str(Path(scratch) / _LITE_FILE)
             self._open(where, _STANDALONE, fresh=True)
         return self._db
