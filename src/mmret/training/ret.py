@@ -452,7 +452,8 @@ def train_ret(
     for epoch in range(state.epoch + 1, config.epochs + 1):
         model.train()
         order = torch.randperm(batches.images, generator=generator).numpy()
-        if config.hard_batches and head_vectors is not None:
+        if config.hard_batches:
+            assert head_vectors is not None  # hard batches need cross_fit: checked above
             order = neighbourhood_order(head_vectors.image, order, config.batch_size)
         tasks = torch.multinomial(weights, steps, replacement=True, generator=generator).numpy()
         draws = torch.rand(batches.images, 2, generator=generator, dtype=torch.float64).numpy()
