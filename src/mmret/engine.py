@@ -533,12 +533,10 @@ class Retriever:
         the first stage's times the weight the reranker was calibrated with for this index's
         model (``mmret train rerank-calibrate``; none for other models).
         """
-        if isinstance(queries, str | Query):
-            raise InputError("search takes a list of queries; wrap a single one in [...]")
         if rerank < 0:
             raise InputError(f"rerank must be 0 (off) or a number of candidates, got {rerank}")
-        normalised = [Query(text=q) if isinstance(q, str) else q for q in queries]
-        vectors = self.encoder.for_queries().encode(normalised)
+        normalised = as_queries(queries)
+        vectors = self.encode_queries(normalised)
         bank = self._query_bank(query_bank)
         modalities = [query_modality(query) for query in normalised]
         first = self._first_stage(vectors, max(k, rerank), filter, bank, modalities)
@@ -550,6 +548,19 @@ class Retriever:
             self._rerank(model, sides.take([row]), hits, bank is not None)[:k]
             for row, hits in enumerate(first)
         ]
+
+    @property
+    def query_encoder(self) -> Encoder:
+        """The encoder of queries: :attr:`encoder`, or its query side where queries and
+        documents have separate models (ReT). Anything that encodes a query to search this
+        index with (the server's batcher, retrieval for generation) uses this one."""
+        return self.encoder.for_queries()
+
+    def encode_queries(self, queries: Sequence[Query | str]) -> np.ndarray:
+        """``(Q, dim)`` query vectors (a string is a text query), as :meth:`search` encodes
+        them: give them to :meth:`search_vectors` with each query's :func:`query_modality`
+        to get the same hits as :meth:`search` without reranking."""
+        return self.query_encoder.encode(as_queries(queries))
 
     def _query_bank(self, option: QueryBank | bool) -> QueryBank | None:
         """The query bank a search normalises with (see :meth:`search`), or None."""
@@ -612,17 +623,24 @@ class Retriever:
         *,
         k: int = 10,
         filter: Filter | None = None,
-        modality: str | None = None,
+        modality: str | Sequence[str | None] | None = None,
         query_bank: QueryBank | bool = True,
     ) -> list[list[SearchResult]]:
-        """Like :meth:`search` for ``(Q, dim)`` query vectors in the encoder's space (they are
-        L2-normalised here, each token for a multi-vector model, so scores are cosine
-        similarities or sums of them). Vectors of text or image queries (``modality`` "text"
-        or "image") are normalised with the query bank as :meth:`search` normalises them."""
-        if modality not in (None, "text", "image"):
-            raise InputError(f"modality must be 'text', 'image' or None, got {modality!r}")
-        bank = self._query_bank(query_bank) if modality else None
-        first = self._first_stage(vectors, k, filter, bank, [modality] * len(vectors))
+        """Like :meth:`search` for ``(Q, dim)`` query vectors (from :meth:`encode_queries`, or
+        stored vectors for "more like this"). They are L2-normalised here, each token for a
+        multi-vector model, so scores are cosine similarities or sums of them. Vectors of text
+        or image queries (``modality`` "text" or "image", one for all or one per query) are
+        normalised with the query bank as :meth:`search` normalises them; None: cosines."""
+        modalities = (
+            [modality] * len(vectors) if modality is None or isinstance(modality, str) else modality
+        )
+        if len(modalities) != len(vectors):
+            raise InputError(f"{len(modalities)} modalities for {len(vectors)} query vectors")
+        for each in modalities:
+            if each not in (None, "text", "image"):
+                raise InputError(f"modality must be 'text', 'image' or None, got {each!r}")
+        bank = self._query_bank(query_bank) if any(modalities) else None
+        first = self._first_stage(vectors, k, filter, bank, modalities)
         return [[hit for _, hit in hits] for hits in first]
 
     def _search_keys(
@@ -735,6 +753,13 @@ def discounted(
     scores = np.array([hit.score for _, hit in hits]) - discounts
     order = np.argsort(-scores, kind="stable")
     return [(hits[i][0], replace(hits[i][1], score=float(scores[i]))) for i in order]
+
+
+def as_queries(queries: Sequence[Query | str]) -> list[Query]:
+    """``queries`` as :class:`Query` objects (a string is a text query)."""
+    if isinstance(queries, str | Query):
+        raise InputError("search takes a list of queries; wrap a single one in [...]")
+    return [Query(text=q) if isinstance(q, str) else q for q in queries]
 
 
 def query_modality(query: Query | Item) -> str | None:

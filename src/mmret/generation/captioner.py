@@ -213,6 +213,9 @@ class RetrievalCaptioner:
                 raise InputError("without a memory, give the images' embeddings")
             query_vectors = memory.encoder.encode_images(images, show_progress=show_progress)
         made: list[Caption] = []
+        # Retrieval reads the images' query-side vectors: the same as the document side's
+        # unless the memory's model has separate sides (ReT), whose are encoded per image.
+        same_sides = memory is None or memory.query_encoder is memory.encoder
         spans = range(0, len(images), _BATCH)
         for start in progress(
             spans, total=len(spans), description="Captioning", enabled=show_progress
@@ -225,7 +228,7 @@ class RetrievalCaptioner:
                 stored: dict[str, np.ndarray] = {}
                 if memory is not None and self.uses_retrieval:
                     context, stored = retrieve_with_vectors(
-                        memory, Query(image=image), policy, vector=vector
+                        memory, Query(image=image), policy, vector=vector if same_sides else None
                     )
                 samples.append(self.sample(vector, context, stored, view))
                 contexts.append(context)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from mmret.engine import Retriever, SearchResult
+from mmret.engine import Retriever, SearchResult, query_modality
 from mmret.errors import ImageLoadError, InputError
 from mmret.generation.policy import ContextPolicy, select
 from mmret.index.filters import Filter
@@ -96,7 +96,8 @@ def retrieve_context(
     vector: np.ndarray | None = None,
 ) -> Context:
     """Select documents for ``query`` from ``retriever``'s index (RA-CM3's retrieval policy);
-    ``vector`` is the query's embedding if already computed.
+    ``vector`` is the query's embedding by :meth:`~mmret.Retriever.encode_queries` if already
+    computed. The candidates are :meth:`~mmret.Retriever.search`'s hits for the query.
 
     A document holding the query's own image file is never selected, whatever its score.
     """
@@ -115,8 +116,10 @@ def retrieve_with_vectors(
     for the selection, rather than again by a generator that reads them)."""
     policy = policy or ContextPolicy()
     if vector is None:
-        vector = retriever.encoder.encode([query])[0]
-    hits = retriever.search_vectors(vector[None, :], k=policy.candidates, filter=filter)[0]
+        vector = retriever.encode_queries([query])[0]
+    hits = retriever.search_vectors(
+        vector[None, :], k=policy.candidates, filter=filter, modality=query_modality(query)
+    )[0]
     hits = [hit for hit in hits if not _same_image(hit.image, query.image)]
     stored = retriever.stored_vectors([hit.id for hit in hits])
     hits = [hit for hit in hits if hit.id in stored]  # removed since the search: skipped

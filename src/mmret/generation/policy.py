@@ -91,7 +91,10 @@ def select(
     if not hits:
         return []
     to_query = normalised_similarity(query[None, :], vectors, token_dim)[0]
-    relevance = to_query
+    # Relevance is the first stage's score (query bank included), on the cosine-like scale of
+    # the similarities it is traded against: a late-interaction sum per query token.
+    tokens = 1 if token_dim is None else query.shape[0] // token_dim
+    relevance = np.array([hit.score for hit in hits], dtype=np.float64) / tokens
     both = np.array([hit.image is not None and hit.text is not None for hit in hits])
     if policy.modality == "prefer":
         relevance = relevance + policy.modality_bonus * both

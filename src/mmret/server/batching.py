@@ -42,6 +42,8 @@ class _Write:
 class EncodeBatcher:
     """Encodes queries (batched, first) and items to add (in slices, when no query waits).
 
+    Items are encoded with ``encoder`` and queries with ``query_encoder`` (default the same;
+    a ReT index's query side differs: :attr:`mmret.Retriever.query_encoder`).
     ``on_batch(kind, size, seconds)`` is told about every model call (for metrics).
     """
 
@@ -49,12 +51,14 @@ class EncodeBatcher:
         self,
         encoder: Encoder,
         *,
+        query_encoder: Encoder | None = None,
         max_batch: int = 32,
         write_slice: int = 1,
         write_share: float = 0.2,
         on_batch: Callable[[str, int, float], None] | None = None,
     ) -> None:
         self._encoder = encoder
+        self._query_encoder = query_encoder or encoder
         self._max_batch = max_batch
         self._write_slice = write_slice
         self._write_share = write_share
@@ -120,7 +124,8 @@ class EncodeBatcher:
 
     def _timed(self, kind: str, contents: Sequence[Content]) -> np.ndarray:
         started = time.perf_counter()
-        vectors = self._encoder.encode(contents)
+        encoder = self._query_encoder if kind == "query" else self._encoder
+        vectors = encoder.encode(contents)
         if self._on_batch is not None:
             self._on_batch(kind, len(contents), time.perf_counter() - started)
         return vectors

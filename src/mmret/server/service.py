@@ -61,6 +61,7 @@ class SearchService:
             raise
         self.batcher = EncodeBatcher(
             encoder,
+            query_encoder=self.retriever.query_encoder,
             max_batch=config.max_batch,
             write_slice=config.write_slice,
             write_share=config.write_share,
