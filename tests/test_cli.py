@@ -209,3 +209,29 @@ def test_every_help_text_keeps_its_sentences_whole() -> None:
         for paragraph in (command.help or "").split("\n\n"):
             assert "\n" not in paragraph.strip(), (path, paragraph)
             assert paragraph.strip() in lines, (path, paragraph)
+
+
+def test_photos_in_year_folders_filter_by_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commonest photo layout, indexed and searched with relative paths as a user types
+    them: the folder name ``2017`` is stored as a string and ``folder=2017`` finds it."""
+    from .conftest import solid
+
+    for year, colour in (("2017", (200, 30, 30)), ("2018", (30, 30, 200))):
+        (tmp_path / "photos" / year).mkdir(parents=True)
+        solid(colour).save(tmp_path / "photos" / year / f"{year}-a.jpg")
+    monkeypatch.chdir(tmp_path)
+    run("index", "photos", "--out", "photos.mmret", "--model", "hash:32")
+    found = run("search", "photos.mmret", "a red car", "--filter", "folder=2017", "--json")
+    results = json.loads(found)["results"]
+    assert [r["id"] for r in results] == ["2017/2017-a"]
+    assert results[0]["metadata"] == {"folder": "2017"}
+    quoted = run("search", "photos.mmret", "a red car", "--filter", 'folder="2018"', "--json")
+    assert [r["id"] for r in json.loads(quoted)["results"]] == ["2018/2018-a"]
+
+
+def test_help_lists_index_and_search_before_maintenance() -> None:
+    shown = run("--help")
+    order = [shown.index(f" {name} ") for name in ("index", "search", "serve", "info", "check")]
+    assert order == sorted(order), shown

@@ -95,6 +95,11 @@ def test_search_by_text_image_both_and_filter(client: TestClient) -> None:
     assert set(ids(hits)) == {"blue", "yellow"}
     as_cli = client.post("/search", json={"text": "square", "filter": ["year>=2002", "warm=true"]})
     assert ids(as_cli) == ["yellow"]
+    # a bare number matches it stored as a number or as a string; quotes force a string
+    assert ids(client.post("/search", json={"text": "square", "filter": ["year=2001"]})) == [
+        "green"
+    ]
+    assert ids(client.post("/search", json={"text": "x", "filter": ['year="2001"']})) == []
     form = {"text": "square", "filter": '["year<2001"]'}
     assert ids(client.post("/search/upload", data=form)) == ["red"]
     hit = client.post("/search", json={"text": "a red square", "k": 1}).json()["results"][0]

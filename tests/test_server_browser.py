@@ -40,6 +40,11 @@ def server(tmp_path: Path, photo_folder: Path) -> Iterator[str]:
     folder = tmp_path / "index.mmret"
     with mmret.Retriever.create(folder, model="hash:32") as retriever:
         retriever.add(mmret.read_items(photo_folder))
+    yield from _serve(folder)
+
+
+def _serve(folder: Path) -> Iterator[str]:
+    """Serve the index ``folder`` with uvicorn on a free loopback port; yield its URL."""
     app = create_app(ServerConfig(index=str(folder), token="browser-test-token"))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -155,3 +160,70 @@ def test_search_page_by_text_image_and_more_like_this(server: str, photo_folder:
     assert problems == [
         "Failed to load resource: the server responded with a status of 400 (Bad Request)"
     ]
+
+
+@pytest.fixture
+def year_server(tmp_path: Path) -> Iterator[str]:
+    """20 photos in year folders, portrait, landscape and square alike, with captions of one
+    to many lines, served as :func:`server` serves its folder."""
+    from tests.conftest import solid
+
+    shapes = [(300, 900), (900, 500), (600, 600), (240, 960), (1000, 300)]
+    for n in range(20):
+        year = "2017" if n % 2 else "2018"
+        folder = tmp_path / "photos" / year
+        folder.mkdir(parents=True, exist_ok=True)
+        solid((12 * n, 255 - 12 * n, 90), shapes[n % len(shapes)]).save(folder / f"p{n:02}.jpg")
+        caption = "a plate of food on a table" + " with many things on it" * (n % 4)
+        (folder / f"p{n:02}.txt").write_text(caption)
+    index = tmp_path / "years.mmret"
+    with mmret.Retriever.create(index, model="hash:32") as retriever:
+        retriever.add(mmret.read_items(tmp_path / "photos"))
+    yield from _serve(index)
+
+
+def test_result_grid_rows_line_up_and_year_folders_filter(year_server: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(year_server)
+        page.locator("#query-text").fill("a plate of food on a table")
+        page.keyboard.press("Enter")
+        cards = page.locator("#results .card")
+        sync_api.expect(cards).to_have_count(20)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#results .thumb img')]"
+            ".every(img => img.complete && img.naturalWidth > 0)"
+        )
+        page.screenshot(path=str(ARTIFACTS / "grid-20.png"), full_page=True)
+        boxes = page.evaluate(
+            """() => [...document.querySelectorAll('#results .card')].map(card => {
+                const box = card.getBoundingClientRect();
+                const thumb = card.querySelector('.thumb').getBoundingClientRect();
+                return {top: box.top, height: box.height, thumb: thumb.height,
+                        width: thumb.width};
+            })"""
+        )
+        rows: dict[float, list[float]] = {}
+        for box in boxes:
+            rows.setdefault(round(box["top"]), []).append(box["height"])
+        assert len(rows) > 1
+        for heights in rows.values():
+            assert max(heights) - min(heights) < 1, rows
+        # every thumbnail has one shape (4:3), whatever its photo's
+        assert {round(box["thumb"]) for box in boxes} == {round(boxes[0]["width"] * 3 / 4)}
+        # the whole photo is a click away
+        link = cards.first.locator(".thumb a")
+        assert "size=" in (link.get_attribute("href") or "")
+
+        # a folder named by year, in the filter box
+        page.locator("#filter").fill("folder=2017")
+        page.keyboard.press("Enter")
+        sync_api.expect(cards).to_have_count(10)
+        ids = page.locator("#results .item-id").all_inner_texts()
+        assert all(id_.startswith("2017/") for id_ in ids), ids
+        page.locator("#filter").fill('folder="2018" year>=0')
+        page.keyboard.press("Enter")
+        sync_api.expect(page.locator("#results .empty")).to_be_visible()  # no item has a year
+        browser.close()

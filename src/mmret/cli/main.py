@@ -1,4 +1,4 @@
-"""``mmret index | search | info | remove | demo``, plus the ``train`` and ``eval`` groups."""
+"""``mmret index | search | serve | info | remove | demo``, and the other commands' panels."""
 
 from __future__ import annotations
 
@@ -64,19 +64,18 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-app.add_typer(train_app, name="train")
-app.add_typer(eval_app, name="eval")
-app.add_typer(memory_app, name="memory")
+# Commands are listed in the order a user meets them, in panels: finding things first, then
+# generation, training and evaluation, and the maintenance of an index last.
+SEARCH_PANEL = "Index and search"
+GENERATE_PANEL = "Retrieval for generation"
+TRAIN_PANEL = "Train and evaluate"
+MAINTAIN_PANEL = "Maintain an index"
 train_app.command("reco")(train_reco)
 train_app.command("rerank")(train_rerank)
 train_app.command("rerank-calibrate")(calibrate_rerank)
 train_app.command("query-bank")(train_query_bank)
 train_app.command("ensemble")(train_ensemble)
 train_app.command("caption")(train_caption)
-app.command()(check)
-app.command()(repair)
-app.command()(recluster)
-app.command()(serve)
 
 
 def parse_options(pairs: list[str]) -> dict[str, object]:
@@ -93,7 +92,7 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
     return options
 
 
-@app.command()
+@app.command(rich_help_panel=SEARCH_PANEL)
 @friendly_errors
 def index(
     source: Path = typer.Argument(
@@ -208,7 +207,7 @@ def index(
     )
 
 
-@app.command()
+@app.command(rich_help_panel=SEARCH_PANEL)
 @friendly_errors
 def search(
     index_dir: Path = typer.Argument(..., metavar="DIR", help="Index folder."),
@@ -251,7 +250,10 @@ def search(
     console.print(results_table(f"{label}", hits))
 
 
-@app.command()
+app.command(rich_help_panel=SEARCH_PANEL)(serve)
+
+
+@app.command(rich_help_panel=SEARCH_PANEL)
 @friendly_errors
 def info(
     index_dir: Path = typer.Argument(..., metavar="DIR", help="Index folder."),
@@ -267,7 +269,7 @@ def info(
         console.print(f"[bold]{key:>15}[/]  {value}")
 
 
-@app.command()
+@app.command(rich_help_panel=SEARCH_PANEL)
 @friendly_errors
 def remove(
     index_dir: Path = typer.Argument(..., metavar="DIR", help="Index folder."),
@@ -280,7 +282,7 @@ def remove(
     console.print(f"removed {removed} of {len(ids)} ids")
 
 
-@app.command()
+@app.command(rich_help_panel=SEARCH_PANEL)
 @friendly_errors
 def demo(
     workdir: Path | None = typer.Option(
@@ -298,8 +300,14 @@ def demo(
     errors.print("[dim]demo index: " + (str(run.folder) if workdir else "(temporary)") + "[/]")
 
 
-app.command()(context)
-app.command()(ask)
-app.command()(caption)
+app.command(rich_help_panel=GENERATE_PANEL)(context)
+app.command(rich_help_panel=GENERATE_PANEL)(ask)
+app.command(rich_help_panel=GENERATE_PANEL)(caption)
+app.add_typer(train_app, name="train", rich_help_panel=TRAIN_PANEL)
+app.add_typer(eval_app, name="eval", rich_help_panel=TRAIN_PANEL)
+app.add_typer(memory_app, name="memory", rich_help_panel=TRAIN_PANEL)
+app.command(rich_help_panel=MAINTAIN_PANEL)(check)
+app.command(rich_help_panel=MAINTAIN_PANEL)(repair)
+app.command(rich_help_panel=MAINTAIN_PANEL)(recluster)
 eval_app.command("caption")(eval_caption)
 eval_app.command("fewshot")(eval_fewshot)

@@ -13,6 +13,7 @@ On the command line the same are written ``kind=photo``, ``kind=photo,scan`` and
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -106,10 +107,18 @@ def _check_scalar(key: str, value: Any, *, numeric: bool) -> None:
 def parse_filter(expressions: Sequence[str]) -> dict[str, Any]:
     """Parse CLI filters: ``key=value``, ``key=a,b,c`` (any of), ``key>=n``, ``key<n`` and so on.
 
-    Values that look like JSON numbers or booleans are typed; everything else is a string.
+    A bare value matches the value written the same way, whatever type it was stored with:
+    ``folder=2017`` matches the string ``"2017"`` (a folder named by year, as a photo library
+    stores it) and the number ``2017``, and ``ok=true`` matches ``true`` and ``"true"``. Quotes
+    (``"..."`` or ``'...'``) force a string, and keep commas in it: ``folder="2017"`` matches
+    only the string. Range bounds are numbers.
 
     >>> parse_filter(["kind=photo,scan", "year>=2000", "year<2010"])
     {'kind': ['photo', 'scan'], 'year': {'gte': 2000, 'lt': 2010}}
+    >>> parse_filter(["folder=2017"])
+    {'folder': [2017, '2017']}
+    >>> parse_filter(['place="Paris, France"'])
+    {'place': 'Paris, France'}
     """
     result: dict[str, Any] = {}
     for expression in expressions:
@@ -118,7 +127,7 @@ def parse_filter(expressions: Sequence[str]) -> dict[str, Any]:
             raise InputError(f"filter {expression!r}: expected key=value, key=a,b or key>=number")
         key, op, raw = match.groups()
         if op == "=":
-            values = [_typed(v.strip()) for v in raw.split(",")]
+            values = [v for literal in _literals(expression, raw) for v in _spellings(literal)]
             result[key] = values if len(values) > 1 else values[0]
             continue
         bound = _typed(raw)
@@ -129,6 +138,56 @@ def parse_filter(expressions: Sequence[str]) -> dict[str, Any]:
             raise InputError(f"filter {expression!r}: {key!r} already has an equality filter")
         existing[_CLI_RANGE[op]] = bound
     return result
+
+
+# One literal of a comma-separated list: double-quoted, single-quoted or bare.
+_LITERAL = re.compile(r"""\s*(?:"([^"]*)"|'([^']*)'|([^,]*?))\s*(?:,|$)""")
+
+
+@dataclass(frozen=True)
+class _Literal:
+    text: str
+    quoted: bool
+
+
+def _literals(expression: str, raw: str) -> list[_Literal]:
+    found: list[_Literal] = []
+    position = 0
+    while position < len(raw):
+        match = _LITERAL.match(raw, position)
+        if not match or match.end() == position:
+            raise InputError(f"filter {expression!r}: unbalanced quotes in {raw!r}")
+        double, single, bare = match.groups()
+        quoted = bare is None
+        text = double if double is not None else single if single is not None else bare
+        if not quoted and text[:1] in ("'", '"'):
+            raise InputError(f"filter {expression!r}: unbalanced quotes in {raw!r}")
+        if not text and not quoted:
+            raise InputError(f"filter {expression!r}: an empty value in {raw!r}")
+        found.append(_Literal(text, quoted))
+        position = match.end()
+    if raw.rstrip().endswith(","):
+        raise InputError(f"filter {expression!r}: an empty value in {raw!r}")
+    return found
+
+
+def _spellings(literal: _Literal) -> list[Any]:
+    """The stored values a literal matches: itself as a string, and as the number or boolean
+    it spells unless it was quoted."""
+    if literal.quoted:
+        return [literal.text]
+    typed = _typed(literal.text)
+    if isinstance(typed, str) or not _is_storable_number(typed):
+        return [literal.text]
+    return [typed, literal.text]
+
+
+def _is_storable_number(value: int | float | bool) -> bool:
+    """Whether a JSON value can be stored as a number (``NaN``, ``Infinity`` and integers past
+    64 bits cannot): only then does a bare literal also match it as a number."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return -(2**63) <= value < 2**63
 
 
 def _typed(raw: str) -> Any:

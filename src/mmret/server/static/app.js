@@ -28,7 +28,8 @@ function setLike(id) {
 }
 
 function filterExpressions() {
-  const words = $("filter").value.trim().split(/\s+/).filter(Boolean);
+  // Expressions are separated by spaces, except inside quotes: place="New York" is one.
+  const words = $("filter").value.match(/(?:[^\s"']+|"[^"]*"?|'[^']*'?)+/g) || [];
   return words.length ? words : null;
 }
 
@@ -119,8 +120,13 @@ function render(answer) {
       img.src = hit.thumbnail;
       img.alt = hit.text ? hit.text.split("\n")[0] : hit.id;
       img.loading = "lazy";
-      img.addEventListener("error", () => img.replaceWith(noImage("image unavailable")));
-      card.querySelector(".thumb").replaceChildren(img);
+      img.addEventListener("error", () => link.replaceWith(noImage("image unavailable")));
+      const link = document.createElement("a");
+      link.href = `${hit.thumbnail}?size=1024`;  // the whole photo, uncropped
+      link.target = "_blank";
+      link.title = "Open the whole photo";
+      link.append(img);
+      card.querySelector(".thumb").replaceChildren(link);
     }
     card.querySelector(".score").textContent = hit.score.toFixed(3);
     card.querySelector(".item-id").textContent = hit.id;
