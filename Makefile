@@ -1,5 +1,5 @@
 # `make demo` and `make test` set everything up on first use (scripts/setup.sh), then run.
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint docs bench
 
 setup:
 	@bash scripts/setup.sh
@@ -12,7 +12,11 @@ lint: setup
 	.venv/bin/ruff format --check src tests benchmarks
 	.venv/bin/mypy
 
-test: lint
+# The documentation site (mkdocs.yml, docs/) into site/; strict, so a broken link fails it.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --site-dir site
+
+test: lint docs
 	.venv/bin/pytest
 
 bench: setup

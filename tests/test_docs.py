@@ -17,12 +17,15 @@ from typer.testing import CliRunner
 from mmret.cli.main import app
 from mmret.demo import write_photos
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 
 
-def code_blocks(language: str, after: str = "") -> list[str]:
-    """The README's fenced blocks in ``language``, from the heading ``after`` on."""
-    text = README.read_text()
+def code_blocks(language: str, after: str = "", path: Path = README) -> list[str]:
+    """The fenced blocks in ``language`` of the README (or ``path``), from the heading ``after``
+    on."""
+    text = path.read_text()
     text = text[text.index(after) :] if after else text
     return re.findall(rf"```{language}\n(.*?)```", text, flags=re.DOTALL)
 
@@ -41,6 +44,41 @@ def use_it_commands() -> list[list[str]]:
 def test_readme_has_a_python_example_and_commands() -> None:
     assert python_blocks()
     assert [command[0] for command in use_it_commands()][:2] == ["index", "search"]
+
+
+def test_readme_is_short() -> None:
+    """The README fits on a few screens; everything else lives in the docs site (docs/)."""
+    assert len(README.read_text().splitlines()) < 200
+
+
+def test_readme_links_resolve() -> None:
+    """Every relative link of the README names a file of the repository (the docs pages, read
+    on GitHub as they are)."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", README.read_text())
+    relative = [t.split("#")[0] for t in targets if "://" not in t and not t.startswith("#")]
+    assert relative
+    assert [t for t in relative if not (ROOT / t).is_file()] == []
+
+
+def test_docs_use_it_page_shows_the_readmes_tested_examples() -> None:
+    """The docs' "Use it" page keeps the README's commands and Python example as they are,
+    so what the docs show is what these tests run."""
+    usage = DOCS / "usage.md"
+    assert code_blocks("bash", "# Use it", usage)[0] == code_blocks("bash", "## Use it")[0]
+    assert code_blocks("python", path=usage)[0] == python_blocks()[0]
+
+
+def test_every_shipped_model_card_is_in_the_docs() -> None:
+    """Each model card that ships in the package has a docs page that includes it (not a copy)
+    and a place in the site's navigation."""
+    nav = (ROOT / "mkdocs.yml").read_text()
+    cards = sorted((ROOT / "src" / "mmret" / "weights").glob("*/MODEL_CARD.md"))
+    assert cards
+    for card in cards:
+        page = Path("models") / card.parent.name / "MODEL_CARD.md"
+        snippet = f'--8<-- "{card.relative_to(ROOT).as_posix()}"'
+        assert (DOCS / page).read_text().strip() == snippet
+        assert f": {page.as_posix()}\n" in nav
 
 
 @pytest.mark.parametrize("number", range(len(python_blocks())))
