@@ -103,9 +103,9 @@ def flickr_embeddings(split: str, model: str = "starter") -> Any:
     Encoded once (minutes on a CPU) and cached by mmret under ``~/.cache/mmret/embeddings``
     (or ``$MMRET_CACHE``), keyed by the model's weights and the exact images and captions.
     """
+    from mmret.cache.embeddings import embed_pairs
     from mmret.encoders import load_encoder
-    from mmret.evaluation.embeddings import embed_pairs
-    from mmret.training.features import read_pairs
+    from mmret.ingest.pairs import read_pairs
 
     return embed_pairs(
         load_encoder(model), read_pairs(FLICKR / f"{split}.jsonl"), show_progress=True

@@ -3,7 +3,7 @@
     python benchmarks/hat_levels.py [--variants L1,L3] [--images 64] [--texts 512] [--quick]
 
 Every variant trains on the stored layer features of Flickr8k train (extracted once, then
-reused; see ``mmret.training.feature_store``) with dev-RSUM epoch selection, exactly as
+reused; see ``mmret.cache.layer_features``) with dev-RSUM epoch selection, exactly as
 ``mmret train hat`` does, and is scored on the stored dev features (float16, so recalls can
 differ from ``mmret eval retrieval`` in the second decimal). The starter row scores the
 shipped alignment head on the same stored features. Heads are kept in ``--heads`` (one folder
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from _common import CONSOLE, FLICKR, RESULTS, interleaved_medians, report
+from mmret.cache.layer_features import LayerFeatureSet, layer_feature_set
 from mmret.encoders import load_encoder
 from mmret.encoders.starter import StarterEncoder
 from mmret.evaluation.retrieval import RetrievalReport, retrieval_metrics
-from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
-from mmret.training.features import read_pairs
+from mmret.ingest.pairs import read_pairs
 from mmret.training.hat import HatTrainingConfig, embed_set, train_hat
 
 BASE = HatTrainingConfig(learn_weights=True)

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from _common import CONSOLE, RESULTS, flickr_embeddings, interleaved_medians, report, require_flickr
+from mmret.cache.embeddings import PairEmbeddings
 from mmret.encoders import DEFAULT_MODEL, load_encoder
 from mmret.engine import Retriever, SearchResult
-from mmret.evaluation.embeddings import PairEmbeddings
 from mmret.evaluation.retrieval import recalls, retrieval_metrics
 from mmret.items import Item
 from mmret.query_bank import POOL, QueryBank, shipped_query_bank

@@ -37,9 +37,9 @@ from mmret.engine import Retriever
 from mmret.index.base import VectorIndex
 from mmret.index.exact import ExactIndex
 from mmret.index.faiss_ann import FaissIndex
+from mmret.ingest.pairs import read_pairs
 from mmret.ingest.sources import read_items
 from mmret.items import Item, Query
-from mmret.training.features import read_pairs
 
 
 def collection(

@@ -28,7 +28,7 @@ import numpy as np
 
 from _common import FLICKR, RESULTS, interleaved_medians, report, require_flickr
 from mmret import Retriever, read_items
-from mmret.ingest.ray_encode import add_with_ray
+from mmret.scaleout.ray_encode import add_with_ray
 
 
 def manifest(n_images: int, scratch: Path) -> Path:

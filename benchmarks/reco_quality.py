@@ -23,18 +23,18 @@ from typing import Any
 import numpy as np
 
 from _common import FLICKR, RESULTS, report, require_flickr
+from mmret.cache.embeddings import embed_images, embed_pairs
 from mmret.encoders import load_encoder
-from mmret.encoders.base import l2_normalise
 from mmret.evaluation.classification import (
     DEFAULT_TEMPLATES,
     LabelledImages,
     read_class_folders,
     zero_shot_metrics,
 )
-from mmret.evaluation.embeddings import embed_images, embed_pairs
 from mmret.evaluation.retrieval import retrieval_metrics
+from mmret.ingest.pairs import read_pairs
+from mmret.late_interaction import l2_normalise
 from mmret.memory.refine import load_refiner
-from mmret.training.features import read_pairs
 
 CIFAR = FLICKR.parent / "cifar10-train500"
 

@@ -35,15 +35,20 @@ import numpy as np
 import torch
 
 from _common import FLICKR, RESULTS, report, require_flickr
+from mmret.cache.embeddings import embed_pairs
+from mmret.cache.layer_features import LayerFeatureSet, layer_feature_set
 from mmret.encoders import load_encoder
-from mmret.evaluation.embeddings import embed_pairs
-from mmret.evaluation.rerank import RerankedReport, StoredSides, reranked_ranks, reranked_retrieval
+from mmret.evaluation.reranked import (
+    RerankedReport,
+    StoredSides,
+    reranked_ranks,
+    reranked_retrieval,
+)
 from mmret.evaluation.retrieval import RetrievalReport, recalls, retrieval_metrics
+from mmret.ingest.pairs import PairSet, read_pairs
 from mmret.query_bank import shipped_query_bank
 from mmret.reranker import SHIPPED_RERANKER, first_stage_name, load_reranker
-from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
-from mmret.training.features import PairSet, read_pairs
-from mmret.training.rerank import dev_sample, embed_stored, training_config
+from mmret.training.cross_encoder import dev_sample, embed_stored, training_config
 
 #: A first stage: its name, ``(image, text)`` vectors, the query bank's offsets (or None),
 #: the rerank depths and the first-stage weights to rerank with.

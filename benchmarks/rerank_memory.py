@@ -33,8 +33,8 @@ from PIL import Image
 from _common import RESULTS, folder_bytes, report, rss_bytes
 from mmret import Item, Retriever
 from mmret.encoders.hashing import HashEncoder
-from mmret.encoders.layers import LayerFeatures
-from mmret.heads.rerank import CrossEncoder, RerankConfig
+from mmret.heads.cross_encoder import CrossEncoder, RerankConfig
+from mmret.layers import LayerFeatures
 from mmret.reranker import SHIPPED_RERANKER, Reranker, load_reranker
 
 TOWERS = "efficientnet-lite0+all-MiniLM-L6-v2"

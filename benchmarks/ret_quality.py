@@ -3,7 +3,7 @@
     python benchmarks/ret_quality.py --models ReT=src/mmret/weights/ret,no-gates=DIR,... [--quick]
 
 Every model is scored on the stored dev layer features (float16; see
-``mmret.training.feature_store``), so recalls can differ from ``mmret eval`` in the second
+``mmret.cache.layer_features``), so recalls can differ from ``mmret eval`` in the second
 decimal. Columns: text-to-image and image-to-text R@1/5/10 (the standard protocol, 1,000
 images and 5,000 captions), then the multimodal-document task of
 ``mmret.evaluation.documents`` (4,000 caption queries against 1,000 image+first-caption
@@ -25,15 +25,15 @@ import torch
 
 from _common import CONSOLE, FLICKR, RESULTS, report
 from hat_levels import starter_vectors
+from mmret.cache.layer_features import LayerFeatureSet, layer_feature_set
 from mmret.encoders import load_encoder
-from mmret.encoders.base import l2_normalise
 from mmret.encoders.starter import StarterEncoder
 from mmret.evaluation.documents import DOCUMENT_FORMS, DocumentTaskReport, document_task_metrics
 from mmret.evaluation.retrieval import RetrievalReport, retrieval_metrics
 from mmret.heads.hat import HierarchicalAlignmentHead
 from mmret.heads.ret import RetModel
-from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
-from mmret.training.features import read_pairs
+from mmret.ingest.pairs import read_pairs
+from mmret.late_interaction import l2_normalise
 from mmret.training.hat import embed_set
 from mmret.training.ret import evaluate_stored
 

@@ -48,9 +48,9 @@ import numpy as np
 from _common import CONSOLE, FLICKR, RESULTS, flickr_embeddings, report
 from mmret.demo import TEXT_QUERIES, write_photos
 from mmret.engine import Retriever
+from mmret.ingest.pairs import read_pairs
 from mmret.ingest.sources import read_items
 from mmret.items import Item
-from mmret.training.features import read_pairs
 
 MMRET = Path(sys.executable).with_name("mmret")
 

@@ -2,7 +2,7 @@
 
 Real: the starter image tower's last-layer token features (7 x 7 = 49 tokens of 1,280 dims per
 Flickr8k image), read from mmret's layer feature store (``~/.cache/mmret/layers``, filled by
-``mmret train hat`` or :func:`mmret.training.feature_store.layer_feature_set`), centred,
+``mmret train hat`` or :func:`mmret.cache.layer_features.layer_feature_set`), centred,
 projected to ``token_dim`` by a fixed random Gaussian matrix and made unit. Synthetic (when no
 store is there): ``sources`` sets of 49 tokens, each token near one of 4,096 random unit
 directions, so tokens cluster the way real features do.
@@ -41,7 +41,7 @@ class TokenSources:
 
 def store_layers(layer: int = 8) -> list[Path]:
     """Folders of stored image layers ``layer`` in the layer feature store, largest first."""
-    from mmret.training.feature_store import default_store_dir
+    from mmret.cache.layer_features import default_store_dir
 
     found = []
     for folder in default_store_dir().glob(f"*/image-{layer}"):

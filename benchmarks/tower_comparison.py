@@ -28,15 +28,16 @@ import numpy as np
 import torch
 
 from _common import CONSOLE, FLICKR, RESULTS, interleaved_medians, report
-from mmret.encoders.base import l2_normalise
+from mmret.cache.tower_features import image_features, pair_features
 from mmret.encoders.starter import StarterEncoder
 from mmret.encoders.towers import StarterTowers
 from mmret.errors import InputError, RegistryError
 from mmret.evaluation.classification import read_class_folders, zero_shot_metrics
 from mmret.evaluation.retrieval import retrieval_metrics
 from mmret.heads.alignment import AlignmentHead
+from mmret.ingest.pairs import read_pairs
+from mmret.late_interaction import l2_normalise
 from mmret.training.align import AlignTrainingConfig, embed_pairs, train_alignment
-from mmret.training.features import image_features, pair_features, read_pairs
 from mmret.training.knowledge import class_text_features, imagenet_knowledge
 
 PAIRS = (

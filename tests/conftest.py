@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmret.cache.layer_features import LayerFeatureSet, layer_feature_set
 from mmret.encoders.base import Encoder
 from mmret.encoders.hashing import HashEncoder
-from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
-from mmret.training.features import read_pairs
+from mmret.ingest.pairs import read_pairs
 
 COLOURS = {
     "red": (220, 30, 30),

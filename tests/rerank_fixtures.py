@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from mmret.encoders.hashing import HashEncoder, _word_vector
-from mmret.encoders.layers import LayerFeatures
-from mmret.heads.rerank import CrossEncoder, RerankConfig
+from mmret.heads.cross_encoder import CrossEncoder, RerankConfig
+from mmret.layers import LayerFeatures
 from mmret.reranker import Reranker, TokenFeatureSpec
 
 IMAGE_DIM, TEXT_DIM = 6, 8

@@ -130,7 +130,7 @@ def unit(n: int, seed: int) -> np.ndarray:
 
 
 def brute_force_ids(retriever: Retriever, filter_: dict[str, Any], query: np.ndarray) -> list[str]:
-    store = retriever._store
+    store = retriever.index.store
     with store.snapshot():
         keys = store.filter_keys(filter_)
         all_keys, vectors = store.vectors()

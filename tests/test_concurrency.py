@@ -22,6 +22,7 @@ from mmret import Item, Retriever
 from mmret.cli.main import app
 from mmret.encoders.hashing import HashEncoder
 from mmret.errors import IndexBusyError
+from mmret.index.folder import IndexFolder
 
 from .forking import exit_code, fork, pipe
 
@@ -162,11 +163,12 @@ def open_and_hold(folder: Path, reports: Connection) -> None:
     retriever.close()
 
 
-def forbid_full_reads(retriever: Retriever, monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse() -> None:
-        raise AssertionError("read every vector again instead of catching up")
+def refuse_full_reads() -> None:
+    raise AssertionError("read every vector again instead of catching up")
 
-    monkeypatch.setattr(retriever._store, "vectors", refuse)
+
+def forbid_full_reads(retriever: Retriever, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retriever.index.store, "vectors", refuse_full_reads)
 
 
 @pytest.mark.parametrize("backend", ["exact", "faiss"])
@@ -191,15 +193,16 @@ def test_readers_and_stale_caches_catch_up_without_rereading_everything(
     # A crash after unflushed writes leaves the cache behind; opening catches it up too.
     writer = Retriever.open(folder, encoder=HashEncoder(DIM))
     writer.add_vectors(*batch_items(4))
-    writer._store.close()  # as if killed: no flush, no clean close
-    writer._writer_lock.release()  # type: ignore[union-attr]
-    original = Retriever._load_backend
+    writer.index.store.close()  # as if killed: no flush, no clean close
+    writer.index._writer_lock.release()  # type: ignore[union-attr]
+    original = IndexFolder._load_backend
 
-    def load_without_full_reads(self: Retriever) -> object:
-        forbid_full_reads(self, monkeypatch)  # both backends keep a cache to catch up from
+    def load_without_full_reads(self: IndexFolder) -> object:
+        # both backends keep a cache to catch up from
+        monkeypatch.setattr(self.store, "vectors", refuse_full_reads)
         return original(self)
 
-    monkeypatch.setattr(Retriever, "_load_backend", load_without_full_reads)
+    monkeypatch.setattr(IndexFolder, "_load_backend", load_without_full_reads)
     with Retriever.open(folder, readonly=True) as reopened:
         ids = {hit.id for hit in reopened.search_vectors(query, k=100)[0]}
     assert ids == {f"b{n}-{j}" for n in (1, 2, 3, 4) for j in range(BATCH)}

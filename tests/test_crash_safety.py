@@ -24,8 +24,8 @@ import pytest
 from mmret import Item, Retriever
 from mmret.encoders import Encoder, load_encoder
 from mmret.encoders.hashing import HashEncoder, TokenHashEncoder
-from mmret.index.integrity import check_index
 from mmret.index.manifest import ITEMS_FILE, read_manifest
+from mmret.maintenance.integrity import check_index
 
 from .forking import exit_code, fork, reports_until_killed
 

@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 import torch
 
+from mmret.cache.layer_features import layer_feature_set
+from mmret.cache.tower_features import PairFeatures
 from mmret.encoders import load_encoder
 from mmret.encoders.ensemble import EnsembleEncoder
 from mmret.errors import InputError
 from mmret.heads.ret import RetModel
-from mmret.memory.embedding import first_caption_rows
+from mmret.ingest.pairs import read_pairs
+from mmret.memory.pair_embeddings import first_caption_rows
 from mmret.memory.store import Memory, build_memory
 from mmret.training.align import AlignTrainingConfig, embed_pairs, train_alignment
 from mmret.training.crossfit import cross_fitted_folds, fold_splits
-from mmret.training.feature_store import layer_feature_set
-from mmret.training.features import PairFeatures, read_pairs
 from mmret.training.reco import RecoTrainingConfig
 from mmret.training.ret import RetTrainingConfig, cross_fitted_head_vectors
 

@@ -177,7 +177,7 @@ def test_info(retriever: Retriever) -> None:
 
 
 def test_vectors_are_unit_norm_in_the_store(retriever: Retriever) -> None:
-    _, vectors = retriever._store.vectors()
+    _, vectors = retriever.index.store.vectors()
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
@@ -204,7 +204,7 @@ def test_get_and_more_like_this(retriever: Retriever) -> None:
     like = retriever.similar(["red", "blue"], k=2)
     assert [len(row) for row in like] == [2, 2]
     assert "red" not in [hit.id for hit in like[0]] and "blue" not in [hit.id for hit in like[1]]
-    red = retriever._store.lookup(["red"])["red"][1]
+    red = retriever.index.store.lookup(["red"])["red"][1]
     exact = retriever.search_vectors(red[None, :], k=4)[0]  # brute force via the stored vector
     assert [hit.id for hit in like[0]] == [hit.id for hit in exact if hit.id != "red"][:2]
     warm = retriever.similar(["red"], k=5, filter={"warm": True})[0]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mmret import InputError
+from mmret.cache.embeddings import PairEmbeddings
 from mmret.encoders import load_encoder
 from mmret.encoders.ensemble import (
     SHIPPED_ENSEMBLE,
@@ -19,8 +20,8 @@ from mmret.encoders.ensemble import (
     EnsembleEncoder,
     load_ensemble,
 )
+from mmret.encoders.fingerprint import encoder_fingerprint
 from mmret.encoders.hashing import HashEncoder
-from mmret.evaluation.embeddings import PairEmbeddings, encoder_fingerprint
 from mmret.evaluation.retrieval import retrieval_metrics
 from mmret.training.ensemble import choose_weights, mixed, mixtures
 from tests.cli import run

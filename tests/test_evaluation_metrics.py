@@ -10,8 +10,9 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from mmret.encoders import fingerprint
 from mmret.errors import InputError
-from mmret.evaluation import classification, embeddings, ir, reports, retrieval
+from mmret.evaluation import classification, ir, reports, retrieval
 from mmret.evaluation.classification import zero_shot_metrics
 from mmret.evaluation.ir import ir_metrics, read_qrels
 from mmret.evaluation.retrieval import folded_metrics, recall_curve, retrieval_metrics
@@ -191,8 +192,8 @@ def test_cache_key_of_a_bare_spec_follows_its_shipped_weights(
     (tmp_path / "mine").mkdir()
     weights = tmp_path / "mine" / "model.safetensors"
     weights.write_bytes(b"first")
-    monkeypatch.setattr(embeddings, "WEIGHTS", tmp_path)
-    before = embeddings.spec_fingerprint("mine")
+    monkeypatch.setattr(fingerprint, "WEIGHTS", tmp_path)
+    before = fingerprint.spec_fingerprint("mine")
     weights.write_bytes(b"retrained")
-    assert embeddings.spec_fingerprint("mine") != before
-    assert embeddings.spec_fingerprint("hashing") == embeddings.spec_fingerprint("hashing")
+    assert fingerprint.spec_fingerprint("mine") != before
+    assert fingerprint.spec_fingerprint("hashing") == fingerprint.spec_fingerprint("hashing")

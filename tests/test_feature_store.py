@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from mmret import Encoder
+from mmret.cache.layer_features import LayerFeatureSet, StoredLayer, layer_feature_set
+from mmret.ingest.pairs import read_pairs
 from mmret.ingest.report import SkipReport
-from mmret.training.feature_store import LayerFeatureSet, StoredLayer, layer_feature_set
-from mmret.training.features import read_pairs
 
 from .test_encoders import tiny_hf
 

@@ -16,10 +16,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mmret import Encoder, InputError, load_encoder
+from mmret.cache.layer_features import LayerFeatureSet, layer_feature_set
 from mmret.cli.main import app
 from mmret.heads.hat import HatConfig, HierarchicalAlignmentHead, level_similarities
-from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
-from mmret.training.features import read_pairs
+from mmret.ingest.pairs import read_pairs
 from mmret.training.hat import HatEpochLog, HatTrainingConfig, embed_set, train_hat
 from mmret.training.knowledge import LevelKnowledge, imagenet_level_knowledge
 

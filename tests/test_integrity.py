@@ -16,8 +16,8 @@ from mmret.cli.main import app
 from mmret.encoders.hashing import HashEncoder
 from mmret.errors import IndexBusyError
 from mmret.index.faiss_ann import CACHE_FILE
-from mmret.index.integrity import check_index, repair_index
 from mmret.index.manifest import ITEMS_FILE, MANIFEST_FILE
+from mmret.maintenance.integrity import check_index, repair_index
 
 DIM = 16
 N = 400

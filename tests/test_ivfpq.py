@@ -11,8 +11,8 @@ import pytest
 from mmret import InputError, Item, Retriever
 from mmret.encoders.hashing import HashEncoder
 from mmret.index.base import AUTO_IVFPQ_FROM_BYTES, new_backend
-from mmret.index.integrity import check_index, repair_index
 from mmret.index.ivfpq import IvfPqIndex
+from mmret.maintenance.integrity import check_index, repair_index
 
 DIM = 32
 OPTIONS = {"train_from": 500, "pq": 4, "nprobe": 64, "rescore": 64}
@@ -111,7 +111,7 @@ def test_an_index_rescores_from_its_store_through_reopening_check_and_repair(
         assert "vectors" not in record.files  # the store holds them, not the cache
     assert check_index(folder).ok
     with Retriever.open(folder, readonly=True) as reader:
-        backend = reader._backend
+        backend = reader.index.backend
         assert isinstance(backend, IvfPqIndex) and backend._mapped is not None  # mmapped codes
         hits = reader.search_vectors(vectors[[42, 1400]], k=3)
         assert [h[0].id for h in hits] == ["item-42", "item-1400"]

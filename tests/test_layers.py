@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmret import Encoder, InputError, load_encoder
-from mmret.encoders.layers import LayerFeatures, resolve_layers
+from mmret.layers import LayerFeatures, resolve_layers
 
 from .test_encoders import FACTORIES, images
 

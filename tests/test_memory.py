@@ -145,7 +145,8 @@ def test_build_memory_from_a_manifest(tmp_path: Path, manifest: Path) -> None:
         assert len(memory) == 4 and memory.manifest.encoder == f"hash:{DIM}"
         assert memory.ids == ["red", "green", "blue", "yellow"]
         np.testing.assert_allclose(np.linalg.norm(memory.vectors["text"], axis=1), 1.0, atol=1e-5)
-        hits = memory.indexes["text"].search(["a red square"], k=1)[0]  # an ordinary index
+    with Retriever.open(folder / "texts", readonly=True) as texts:  # an ordinary index
+        hits = texts.search(["a red square"], k=1)[0]
         assert hits[0].id == "red" and hits[0].text == "a red square\nsomething red"
     with pytest.raises(InputError, match="not empty"):
         build_memory(manifest, folder, encoder=HashEncoder(DIM))
@@ -207,8 +208,8 @@ def test_an_index_whose_memory_is_gone(tmp_path: Path, manifest: Path) -> None:
 
 
 def test_first_captions_keeps_the_first_of_each_image(manifest: Path) -> None:
-    from mmret.memory.embedding import first_captions
-    from mmret.training.features import read_pairs
+    from mmret.ingest.pairs import read_pairs
+    from mmret.memory.pair_embeddings import first_captions
 
     pairs = read_pairs(manifest)
     kept = first_captions(pairs, 1)

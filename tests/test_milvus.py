@@ -12,9 +12,9 @@ import pytest
 
 from mmret import Item, Retriever
 from mmret.encoders.hashing import HashEncoder, TokenHashEncoder
-from mmret.index.integrity import check_index, repair_index
 from mmret.index.milvus import MilvusIndex
 from mmret.late_interaction import normalise_tokens
+from mmret.maintenance.integrity import check_index, repair_index
 
 from .forking import exit_code, fork
 
@@ -42,10 +42,10 @@ def test_an_index_on_milvus_lite_persists_catches_up_and_repairs(tmp_path: Path)
     writer = Retriever.open(folder)
     writer.add_vectors(items(200, 300), vectors[200:])  # Milvus has them; no record saved
     writer.remove(["item-7"])
-    writer._store.close()  # a writer that dies here never saves its record
-    writer._writer_lock.release()  # type: ignore[union-attr]
+    writer.index.store.close()  # a writer that dies here never saves its record
+    writer.index._writer_lock.release()  # type: ignore[union-attr]
     with Retriever.open(folder) as retriever:
-        assert len(retriever) == 297 and len(retriever._backend) == 297
+        assert len(retriever) == 297 and len(retriever.index.backend) == 297
         hits = retriever.search_vectors(vectors[[250, 7, 42]], k=1)
         assert [h[0].id for h in hits] == ["item-250", hits[1][0].id, "item-42"]
         assert hits[1][0].id != "item-7" and hits[0][0].score == pytest.approx(1.0, abs=1e-5)
@@ -55,7 +55,7 @@ def test_an_index_on_milvus_lite_persists_catches_up_and_repairs(tmp_path: Path)
     (folder / "milvus-cache.npz").unlink()  # the record lost: the collection is refilled
     repair_index(folder)
     with Retriever.open(folder, readonly=True) as reader:
-        assert len(reader._backend) == 297
+        assert len(reader.index.backend) == 297
         assert reader.search_vectors(vectors[[123]], k=1)[0][0].id == "item-123"
 
 
@@ -66,10 +66,10 @@ def test_rows_milvus_lost_are_rebuilt_from_the_store(tmp_path: Path) -> None:
     vectors = unit(50)
     with Retriever.create(folder, encoder=HashEncoder(DIM), backend="milvus") as retriever:
         retriever.add_vectors(items(0, 50), vectors)
-        backend = retriever._backend
+        backend = retriever.index.backend
         backend._db.delete(backend._collection, filter="key in [3, 17]")  # lost behind our back
     with Retriever.open(folder, readonly=True) as reader:
-        assert len(reader._backend) == 50
+        assert len(reader.index.backend) == 50
         assert reader.search_vectors(vectors[[3]], k=1)[0][0].id == "item-3"
     assert "holds 48 vectors, not 50" in check_index(folder).problems[0]  # until repaired
     repair_index(folder)
@@ -99,12 +99,12 @@ def test_rows_milvus_holds_twice_are_rebuilt_from_the_store(
     monkeypatch.setattr(MilvusIndex, "_key_column", twice)
     monkeypatch.setattr(MilvusIndex, "build", counted_build)
     with Retriever.open(folder, readonly=True) as reader:
-        assert rebuilt == [30] and len(reader._backend) == 30
+        assert rebuilt == [30] and len(reader.index.backend) == 30
 
 
 def backend_holds(folder: Path, count: int) -> bool:
     with Retriever.open(folder) as writer:
-        return len(writer._backend) == count
+        return len(writer.index.backend) == count
 
 
 def test_a_closed_milvus_lite_index_opens_in_another_process(tmp_path: Path) -> None:
@@ -115,7 +115,7 @@ def test_a_closed_milvus_lite_index_opens_in_another_process(tmp_path: Path) -> 
         retriever.add_vectors(items(0, 20), unit(20))
     with Retriever.open(folder, readonly=True) as reader:
         with Retriever.open(folder, readonly=True) as other:  # one server, two clients
-            assert len(other._backend) == 20
+            assert len(other.index.backend) == 20
         assert reader.search_vectors(unit(20)[[3]], k=1)[0][0].id == "item-3"  # still served
         assert exit_code(fork(backend_holds, folder, 20)) == 1  # locked while one is open
     assert exit_code(fork(backend_holds, folder, 20)) == 0
@@ -140,7 +140,7 @@ def test_a_multi_vector_index_on_milvus_scores_exact_maxsim(tmp_path: Path) -> N
             return [[(hit.id, round(hit.score, 5)) for hit in row] for row in hits]
 
     with Retriever.open(tmp_path / "milvus.mmret", readonly=True) as reader:
-        assert reader.backend_name == "milvus-maxsim" and len(reader._backend) == 298
+        assert reader.backend_name == "milvus-maxsim" and len(reader.index.backend) == 298
     expected = results(tmp_path / "exact.mmret")
     assert results(tmp_path / "milvus.mmret") == expected
     assert check_index(tmp_path / "milvus.mmret").ok

@@ -13,10 +13,10 @@ from mmret import InputError, Item, Retriever, read_items
 from mmret.encoders import load_encoder
 from mmret.encoders.hashing import HashEncoder, TokenHashEncoder
 from mmret.index.base import AUTO_PLAID_FROM, new_backend
-from mmret.index.integrity import check_index, repair_index
 from mmret.index.manifest import MANIFEST_FILE, IndexManifest, manifest_text, parse_manifest
 from mmret.index.maxsim import MaxSimIndex
 from mmret.late_interaction import as_tokens, maxsim
+from mmret.maintenance.integrity import check_index, repair_index
 
 TOKENS, TOKEN_DIM = 4, 16
 
@@ -61,7 +61,7 @@ def test_search_scores_are_maxsim(retriever: Retriever, token_encoder: TokenHash
     query = token_encoder.encode_texts(["a red square"])
     hits = retriever.search_vectors(query, k=4)[0]
     assert hits[0].id == "red"
-    _keys, stored = retriever._store.vectors()  # what was indexed, straight from SQLite
+    _keys, stored = retriever.index.store.vectors()  # what was indexed, straight from SQLite
     expected = np.sort(maxsim(query, stored, TOKEN_DIM)[0])[::-1]
     np.testing.assert_allclose([hit.score for hit in hits], expected, rtol=1e-5)
 

@@ -12,11 +12,11 @@ import pytest
 from mmret import InputError, Item, Retriever
 from mmret.cli.main import app
 from mmret.encoders.hashing import TokenHashEncoder
-from mmret.index.integrity import check_index, repair_index
-from mmret.index.maintenance import recluster_index
 from mmret.index.maxsim import MaxSimIndex
 from mmret.index.plaid import PlaidIndex, default_centroids
 from mmret.late_interaction import maxsim, normalise_tokens
+from mmret.maintenance.integrity import check_index, repair_index
+from mmret.maintenance.recluster import recluster_index
 
 TOKENS, TOKEN_DIM = 8, 32
 DIM = TOKENS * TOKEN_DIM
@@ -219,14 +219,14 @@ def test_recluster_swaps_in_new_centroids_while_readers_search(tmp_path: Path) -
     with make_index(folder, 150) as writer:  # clustered on its first 150 documents
         writer.add_vectors([Item(f"doc-{i}", text="x") for i in range(150, 2000)], vectors[150:])
     reader = Retriever.open(folder, readonly=True)
-    assert reader._backend.centroid_count == default_centroids(150 * TOKENS)  # type: ignore[attr-defined]
+    assert reader.index.backend.centroid_count == default_centroids(150 * TOKENS)  # type: ignore[attr-defined]
     report = recluster_index(folder)
     assert report.documents == 2000 and report.centroids == default_centroids(2000 * TOKENS)
     assert reader.search_vectors(vectors[[1500]], k=1)[0][0].id == "doc-1500"  # still serving
     reader.close()
     assert check_index(folder).ok
     with Retriever.open(folder, readonly=True) as fresh:
-        assert fresh._backend.centroid_count == report.centroids  # type: ignore[attr-defined]
+        assert fresh.index.backend.centroid_count == report.centroids  # type: ignore[attr-defined]
         assert fresh.search_vectors(vectors[[1500]], k=1)[0][0].id == "doc-1500"
 
 

@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from mmret import InputError, Item, Retriever
+from mmret.cache.embeddings import PairEmbeddings
 from mmret.cli.main import app
 from mmret.encoders.hashing import HashEncoder
-from mmret.evaluation.embeddings import PairEmbeddings
 from mmret.evaluation.ir import ir_metrics
 from mmret.evaluation.retrieval import retrieval_metrics
 from mmret.query_bank import QueryBank, load_query_bank, shipped_query_bank

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from mmret import InputError, Retriever, read_items
-from mmret.index.integrity import check_index
-from mmret.ingest.ray_encode import add_with_ray, check_reachable
-from mmret.ingest.shards import plan_shards, shard_path
+from mmret.maintenance.integrity import check_index
+from mmret.scaleout.ray_encode import add_with_ray, check_reachable
+from mmret.scaleout.shards import plan_shards, shard_path
 
 from .cli import run
 from .conftest import solid

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from mmret.cache.embeddings import PairEmbeddings
 from mmret.errors import InputError
-from mmret.evaluation.embeddings import PairEmbeddings
 from mmret.memory.store import Memory
 from mmret.training.reco import RecoTrainingConfig, reco_data, train_reco
 
@@ -59,11 +59,9 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(memory: Memory, tmp_
     partial = tmp_path / "partial"
     _run_epochs(data, memory, FAST, partial, stop_after=2)
     other = RecoTrainingConfig(**{**FAST.to_dict(), "seed": 1})
-    with pytest.raises(InputError, match="other settings"):
-        train_reco(data, memory, data, other, checkpoint_dir=partial, resume=True)
-    resumed, resumed_logs = train_reco(
-        data, memory, data, FAST, checkpoint_dir=partial, resume=True
-    )
+    with pytest.raises(InputError, match="another config"):
+        train_reco(data, memory, data, other, checkpoint_dir=partial)
+    resumed, resumed_logs = train_reco(data, memory, data, FAST, checkpoint_dir=partial)
     assert [log.loss for log in resumed_logs] == pytest.approx([log.loss for log in whole_logs])
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from mmret import InputError, Item, Query, Retriever
 from mmret.cli.main import app
 from mmret.errors import IndexFormatError
-from mmret.heads.rerank import CrossEncoder, SideTokens
-from mmret.index.integrity import check_index, repair_index
+from mmret.heads.cross_encoder import CrossEncoder, SideTokens
 from mmret.index.token_store import TOKENS_DIR
+from mmret.maintenance.integrity import check_index, repair_index
 from mmret.memory.refine import load_refiner
 from mmret.reranker import (
     FIRST_STAGE_FILE,
@@ -26,7 +26,7 @@ from mmret.reranker import (
     read_first_stage_weights,
     write_first_stage_weight,
 )
-from mmret.training.rerank import INTERPOLATION_WEIGHTS, best_weight
+from mmret.training.cross_encoder import INTERPOLATION_WEIGHTS, best_weight
 
 from .conftest import COLOURS, solid
 from .rerank_fixtures import LayerHashEncoder, tiny_config, tiny_reranker, tiny_spec

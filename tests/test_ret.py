@@ -16,13 +16,13 @@ from torch.nn import functional as F  # noqa: N812 - the universal torch idiom
 from typer.testing import CliRunner
 
 from mmret import Encoder, InputError, load_encoder
+from mmret.cache.layer_features import LayerFeatureSet
 from mmret.cli.main import app
-from mmret.encoders.layers import LayerFeatures
 from mmret.heads.alignment import AlignmentConfig, AlignmentHead
 from mmret.heads.ret import RetConfig, RetModel, pool_grid
 from mmret.items import Query
 from mmret.late_interaction import maxsim
-from mmret.training.feature_store import LayerFeatureSet
+from mmret.layers import LayerFeatures
 from mmret.training.ret import (
     RetEpochLog,
     RetTrainingConfig,

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mmret import Item, Query, Retriever
-from mmret.index.integrity import check_index
+from mmret.maintenance.integrity import check_index
 
 from .forking import reports_until_killed
 from .rerank_fixtures import LayerHashEncoder, tiny_reranker, tiny_spec
@@ -68,11 +68,11 @@ def test_kill_minus_nine_never_breaks_the_token_features(tmp_path: Path) -> None
             continue
         with Retriever.open(folder, encoder=encoder, readonly=True) as retriever:
             chosen = rng.sample(sorted(ids), min(3, len(ids)))
-            stored = retriever._tokens  # the features on disk are exactly the items'
-            refs = retriever._store.token_refs()
+            stored = retriever.index.tokens  # the features on disk are exactly the items'
+            refs = retriever.index.store.token_refs()
             keys = {
                 hit.id: key
-                for key, hit in retriever._search_keys(
+                for key, hit in retriever.index.search(
                     encoder.encode([item(i) for i in chosen]), 10**6, None
                 )[0][0]
             }

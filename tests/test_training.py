@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from mmret.cache.tower_features import PairFeatures
 from mmret.encoders.towers import IMAGE_DIM, TEXT_DIM
 from mmret.heads.alignment import AlignmentHead
 from mmret.training.align import AlignTrainingConfig, embed_pairs, train_alignment
-from mmret.training.features import PairFeatures
 from mmret.training.losses import symmetric_info_nce
 
 

@@ -18,10 +18,10 @@ from mmret.errors import (
 )
 from mmret.index.filters import parse_filter
 from mmret.ingest.images import load_image
-from mmret.ingest.ray_encode import add_with_ray
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import ItemSource, read_items
 from mmret.items import Item, Query
+from mmret.scaleout.ray_encode import add_with_ray
 
 __all__ = [
     "AddReport",

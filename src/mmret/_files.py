@@ -96,3 +96,9 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def default_cache_dir() -> Path:
+    """Where tower features and embeddings are cached: ``$MMRET_CACHE/features``, by default
+    ``~/.cache/mmret/features``."""
+    return Path(os.environ.get("MMRET_CACHE", Path.home() / ".cache" / "mmret")) / "features"

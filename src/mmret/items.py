@@ -116,3 +116,25 @@ class Item:
 
     def as_query(self) -> Query:
         return Query(text=self.text, image=self.image)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One hit: the item's id, its score (cosine similarity, minus the query bank's discount
+    where a search normalises with one; for a multi-vector model the MaxSim sum over the
+    query's tokens; after reranking the reranker's score), and what was stored with it."""
+
+    id: str
+    score: float
+    text: str | None = None
+    image: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "score": self.score,
+            "image": self.image,
+            "text": self.text,
+            "metadata": self.metadata,
+        }

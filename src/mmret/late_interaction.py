@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mmret.encoders.base import l2_normalise
 from mmret.errors import InputError
 
 if TYPE_CHECKING:  # the index scores with numpy alone; only training passes tensors
@@ -24,6 +23,13 @@ if TYPE_CHECKING:  # the index scores with numpy alone; only training passes ten
 
 #: Scoring works through the documents in blocks of about this many float32 similarities.
 _BLOCK_FLOATS = 16_000_000
+
+
+def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation of ``(N, D)``; all-zero rows stay zero instead of becoming NaN."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit: np.ndarray = (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    return unit
 
 
 def as_tokens(vectors: np.ndarray, token_dim: int) -> np.ndarray:

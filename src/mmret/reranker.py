@@ -1,6 +1,6 @@
 """Reranking at search time: the cross-encoder rescoring a first stage's top candidates.
 
-A :class:`Reranker` pairs a trained :class:`~mmret.heads.rerank.CrossEncoder` with the frozen
+A :class:`Reranker` pairs a trained :class:`~mmret.heads.cross_encoder.CrossEncoder` with the frozen
 backbone whose token features it reads. It computes token features of queries (and, at index
 time, of items: :meth:`Reranker.features`) and scores a query against candidates whose
 features were stored beside the index (:mod:`mmret.index.token_store`).
@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from mmret._config import JsonConfig
 from mmret._files import write_atomic
 from mmret.encoders import Encoder, load_encoder
 from mmret.encoders.base import Content
 from mmret.errors import IndexFormatError, InputError
-from mmret.heads.rerank import CrossEncoder, SideTokens, empty_side, image_grid
+from mmret.heads.cross_encoder import CrossEncoder, SideTokens, empty_side, image_grid
 
 SHIPPED_RERANKER = Path(__file__).resolve().parent / "weights" / "rerank"
 #: Beside a reranker's weights: the first-stage weight calibrated for each first-stage model.
@@ -43,7 +44,7 @@ class FirstStage:
 
 
 @dataclass(frozen=True)
-class TokenFeatureSpec:
+class TokenFeatureSpec(JsonConfig):
     """Which token features an index stores for reranking: image layer ``image_layer`` of the
     towers ``source`` pooled to ``image_grid`` x ``image_grid`` tokens of ``image_dim``, and
     text layer ``text_layer`` (``text_dim`` wide); ``backbone`` is the encoder spec computing
@@ -56,13 +57,6 @@ class TokenFeatureSpec:
     image_dim: int
     text_layer: int
     text_dim: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TokenFeatureSpec:
-        return cls(**data)
 
 
 class Reranker:

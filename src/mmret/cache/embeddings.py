@@ -16,14 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mmret._files import hash_file_stats, replace_folder
+from mmret._files import default_cache_dir, hash_file_stats, replace_folder
 from mmret._progress import progress
 from mmret.encoders.base import Content, Encoder, batched
-from mmret.encoders.starter import WEIGHTS
+from mmret.encoders.fingerprint import encoder_fingerprint
+from mmret.encoders.towers import TOWERS
 from mmret.ingest.images import decode_batch
+from mmret.ingest.pairs import PairSet
 from mmret.ingest.report import SkipReport
 from mmret.items import Item
-from mmret.training.features import PairSet, default_cache_dir
 
 
 @dataclass(frozen=True)
@@ -33,25 +34,6 @@ class PairEmbeddings:
     image: np.ndarray
     text: np.ndarray
     text_image: np.ndarray
-
-
-def encoder_fingerprint(encoder: Encoder) -> str:
-    """The spec, plus a hash of any weight files it names (a retrained head changes the key),
-    plus the encoder's variant (a query side embeds differently from its document side)."""
-    fingerprint = spec_fingerprint(encoder.spec)
-    return f"{fingerprint}-{encoder.variant}" if encoder.variant else fingerprint
-
-
-def spec_fingerprint(spec: str) -> str:
-    """``spec`` plus a hash of the weight files in the folder it names, or of the weights
-    shipped under its name for a bare spec (``hat``), so retrained weights change the key."""
-    digest = hashlib.sha256(spec.encode())
-    _, _, location = spec.partition(":")
-    path = Path(location) if location else WEIGHTS / spec
-    if path.is_dir():
-        for file in sorted(path.glob("*.safetensors")):
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def files_fingerprint(paths: Sequence[Path]) -> str:
@@ -130,7 +112,7 @@ def embed_pairs(
             "text_image": (np.cumsum(ok) - 1)[pairs.text_image[keep_text]],
         }
 
-    key = f"{encoder_fingerprint(encoder)}-{pairs.fingerprint()}"
+    key = f"{encoder_fingerprint(encoder)}-{pairs.fingerprint(TOWERS)}"
     arrays = cached_arrays(key, compute, cache_dir=cache_dir)
     return PairEmbeddings(arrays["image"], arrays["text"], arrays["text_image"])
 

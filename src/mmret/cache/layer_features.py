@@ -29,15 +29,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmret._files import replace_folder
+from mmret._files import default_cache_dir, replace_folder
 from mmret._progress import progress
 from mmret.encoders.base import Encoder, batched
-from mmret.encoders.layers import LayerFeatures, resolve_layers
+from mmret.encoders.fingerprint import spec_fingerprint
+from mmret.encoders.towers import TOWERS
 from mmret.errors import InputError
-from mmret.evaluation.embeddings import spec_fingerprint
 from mmret.ingest.images import decode_batch
+from mmret.ingest.pairs import PairSet
 from mmret.ingest.report import SkipReport
-from mmret.training.features import PairSet, default_cache_dir
+from mmret.layers import LayerFeatures, resolve_layers
 
 IMAGE_BATCH = 32
 TEXT_BATCH = 128
@@ -138,7 +139,7 @@ def default_store_dir() -> Path:
 
 def store_key(pairs: PairSet, encoder: Encoder) -> str:
     digest = hashlib.sha256(spec_fingerprint(encoder.layer_source).encode())
-    digest.update(pairs.fingerprint().encode())
+    digest.update(pairs.fingerprint(TOWERS).encode())
     return digest.hexdigest()[:24]
 
 

@@ -10,63 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mmret._files import hash_file_stats, replace_folder
+from mmret._files import default_cache_dir, hash_file_stats, replace_folder
 from mmret._progress import progress
 from mmret.encoders.base import batched
-from mmret.encoders.towers import TOWERS, StarterTowers
-from mmret.errors import InputError
+from mmret.encoders.towers import StarterTowers
 from mmret.ingest.images import decode_batch
+from mmret.ingest.pairs import PairSet
 from mmret.ingest.report import SkipReport
-from mmret.ingest.sources import read_records
 
 BATCH = 32
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MMRET_CACHE", Path.home() / ".cache" / "mmret")) / "features"
-
-
-@dataclass(frozen=True)
-class PairSet:
-    """Image-caption pairs: unique images, every caption, and the image each caption describes."""
-
-    image_ids: list[str]
-    images: list[Path]
-    texts: list[str]
-    text_image: np.ndarray  # (T,) int64 index into ``images``
-
-    def fingerprint(self, towers: str = TOWERS) -> str:
-        """A key for everything derived from these pairs (with ``towers``' name in it)."""
-        digest = hashlib.sha256(towers.encode())
-        hash_file_stats(digest, self.images)
-        digest.update("\n".join(self.texts).encode())
-        digest.update(self.text_image.tobytes())
-        return digest.hexdigest()[:24]
-
-
-def read_pairs(manifest: str | Path, report: SkipReport | None = None) -> PairSet:
-    """Every record of ``manifest`` that has both an image and at least one caption."""
-    ids: list[str] = []
-    images: list[Path] = []
-    texts: list[str] = []
-    owners: list[int] = []
-    for record in read_records(manifest, report):
-        if record.image is None or not record.captions:
-            continue
-        for caption in record.captions:
-            texts.append(caption)
-            owners.append(len(images))
-        ids.append(record.id)
-        images.append(record.image)
-    if not images:
-        raise InputError(f"{manifest}: no entry has both an image and a caption")
-    return PairSet(ids, images, texts, np.asarray(owners, dtype=np.int64))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import typer
 
+from mmret.cache.embeddings import embed_images, embed_items, embed_pairs
+from mmret.cache.layer_features import layer_feature_set
 from mmret.cli.memory import (
     FUSION_HELP,
     MEMORY_HELP,
@@ -27,7 +29,6 @@ from mmret.cli.memory import (
 from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_skips, status
 from mmret.cli.query_bank import QUERY_BANK_HELP, resolve_query_bank
 from mmret.encoders import DEFAULT_MODEL, Encoder, load_encoder
-from mmret.engine import query_modality
 from mmret.errors import InputError
 from mmret.evaluation import reports
 from mmret.evaluation.classification import (
@@ -43,10 +44,9 @@ from mmret.evaluation.documents import (
     QUERIES_FILE,
     write_document_task,
 )
-from mmret.evaluation.embeddings import embed_images, embed_items, embed_pairs
 from mmret.evaluation.ir import ir_metrics, read_qrels
 from mmret.evaluation.reports import MetricTable, percent
-from mmret.evaluation.rerank import (
+from mmret.evaluation.reranked import (
     RerankedReport,
     StoredSides,
     reranked_retrieval,
@@ -58,14 +58,14 @@ from mmret.evaluation.retrieval import (
     recall_curve,
     retrieval_metrics,
 )
-from mmret.heads.rerank import SideTokens
+from mmret.heads.cross_encoder import SideTokens
+from mmret.ingest.pairs import PairSet
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import read_items
 from mmret.items import Item
 from mmret.late_interaction import similarity
 from mmret.reranker import FirstStage, first_stage_name, load_reranker
-from mmret.training.feature_store import layer_feature_set
-from mmret.training.features import PairSet
+from mmret.search_steps import query_modality
 
 eval_app = typer.Typer(
     cls=ReflowedHelp,

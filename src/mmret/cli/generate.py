@@ -11,6 +11,7 @@ import numpy as np
 import typer
 from rich.markup import escape
 
+from mmret.cache.embeddings import embed_images
 from mmret.cli.evaluate import CACHE_HELP, JSON_HELP, MARKDOWN_HELP, MODEL_HELP, load, publish
 from mmret.cli.output import console, friendly_errors, print_json, print_skips, status
 from mmret.encoders import DEFAULT_MODEL
@@ -18,7 +19,6 @@ from mmret.engine import Retriever
 from mmret.errors import InputError
 from mmret.evaluation.captioning import caption_metrics
 from mmret.evaluation.classification import class_embeddings, read_class_folders
-from mmret.evaluation.embeddings import embed_images
 from mmret.evaluation.reports import MetricTable, percent
 from mmret.generation.captioner import BEAM, DOCUMENT_VIEWS, DocumentView, RetrievalCaptioner
 from mmret.generation.chat import ChatEndpoint
@@ -27,9 +27,9 @@ from mmret.generation.context import Context, retrieve_context, to_chat, to_mark
 from mmret.generation.fewshot import FewShotOptions, few_shot_probabilities, split_shots
 from mmret.generation.policy import MODALITIES, ContextPolicy, Modality
 from mmret.index.filters import parse_filter
+from mmret.ingest.pairs import read_pairs
 from mmret.ingest.report import SkipReport
 from mmret.items import Query
-from mmret.training.features import read_pairs
 
 FORMATS = ("json", "md", "chat")
 _DEFAULT = ContextPolicy()

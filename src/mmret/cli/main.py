@@ -34,22 +34,22 @@ from mmret.cli.output import (
 )
 from mmret.cli.query_bank import QUERY_BANK_HELP, query_bank_option
 from mmret.cli.query_bank import train as train_query_bank
-from mmret.cli.rerank import calibrate as calibrate_rerank
-from mmret.cli.rerank import train as train_rerank
 from mmret.cli.serve import serve
 from mmret.cli.train import train_app
 from mmret.cli.train_caption import train as train_caption
+from mmret.cli.train_rerank import calibrate as calibrate_rerank
+from mmret.cli.train_rerank import train as train_rerank
 from mmret.encoders import DEFAULT_MODEL
 from mmret.engine import Retriever
 from mmret.errors import InputError
 from mmret.index.filters import parse_filter
 from mmret.index.manifest import MANIFEST_FILE
-from mmret.ingest.ray_encode import add_with_ray
 from mmret.ingest.report import SkipReport
-from mmret.ingest.shards import DEFAULT_SHARD_SIZE, check_shard_size
 from mmret.ingest.sources import read_items
 from mmret.items import Query
 from mmret.reranker import load_reranker
+from mmret.scaleout.ray_encode import add_with_ray
+from mmret.scaleout.shards import DEFAULT_SHARD_SIZE, check_shard_size
 
 RERANK_HELP = (
     "Rescore the first stage's top N (at least --k) with the cross-encoder reranker, plus the "

@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 
 from mmret.cli.output import console, errors, friendly_errors, print_json, status
-from mmret.index.integrity import check_index, repair_index
-from mmret.index.maintenance import recluster_index
+from mmret.maintenance.integrity import check_index, repair_index
+from mmret.maintenance.recluster import recluster_index
 
 
 @friendly_errors

@@ -11,17 +11,17 @@ import numpy as np
 import torch
 import typer
 
+from mmret.cache.embeddings import PairEmbeddings
 from mmret.cli.output import console, friendly_errors, print_json, print_saved, print_skips, status
-from mmret.cli.train import show_epoch, write_training_record
+from mmret.cli.train import show_epoch
 from mmret.encoders import DEFAULT_MODEL, load_encoder
 from mmret.errors import InputError
-from mmret.evaluation.embeddings import PairEmbeddings
+from mmret.ingest.pairs import read_pairs
 from mmret.ingest.report import SkipReport
-from mmret.memory.embedding import embed_pair_set, first_caption_rows, first_captions
+from mmret.memory.pair_embeddings import embed_pair_set, first_caption_rows, first_captions
 from mmret.memory.refine import Refiner, load_refiner
 from mmret.memory.store import Memory, build_memory
 from mmret.training.crossfit import cross_fitted_folds
-from mmret.training.features import read_pairs
 from mmret.training.reco import (
     CHECKPOINT,
     RecoData,
@@ -30,6 +30,7 @@ from mmret.training.reco import (
     reco_data,
     train_reco,
 )
+from mmret.training.record import write_training_record
 
 memory_app = typer.Typer(
     help="RECO memories: image-text pairs that refine embeddings at search time.",
@@ -236,7 +237,6 @@ def train(
             dev_data,
             config,
             checkpoint_dir=checkpoint,
-            resume=resume,
             on_epoch=show_epoch,
             show_progress=True,
         )
@@ -244,14 +244,12 @@ def train(
     shutil.rmtree(checkpoint)  # the run is finished: nothing left to resume
     write_training_record(
         out,
-        {
-            "manifest": str(manifest),
-            "memory": str(memory),
-            "dev": str(dev) if dev else None,
-            "training_items_with_own_pair_excluded": own_excluded,
-            "config": config.to_dict(),
-        },
-        logs,
+        manifest=manifest,
+        memory=memory,
+        dev=dev,
+        training_items_with_own_pair_excluded=own_excluded,
+        config=config.to_dict(),
+        history=[log.to_dict() for log in logs],
     )
     print_saved("RECO fusion", out, f"--memory DIR --fusion {out}")
 

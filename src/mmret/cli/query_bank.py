@@ -7,13 +7,13 @@ from pathlib import Path
 
 import typer
 
+from mmret.cache.embeddings import embed_pairs
 from mmret.cli.output import console, friendly_errors, print_skips
 from mmret.encoders import DEFAULT_MODEL, load_encoder
 from mmret.errors import InputError
-from mmret.evaluation.embeddings import embed_pairs
+from mmret.ingest.pairs import read_pairs
 from mmret.ingest.report import SkipReport
 from mmret.query_bank import QueryBank, load_query_bank, select_query_bank
-from mmret.training.features import read_pairs
 from mmret.training.query_bank import build_query_bank
 
 QUERY_BANK_HELP = (

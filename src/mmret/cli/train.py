@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,20 +9,23 @@ from typing import Any
 import torch
 import typer
 
+from mmret._files import default_cache_dir
+from mmret.cache.layer_features import LayerFeatureSet, layer_feature_set
+from mmret.cache.tower_features import pair_features
 from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_saved, print_skips
 from mmret.encoders import Encoder, load_encoder
-from mmret.encoders.layers import resolve_layers
 from mmret.encoders.starter import StarterEncoder
 from mmret.encoders.towers import TOWERS, StarterTowers
 from mmret.evaluation.retrieval import RetrievalReport
+from mmret.ingest.pairs import read_pairs
 from mmret.ingest.report import SkipReport
-from mmret.training.align import AlignTrainingConfig, EpochLog, train_alignment
+from mmret.layers import resolve_layers
+from mmret.training.align import AlignTrainingConfig, train_alignment
 from mmret.training.crossfit import retrainable
-from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
-from mmret.training.features import default_cache_dir, pair_features, read_pairs
 from mmret.training.hat import HatEpochLog, HatTrainingConfig, train_hat
 from mmret.training.knowledge import imagenet_knowledge, imagenet_level_knowledge
-from mmret.training.reco import RecoEpochLog
+from mmret.training.loop import EpochLog
+from mmret.training.record import write_training_record
 from mmret.training.ret import (
     CROSS_FIT,
     RetEpochLog,
@@ -49,22 +50,9 @@ def epoch_line(epoch: int, loss: float, dev: RetrievalReport | None) -> str:
     return line
 
 
-def show_epoch(log: EpochLog | RecoEpochLog) -> None:
+def show_epoch(log: EpochLog) -> None:
     """One line per training epoch: the loss and, with a dev set, its recalls and RSUM."""
     console.print(epoch_line(log.epoch, log.loss, log.dev), highlight=False)
-
-
-def write_training_record(
-    out: Path, fields: dict[str, Any], logs: Sequence[EpochLog | RecoEpochLog]
-) -> None:
-    """``out/training.json``: what a run was given (``fields``) and each epoch's loss and dev
-    recalls, for the model card and for whoever reproduces the run."""
-    history = [
-        {"epoch": log.epoch, "loss": log.loss, "dev": log.dev.to_dict() if log.dev else None}
-        for log in logs
-    ]
-    document = {**fields, "history": history}
-    (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
 
 
 def imagenet_weight_option(default: float) -> Any:
@@ -153,11 +141,8 @@ def align(
         train, dev_features, config, knowledge=knowledge, on_epoch=show_epoch
     )
     head.save(out, dtype=torch.float16 if float16 else None)
-    write_training_record(
-        out,
-        {"manifest": str(manifest), "dev": str(dev) if dev else None, "config": config.to_dict()},
-        logs,
-    )
+    history = [log.to_dict() for log in logs]
+    write_training_record(out, manifest=manifest, dev=dev, config=config.to_dict(), history=history)
     print_saved("alignment head", out, f"--model starter:{out}")
 
 
@@ -210,26 +195,6 @@ def stored_sets(
     dev_set = stored(dev) if dev is not None else None
     print_skips(report)
     return train_set, dev_set
-
-
-def write_layer_head_record(
-    out: Path,
-    manifest: Path,
-    dev: Path | None,
-    backbone: str,
-    config: dict[str, Any],
-    history: list[dict[str, Any]],
-) -> None:
-    """``out/training.json`` of a head on layer features: its data, backbone, config and the
-    per-epoch history."""
-    document = {
-        "manifest": str(manifest),
-        "dev": str(dev) if dev else None,
-        "backbone": backbone,
-        "config": config,
-        "history": history,
-    }
-    (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
 
 
 @train_app.command("hat")
@@ -317,7 +282,9 @@ def hat(
         show_progress=True,
     )
     head.save(out, dtype=torch.float16 if float16 else None)
-    write_layer_head_record(out, manifest, dev, backbone, config.to_dict(), history)
+    write_training_record(
+        out, manifest=manifest, dev=dev, backbone=backbone, config=config.to_dict(), history=history
+    )
     print_saved("HAT head", out, f"--model hat:{out}")
 
 
@@ -439,5 +406,7 @@ def ret(
         head_vectors=head_vectors,
     )
     model.save(out, dtype=torch.float16 if float16 else None)
-    write_layer_head_record(out, manifest, dev, backbone, config.to_dict(), history)
+    write_training_record(
+        out, manifest=manifest, dev=dev, backbone=backbone, config=config.to_dict(), history=history
+    )
     print_saved("ReT model", out, f"--model ret:{out}")

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
+from mmret.cache.embeddings import embed_images
 from mmret.cli.output import console, friendly_errors, print_saved, print_skips
 from mmret.encoders import DEFAULT_MODEL, Encoder, load_encoder
 from mmret.engine import Retriever
 from mmret.errors import InputError
-from mmret.evaluation.embeddings import embed_images
 from mmret.generation.policy import ContextPolicy
 from mmret.generation.vocabulary import Vocabulary
+from mmret.ingest.pairs import read_pairs
 from mmret.ingest.report import SkipReport
 from mmret.training.captioner import (
     CaptionedImages,
@@ -22,7 +22,7 @@ from mmret.training.captioner import (
     captioned_images,
     train_captioner,
 )
-from mmret.training.features import read_pairs
+from mmret.training.record import write_training_record
 
 DEFAULTS = CaptionTrainingConfig()
 
@@ -146,12 +146,7 @@ def train(
         duplicate_threshold=config.duplicate_threshold,
     )
     decoder.save(out, {"vocabulary": vocabulary.to_dict(), "policy": policy.to_dict()})
-    document = {
-        "manifest": str(manifest),
-        "memory": str(memory) if memory else None,
-        "dev": str(dev) if dev else None,
-        "config": config.to_dict(),
-        "history": history,
-    }
-    (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
+    write_training_record(
+        out, manifest=manifest, memory=memory, dev=dev, config=config.to_dict(), history=history
+    )
     print_saved("caption decoder", out, f"mmret caption IMAGE --model {out}")

@@ -3,30 +3,29 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import typer
 
+from mmret.cache.embeddings import PairEmbeddings, embed_pairs
+from mmret.cache.layer_features import LayerFeatureSet, layer_feature_set
 from mmret.cli.output import console, friendly_errors, print_skips
 from mmret.cli.query_bank import resolve_query_bank
 from mmret.cli.train import epoch_line
 from mmret.encoders import DEFAULT_MODEL, Encoder, load_encoder
-from mmret.encoders.layers import resolve_layers
 from mmret.errors import InputError
-from mmret.evaluation.embeddings import PairEmbeddings, embed_pairs
+from mmret.ingest.pairs import read_pairs
 from mmret.ingest.report import SkipReport
 from mmret.late_interaction import similarity
+from mmret.layers import resolve_layers
 from mmret.reranker import (
     FIRST_STAGE_FILE,
     first_stage_name,
     load_reranker,
     write_first_stage_weight,
 )
-from mmret.training.feature_store import LayerFeatureSet, layer_feature_set
-from mmret.training.features import read_pairs
-from mmret.training.rerank import (
+from mmret.training.cross_encoder import (
     RerankData,
     RerankEpochLog,
     RerankTrainingConfig,
@@ -35,6 +34,7 @@ from mmret.training.rerank import (
     train_rerank,
     training_config,
 )
+from mmret.training.record import write_training_record
 
 DEFAULTS = RerankTrainingConfig()
 
@@ -149,14 +149,9 @@ def train(
         show_progress=True,
     )
     model.save(out, dtype=torch.float16 if float16 else None)
-    document = {
-        "manifest": str(manifest),
-        "dev": str(dev) if dev else None,
-        "backbone": backbone,
-        "config": config.to_dict(),
-        "history": history,
-    }
-    (out / "training.json").write_text(json.dumps(document, indent=2) + "\n")
+    write_training_record(
+        out, manifest=manifest, dev=dev, backbone=backbone, config=config.to_dict(), history=history
+    )
     console.print(f"[green]saved reranker to {out}[/] (use it with --rerank N --reranker {out})")
     if calibrate and dev is not None:
         for model_spec in first_stage:

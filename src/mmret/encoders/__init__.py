@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from mmret.encoders import ensemble, hashing, hat, hf_clip, open_clip_backend, ret, starter
 from mmret.encoders.base import Encoder
-from mmret.encoders.registry import ENCODERS
+from mmret.encoders.registry import ENCODERS, load_encoder
 from mmret.encoders.starter import DEFAULT_MODEL
 
 __all__ = ["DEFAULT_MODEL", "ENCODERS", "Encoder", "load_encoder"]
@@ -42,9 +42,3 @@ _LOADED = (
     ret,
     starter,
 )  # imported for their registrations
-
-
-def load_encoder(spec: str) -> Encoder:
-    """Build the encoder a spec names (see the module docstring)."""
-    scheme, _, rest = spec.partition(":")
-    return ENCODERS.get(scheme)(rest)

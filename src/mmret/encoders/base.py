@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from mmret._progress import progress
-from mmret.encoders.layers import LayerFeatures, resolve_layers
 from mmret.errors import InputError
 from mmret.ingest.images import load_image
 from mmret.items import ImageInput
+from mmret.late_interaction import normalise_tokens
+from mmret.layers import LayerFeatures, resolve_layers
 
 T = TypeVar("T")
 
@@ -35,13 +36,6 @@ class Content(Protocol):
 def batched(values: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
-
-
-def l2_normalise(vectors: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation of ``(N, D)``; all-zero rows stay zero instead of becoming NaN."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    unit: np.ndarray = (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
-    return unit
 
 
 class Encoder(ABC):
@@ -83,8 +77,6 @@ class Encoder(ABC):
 
     def normalise(self, vectors: np.ndarray) -> np.ndarray:
         """Unit rows, or for a multi-vector encoder unit tokens within each ``(N, dim)`` row."""
-        from mmret.late_interaction import normalise_tokens  # it imports this module
-
         return normalise_tokens(vectors, self.token_dim)
 
     @property
@@ -107,7 +99,7 @@ class Encoder(ABC):
         self, images: Sequence[ImageInput], layers: Sequence[int]
     ) -> LayerFeatures:
         """Token features of ``layers`` of the image tower for a batch (see
-        :mod:`mmret.encoders.layers` for numbering and shapes)."""
+        :mod:`mmret.layers` for numbering and shapes)."""
         chosen = resolve_layers(layers, self._layer_count(self.image_layer_count), "image")
         with torch.inference_mode():
             return self._image_layers([self.load(image) for image in images], chosen)

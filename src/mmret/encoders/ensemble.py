@@ -24,7 +24,8 @@ from PIL import Image
 
 from mmret._files import write_atomic
 from mmret.encoders.base import Encoder
-from mmret.encoders.registry import ENCODERS
+from mmret.encoders.fingerprint import encoder_fingerprint
+from mmret.encoders.registry import ENCODERS, load_encoder
 from mmret.errors import InputError
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -92,7 +93,6 @@ class EnsembleEncoder(Encoder):
         self.batch_size = min(member.batch_size for member in members)
         # Caches key on the spec; the members' own weights and the mixture tell this
         # ensemble apart from another saved under the same folder name.
-        from mmret.evaluation.embeddings import encoder_fingerprint  # it imports the encoders
 
         digest = hashlib.sha256(json.dumps(self.weights).encode())
         for member in members:
@@ -114,8 +114,6 @@ class EnsembleEncoder(Encoder):
 
 
 def ensemble_from(config: EnsembleConfig, spec: str) -> EnsembleEncoder:
-    from mmret.encoders import load_encoder  # the package imports this module to register it
-
     members = [load_encoder(member) for member in config.members]
     return EnsembleEncoder(members, config.weights, spec)
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from mmret.encoders.base import Encoder, HeadOnBackbone
-from mmret.encoders.registry import ENCODERS
+from mmret.encoders.registry import ENCODERS, load_encoder
 from mmret.errors import InputError
 from mmret.heads.hat import HierarchicalAlignmentHead
 
@@ -40,8 +40,6 @@ class HatEncoder(HeadOnBackbone):
 
 @ENCODERS.register("hat")
 def load_hat(head_dir: str) -> HatEncoder:
-    from mmret.encoders import load_encoder  # the package imports this module to register it
-
     folder = Path(head_dir) if head_dir else SHIPPED_HAT
     if not head_dir and not (folder / "config.json").is_file():
         raise InputError("no HAT head ships with this mmret; train one and use --model hat:DIR")

@@ -14,9 +14,9 @@ from PIL import Image
 
 from mmret._progress import quiet_weight_loading
 from mmret.encoders.base import Encoder
-from mmret.encoders.layers import LayerFeatures, hidden_state_features
 from mmret.encoders.registry import ENCODERS
 from mmret.errors import InputError
+from mmret.layers import LayerFeatures, hidden_state_features
 
 
 def _features(output: Any) -> torch.Tensor:

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from mmret.encoders.base import Encoder
-from mmret.encoders.layers import LayerFeatures, grid_tokens
 from mmret.encoders.registry import ENCODERS
 from mmret.errors import InputError
+from mmret.layers import LayerFeatures, grid_tokens
 
 
 class OpenClipEncoder(Encoder):

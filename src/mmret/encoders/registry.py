@@ -9,3 +9,10 @@ from mmret.registry import Registry
 
 #: scheme -> factory taking the part after ``scheme:`` ("" when absent).
 ENCODERS: Registry[Callable[[str], Encoder]] = Registry("encoder")
+
+
+def load_encoder(spec: str) -> Encoder:
+    """Build the encoder a spec names (see :mod:`mmret.encoders`, whose import registers
+    every backend)."""
+    scheme, _, rest = spec.partition(":")
+    return ENCODERS.get(scheme)(rest)

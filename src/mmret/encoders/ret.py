@@ -21,10 +21,10 @@ from PIL import Image
 
 from mmret._progress import progress
 from mmret.encoders.base import Content, Encoder, HeadOnBackbone, batched
-from mmret.encoders.layers import LayerFeatures
-from mmret.encoders.registry import ENCODERS
+from mmret.encoders.registry import ENCODERS, load_encoder
 from mmret.errors import InputError
 from mmret.heads.ret import RetModel
+from mmret.layers import LayerFeatures
 
 SHIPPED_RET = Path(__file__).resolve().parent.parent / "weights" / "ret"
 
@@ -103,8 +103,6 @@ class RetEncoder(HeadOnBackbone):
 
 @ENCODERS.register("ret")
 def load_ret(model_dir: str) -> RetEncoder:
-    from mmret.encoders import load_encoder  # the package imports this module to register it
-
     folder = Path(model_dir) if model_dir else SHIPPED_RET
     if not model_dir and not (folder / "config.json").is_file():
         raise InputError("no ReT model ships with this mmret; train one and use --model ret:DIR")

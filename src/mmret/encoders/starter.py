@@ -14,16 +14,16 @@ import torch
 from PIL import Image
 
 from mmret.encoders.base import Encoder
-from mmret.encoders.layers import (
+from mmret.encoders.registry import ENCODERS
+from mmret.encoders.towers import MAX_TEXT_TOKENS, TOWERS, StarterTowers, TowerPair
+from mmret.errors import InputError, RegistryError
+from mmret.heads.alignment import AlignmentHead
+from mmret.layers import (
     LayerFeatures,
     efficientnet_features,
     efficientnet_layer_count,
     hidden_state_features,
 )
-from mmret.encoders.registry import ENCODERS
-from mmret.encoders.towers import MAX_TEXT_TOKENS, TOWERS, StarterTowers, TowerPair
-from mmret.errors import InputError, RegistryError
-from mmret.heads.alignment import AlignmentHead
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 SHIPPED_HEAD = WEIGHTS / "starter"

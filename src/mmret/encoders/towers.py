@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmret._files import default_cache_dir
 from mmret._progress import quiet_weight_loading
 from mmret.errors import InputError
 from mmret.registry import Registry
@@ -106,8 +107,6 @@ def _mpnet_path() -> Path:
     The model folder appears whole or not at all: it is unpacked into a scratch folder of this
     process, then renamed into place; a process that loses a race to another keeps the winner's.
     """
-    from mmret.training.features import default_cache_dir
-
     folder = default_cache_dir().parent / "towers" / "all-mpnet-base-v2"
     if (folder / "config.json").is_file():
         return folder

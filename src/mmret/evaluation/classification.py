@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mmret.encoders.base import Encoder, l2_normalise
+from mmret.encoders.base import Encoder
 from mmret.errors import InputError
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import read_records
-from mmret.late_interaction import similarity
+from mmret.late_interaction import l2_normalise, similarity
 
 #: The default prompt ensemble: generic photo prompts, plus small and low-resolution variants
 #: because benchmark images (CIFAR, thumbnails) often are.

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from mmret.errors import InputError
+from mmret.ingest.pairs import PairSet, read_pairs
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import MANIFEST_SUFFIXES
-from mmret.training.features import PairSet, read_pairs
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 

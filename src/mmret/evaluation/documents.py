@@ -29,7 +29,7 @@ import numpy as np
 
 from mmret.errors import InputError
 from mmret.evaluation.ir import IRReport, ir_metrics
-from mmret.training.features import PairSet
+from mmret.ingest.pairs import PairSet
 
 #: Document forms: both halves, then each alone.
 DOCUMENT_FORMS = ("image+text", "image", "text")

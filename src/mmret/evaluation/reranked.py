@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mmret.cache.layer_features import LayerFeatureSet
 from mmret.evaluation.retrieval import RetrievalReport, report_from_ranks
-from mmret.heads.rerank import CrossEncoder, SideTokens
-from mmret.training.feature_store import LayerFeatureSet
+from mmret.heads.cross_encoder import CrossEncoder, SideTokens
 
 #: Reads the token features of rows of the collection: ``(rows) -> SideTokens``.
 SideReader = Callable[[np.ndarray], SideTokens]

@@ -133,6 +133,22 @@ class RetrievalReport:
             "n_texts": self.n_texts,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RetrievalReport:
+        """A report read back from :meth:`to_dict` (a training history): its recalls and
+        median ranks, without the raw ranks, which are not kept there."""
+        empty = np.zeros(0, dtype=np.int64)
+        return cls(
+            data["text_to_image"],
+            data["image_to_text"],
+            data["median_rank"]["text_to_image"],
+            data["median_rank"]["image_to_text"],
+            data["n_images"],
+            data["n_texts"],
+            empty,
+            empty,
+        )
+
 
 def retrieval_metrics(
     image: np.ndarray,

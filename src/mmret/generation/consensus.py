@@ -20,7 +20,7 @@ from mmret.generation.context import Context, retrieve_context
 from mmret.generation.policy import ContextPolicy, normalised_similarity
 from mmret.items import ImageInput, Query
 
-#: Neighbours read per image, chosen on Flickr8k dev (see the README's captioning table).
+#: Neighbours read per image, chosen on Flickr8k dev (the captioning table, docs/generation.md).
 CONSENSUS_POLICY = ContextPolicy(k=10, candidates=50, modality="require", diversity=0.0)
 
 

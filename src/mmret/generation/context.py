@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from mmret.engine import Retriever, SearchResult, query_modality
+from mmret.engine import Retriever, SearchResult
 from mmret.errors import ImageLoadError, InputError
 from mmret.generation.policy import ContextPolicy, select
 from mmret.index.filters import Filter
 from mmret.ingest.images import load_image
 from mmret.items import Query
+from mmret.search_steps import query_modality
 
 #: The instruction the chat format opens with (``system`` message).
 SYSTEM_PROMPT = (

@@ -7,8 +7,8 @@ weighted by ``exp(similarity / temperature)``, and the vote is mixed with the ze
 distribution: ``p = (1 - weight) * p_zero_shot + weight * p_neighbours``. ``weight`` 0 is
 zero-shot, 1 is a k-nearest-neighbour classifier; by default it is ``n / (n + 1)`` for ``n``
 labelled examples per class, so the examples count more the more there are of them (on the
-CIFAR-10 subset the best fixed weight was 0.5 at 1 shot, 0.75 at 5 and 0.9 at 16: see the
-README).
+CIFAR-10 subset the best fixed weight was 0.5 at 1 shot, 0.75 at 5 and 0.9 at 16: see
+docs/generation.md).
 """
 
 from __future__ import annotations

@@ -19,11 +19,12 @@ applies those three rules to a ranked candidate list, each with its own knob:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
+from mmret._config import JsonConfig
 from mmret.engine import SearchResult
 from mmret.errors import InputError
 from mmret.late_interaction import similarity
@@ -33,7 +34,7 @@ MODALITIES: tuple[Modality, ...] = ("any", "prefer", "require")
 
 
 @dataclass(frozen=True)
-class ContextPolicy:
+class ContextPolicy(JsonConfig):
     """How :func:`select` picks ``k`` documents from the first stage's ``candidates``."""
 
     k: int = 5
@@ -62,9 +63,6 @@ class ContextPolicy:
             )
         if self.temperature < 0.0:
             raise InputError(f"temperature must not be negative, got {self.temperature}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def normalised_similarity(

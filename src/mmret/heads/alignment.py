@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mmret.heads.folder import load_weights, read_head_config, save_head
+from mmret._config import JsonConfig
+from mmret.heads.folder import FolderHead
 
 KIND = "alignment"
 
 
 @dataclass(frozen=True)
-class AlignmentConfig:
+class AlignmentConfig(JsonConfig):
     """Shape of an :class:`AlignmentHead`. ``hidden_dim == 0`` means purely linear projections."""
 
     image_dim: int
@@ -24,13 +23,6 @@ class AlignmentConfig:
     hidden_dim: int = 0
     dropout: float = 0.1
     towers: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AlignmentConfig:
-        return cls(**data)
 
 
 class Projection(nn.Module):
@@ -63,8 +55,11 @@ class Projection(nn.Module):
         self.std.copy_(features.std(dim=0).clamp_min(1e-6))
 
 
-class AlignmentHead(nn.Module):
+class AlignmentHead(FolderHead):
     """Two projections and the learnable InfoNCE temperature (stored as a log logit scale)."""
+
+    folder_kind = KIND
+    config_type = AlignmentConfig
 
     def __init__(self, config: AlignmentConfig) -> None:
         super().__init__()
@@ -87,12 +82,3 @@ class AlignmentHead(nn.Module):
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.log_logit_scale.exp().clamp(max=100.0)
-
-    def save(self, folder: Path, *, dtype: torch.dtype | None = None) -> None:
-        save_head(self, KIND, self.config.to_dict(), folder, dtype=dtype)
-
-    @classmethod
-    def load(cls, folder: Path) -> AlignmentHead:
-        head = cls(AlignmentConfig.from_dict(read_head_config(folder, KIND)))
-        load_weights(head, folder)
-        return head.eval()

@@ -20,7 +20,7 @@ the right, generation on the left (every row's next token is then the last colum
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the universal torch idiom
 
+from mmret._config import JsonConfig
 from mmret.errors import InputError
 from mmret.heads.folder import load_weights, read_head_config, save_head
 
@@ -40,7 +41,7 @@ PAD, DOC_VECTOR, DOC_TEXT, QUERY, CAPTION = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
-class CaptionDecoderConfig:
+class CaptionDecoderConfig(JsonConfig):
     """Shape of a :class:`CaptionDecoder`; ``encoder`` is the spec of the embedding space it
     reads (queries and documents must be embedded by that model)."""
 
@@ -62,13 +63,6 @@ class CaptionDecoderConfig:
             raise InputError(f"width {self.width} is not a multiple of heads {self.heads}")
         if self.documents < 0 or self.prefix < 1:
             raise InputError("a caption decoder needs documents >= 0 and prefix >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CaptionDecoderConfig:
-        return cls(**data)
 
 
 @dataclass(frozen=True)

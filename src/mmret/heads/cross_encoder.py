@@ -24,25 +24,24 @@ does not depend on which side asked.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the universal torch idiom
 
-from mmret.encoders.layers import masked_mean
+from mmret._config import JsonConfig
 from mmret.errors import InputError
 from mmret.heads.alignment import Projection
-from mmret.heads.folder import load_weights, read_head_config, save_head
+from mmret.heads.folder import FolderHead
+from mmret.layers import masked_mean
 
 KIND = "rerank"
 _CLS, _IMAGE, _TEXT = 0, 1, 2
 
 
 @dataclass(frozen=True)
-class RerankConfig:
+class RerankConfig(JsonConfig):
     """Shape of a :class:`CrossEncoder`.
 
     ``backbone`` is the encoder spec whose layer features it reads (``starter``) and
@@ -67,13 +66,6 @@ class RerankConfig:
     dropout: float = 0.1
     projection_dropout: float = 0.3
     joint: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RerankConfig:
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -129,9 +121,12 @@ def image_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(maps, grid).flatten(2).transpose(1, 2)
 
 
-class CrossEncoder(nn.Module):
+class CrossEncoder(FolderHead):
     """The bi-encoder projections and the cross-encoder over both sides' tokens (see the
     module docstring)."""
+
+    folder_kind = KIND
+    config_type = RerankConfig
 
     def __init__(self, config: RerankConfig) -> None:
         super().__init__()
@@ -161,7 +156,7 @@ class CrossEncoder(nn.Module):
         # Weight of the bi-encoder's cosine in the match score (joint model only). It is not
         # learnt with the cross-encoder: on training pairs the bi-encoder, fitted to the same
         # pairs, is over-confident, and a learnt weight leans on it; training sets it on dev
-        # (see mmret.training.rerank.calibrate_cosine_weight).
+        # (see mmret.training.cross_encoder.calibrate_cosine_weight).
         self.cosine_weight = nn.Parameter(torch.tensor(15.0), requires_grad=False)
         # Weight of the token-level late interaction in the match score.
         self.token_weight = nn.Parameter(torch.tensor(5.0))
@@ -263,15 +258,6 @@ class CrossEncoder(nn.Module):
             # Image tokens come first in a side and are a grid: give them their places.
             hidden = torch.cat([hidden[:, :grid] + self.position, hidden[:, grid:]], dim=1)
         return hidden, mask
-
-    def save(self, folder: Path, *, dtype: torch.dtype | None = None) -> None:
-        save_head(self, KIND, self.config.to_dict(), folder, dtype=dtype)
-
-    @classmethod
-    def load(cls, folder: Path) -> CrossEncoder:
-        model = cls(RerankConfig.from_dict(read_head_config(folder, KIND)))
-        load_weights(model, folder)
-        return model.eval()
 
 
 def token_interaction(

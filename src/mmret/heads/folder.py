@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -57,3 +57,23 @@ def load_weights(module: torch.nn.Module, folder: Path) -> None:
     if not path.is_file():
         raise IndexFormatError(f"{folder}: missing {WEIGHTS_FILE}")
     module.load_state_dict(load_file(str(path)))
+
+
+class FolderHead(torch.nn.Module):
+    """A head saved as a folder: a subclass names its ``folder_kind`` and ``config_type`` (a
+    :class:`~mmret._config.JsonConfig`), keeps its config in ``config`` and is built from it."""
+
+    folder_kind: ClassVar[str]
+    config_type: ClassVar[Any]
+    config: Any
+
+    def save(self, folder: Path, *, dtype: torch.dtype | None = None) -> None:
+        """Save the weights (cast to ``dtype``, say float16) and the config into ``folder``."""
+        save_head(self, self.folder_kind, self.config.to_dict(), folder, dtype=dtype)
+
+    @classmethod
+    def load(cls, folder: Path) -> Self:
+        """The head saved in ``folder``, in eval mode."""
+        head = cls(cls.config_type.from_dict(read_head_config(folder, cls.folder_kind)))
+        load_weights(head, folder)
+        return head.eval()

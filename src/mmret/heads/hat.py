@@ -16,22 +16,21 @@ unchanged. Such a vector has norm 1, since the weights sum to 1.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mmret._config import JsonConfig
 from mmret.errors import InputError
 from mmret.heads.alignment import Projection
-from mmret.heads.folder import load_weights, read_head_config, save_head
+from mmret.heads.folder import FolderHead
 
 KIND = "hat"
 
 
 @dataclass(frozen=True)
-class HatConfig:
+class HatConfig(JsonConfig):
     """Shape of a :class:`HierarchicalAlignmentHead`.
 
     ``backbone`` is the encoder spec whose layer features the head reads (e.g. ``starter``);
@@ -69,20 +68,12 @@ class HatConfig:
         """Width of a stored item vector."""
         return self.levels * self.embed_dim
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> HatConfig:
-        tuples = ("image_layers", "text_layers", "image_dims", "text_dims")
-        values = dict(data)
-        for key in tuples:
-            values[key] = tuple(values[key])
-        return cls(**values)
-
-
-class HierarchicalAlignmentHead(nn.Module):
+class HierarchicalAlignmentHead(FolderHead):
     """Per-level projections, level weights and per-level plus combined temperatures."""
+
+    folder_kind = KIND
+    config_type = HatConfig
 
     def __init__(self, config: HatConfig) -> None:
         super().__init__()
@@ -124,15 +115,6 @@ class HierarchicalAlignmentHead(nn.Module):
         """``(B, L * E)`` stored vectors: each level's unit vector times ``sqrt(w_l)``."""
         scaled = levels * self.weights.sqrt()[None, :, None]
         return scaled.flatten(1)
-
-    def save(self, folder: Path, *, dtype: torch.dtype | None = None) -> None:
-        save_head(self, KIND, self.config.to_dict(), folder, dtype=dtype)
-
-    @classmethod
-    def load(cls, folder: Path) -> HierarchicalAlignmentHead:
-        head = cls(HatConfig.from_dict(read_head_config(folder, KIND)))
-        load_weights(head, folder)
-        return head.eval()
 
 
 def _levels(projections: nn.ModuleList, pooled: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the universal torch idiom
 
+from mmret._config import JsonConfig
 from mmret.errors import InputError
-from mmret.heads.folder import WEIGHTS_FILE, load_weights, read_head_config, save_head
+from mmret.heads.folder import WEIGHTS_FILE, FolderHead
 
 KIND = "reco-fusion"
 SHIPPED = Path(__file__).resolve().parent.parent / "weights"
@@ -65,7 +66,7 @@ class MeanFusion:
 
 
 @dataclass(frozen=True)
-class FusionConfig:
+class FusionConfig(JsonConfig):
     """Shape of a :class:`TransformerFusion`, and the encoder whose space it was trained in."""
 
     dim: int
@@ -73,13 +74,6 @@ class FusionConfig:
     ff_dim: int = 512
     dropout: float = 0.1
     encoder: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FusionConfig:
-        return cls(**data)
 
 
 class QueryAttentionLayer(nn.Module):
@@ -137,9 +131,12 @@ class ModalityFusion(nn.Module):
         return F.normalize(self.layer(tokens, pad), dim=-1)
 
 
-class TransformerFusion(nn.Module):
+class TransformerFusion(FolderHead):
     """The trained RECO fusion: one :class:`ModalityFusion` per query modality and the InfoNCE
     temperature it was trained with (as a log logit scale)."""
+
+    folder_kind = KIND
+    config_type = FusionConfig
 
     def __init__(self, config: FusionConfig) -> None:
         super().__init__()
@@ -163,16 +160,12 @@ class TransformerFusion(nn.Module):
     def identity(self) -> dict[str, Any]:
         return dict(self._identity)
 
-    def save(self, folder: Path, *, dtype: torch.dtype | None = None) -> None:
-        save_head(self, KIND, self.config.to_dict(), folder, dtype=dtype)
-
     @classmethod
-    def load(cls, folder: Path) -> TransformerFusion:
-        fusion = cls(FusionConfig.from_dict(read_head_config(folder, KIND)))
-        load_weights(fusion, folder)
+    def load(cls, folder: Path) -> Self:
+        fusion = super().load(folder)
         digest = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
         fusion._identity = {"kind": "transformer", "weights": digest}
-        return fusion.eval()
+        return fusion
 
 
 def load_fusion(spec: str | Path, encoder: str) -> Fusion:

@@ -33,24 +33,24 @@ unless ``shared`` is set (an ablation).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the universal torch idiom
 
-from mmret.encoders.layers import LayerFeatures, masked_mean
+from mmret._config import JsonConfig
 from mmret.errors import InputError
 from mmret.heads.alignment import AlignmentConfig, AlignmentHead
-from mmret.heads.folder import load_weights, read_head_config, save_head
+from mmret.heads.folder import FolderHead
+from mmret.layers import LayerFeatures, masked_mean
 
 KIND = "ret"
 
 
 @dataclass(frozen=True)
-class RetConfig:
+class RetConfig(JsonConfig):
     """Shape of a :class:`RetModel`.
 
     ``backbone`` is the encoder spec whose layer features the model reads (e.g. ``starter``);
@@ -101,16 +101,6 @@ class RetConfig:
     def dim(self) -> int:
         """Width of a stored (flattened) token set."""
         return self.tokens * self.token_dim
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RetConfig:
-        values = dict(data)
-        for key in ("image_layers", "text_layers", "image_dims", "text_dims"):
-            values[key] = tuple(values[key])
-        return cls(**values)
 
 
 def pool_grid(tokens: torch.Tensor, mask: torch.Tensor, side: int) -> tuple[torch.Tensor, ...]:
@@ -348,8 +338,11 @@ def _presence(
     return present.bool()
 
 
-class RetModel(nn.Module):
+class RetModel(FolderHead):
     """ReT-Q and ReT-D (one tower for both when ``config.shared``) and the InfoNCE scale."""
+
+    folder_kind = KIND
+    config_type = RetConfig
 
     def __init__(self, config: RetConfig) -> None:
         super().__init__()
@@ -369,12 +362,3 @@ class RetModel(nn.Module):
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.log_logit_scale.exp().clamp(max=100.0)
-
-    def save(self, folder: Path, *, dtype: torch.dtype | None = None) -> None:
-        save_head(self, KIND, self.config.to_dict(), folder, dtype=dtype)
-
-    @classmethod
-    def load(cls, folder: Path) -> RetModel:
-        model = cls(RetConfig.from_dict(read_head_config(folder, KIND)))
-        load_weights(model, folder)
-        return model.eval()

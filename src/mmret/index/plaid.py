@@ -21,7 +21,7 @@ A query is answered in four stages, each on fewer documents:
 
 Until ``train_from`` documents are present there is nothing to cluster: rows are kept as they
 are and searched exactly (:class:`~mmret.index.maxsim.MaxSimIndex`). New tokens afterwards take
-the existing centroids; :func:`mmret.index.maintenance.recluster_index` re-clusters from the
+the existing centroids; :func:`mmret.maintenance.recluster.recluster_index` re-clusters from the
 item store when the collection has drifted. Removal tombstones documents (compacted once a
 quarter are dead). The cache is the compressed structure (at most 48 bytes a token by
 default); the item store stays the truth and keeps every token in float32.

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmret.heads.rerank import SideTokens
+from mmret.heads.cross_encoder import SideTokens
 from mmret.reranker import TokenFeatureSpec
 
 TOKENS_DIR = "tokens"

@@ -9,7 +9,7 @@ whenever they are stale or unreadable. So:
   and whose vector is whole is kept, the damaged files are moved to ``damaged-<time>/``;
 * caches and files left by interrupted writes are dropped and rebuilt;
 * token features kept for reranking that are missing or damaged are computed again from the
-  items' images and texts (:mod:`mmret.index.token_check`).
+  items' images and texts (:mod:`mmret.maintenance.tokens`).
 """
 
 from __future__ import annotations
@@ -40,35 +40,13 @@ from mmret.index.manifest import (
     read_manifest,
 )
 from mmret.index.store import ItemStore, StoredItem, row_digest
-from mmret.index.token_check import check_tokens, repair_tokens
+from mmret.maintenance.report import CheckReport
+from mmret.maintenance.tokens import check_tokens, repair_tokens
 
 SALVAGED = f"{ITEMS_FILE}.salvaged"
 _SALVAGE_RANGE = 1000
 _GIVE_UP = 20  # ranges in a row with nothing readable, when the largest key is unknown
 _SHOWN = 5
-
-
-@dataclass
-class CheckReport:
-    """What ``check_index`` found: ``problems`` are damage, ``notices`` are harmless."""
-
-    folder: str
-    items: int = 0
-    problems: list[str] = field(default_factory=list)
-    notices: list[str] = field(default_factory=list)
-    #: Which parts are damaged: ``"manifest"``, ``"items"``, ``"cache"`` and/or ``"tokens"``.
-    damaged: set[str] = field(default_factory=set)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def problem(self, part: str, message: str) -> None:
-        self.damaged.add(part)
-        self.problems.append(message)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "damaged": sorted(self.damaged), "ok": self.ok}
 
 
 def _store_manifest(folder: Path) -> IndexManifest | None:

@@ -25,7 +25,7 @@ from mmret.reranker import TokenFeatureSpec, token_features
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from mmret.index.integrity import CheckReport
+    from mmret.maintenance.report import CheckReport
 
 _SHOWN = 5
 _BATCH = 32

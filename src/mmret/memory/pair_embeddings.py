@@ -2,7 +2,7 @@
 
 A memory and the RECO training data both need the frozen encoder's embeddings of every image and
 caption *and* the ids of the images that decoded (to tell a training query's own pair apart in
-the memory), which :func:`mmret.evaluation.embeddings.embed_pairs` does not keep. Images and
+the memory), which :func:`mmret.cache.embeddings.embed_pairs` does not keep. Images and
 captions are cached separately, so the same files embedded for a memory and for training (the
 usual case: memory = training set) cost one encoding pass.
 """
@@ -15,16 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from mmret.encoders.base import Encoder, l2_normalise
-from mmret.errors import InputError
-from mmret.evaluation.embeddings import (
+from mmret.cache.embeddings import (
     PairEmbeddings,
     cached_arrays,
     embed_images,
-    encoder_fingerprint,
 )
+from mmret.encoders.base import Encoder
+from mmret.encoders.fingerprint import encoder_fingerprint
+from mmret.errors import InputError
+from mmret.ingest.pairs import PairSet
 from mmret.ingest.report import SkipReport
-from mmret.training.features import PairSet
+from mmret.late_interaction import l2_normalise
 
 
 @dataclass(frozen=True)

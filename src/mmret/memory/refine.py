@@ -10,7 +10,7 @@ comparable.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmret.encoders.base import Encoder, SharesLayers, l2_normalise
+from mmret._config import JsonConfig
+from mmret.encoders.base import Encoder, SharesLayers
 from mmret.errors import IndexFormatError, InputError
 from mmret.heads.reco import Fusion, load_fusion
+from mmret.late_interaction import l2_normalise
 from mmret.memory.store import Memory, Modality, check_modality, other
 
 SEARCH_MODES = ("uni", "cross")
@@ -28,7 +30,7 @@ _BATCH = 1024
 
 
 @dataclass(frozen=True)
-class RefinerOptions:
+class RefinerOptions(JsonConfig):
     """``k`` neighbours; ``search``: "uni" (an image finds memory images and takes their
     texts; RECO's choice) or "cross" (an image finds memory texts directly); pairs whose
     same-modality similarity to the query is >= ``threshold`` are never used (the query itself
@@ -45,13 +47,6 @@ class RefinerOptions:
             raise InputError(f"memory search must be 'uni' or 'cross', got {self.search!r}")
         if not -1.0 < self.threshold <= 1.0:
             raise InputError(f"near-duplicate threshold must be in (-1, 1], got {self.threshold}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RefinerOptions:
-        return cls(**data)
 
 
 class Refiner:

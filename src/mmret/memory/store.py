@@ -17,23 +17,25 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
+from mmret._closing import Closing
+from mmret._config import JsonConfig
 from mmret._files import build_folder
 from mmret._version import __version__
 from mmret.encoders import DEFAULT_MODEL, Encoder, load_encoder
-from mmret.encoders.base import l2_normalise
-from mmret.engine import Retriever
 from mmret.errors import IndexFormatError, InputError
+from mmret.index.folder import IndexFolder
+from mmret.index.manifest import IndexManifest
+from mmret.ingest.pairs import read_pairs
 from mmret.ingest.report import SkipReport
 from mmret.items import Item
-from mmret.memory.embedding import embed_pair_set, first_captions
-from mmret.training.features import read_pairs
+from mmret.late_interaction import l2_normalise
+from mmret.memory.pair_embeddings import embed_pair_set, first_captions
 
 Modality = Literal["image", "text"]
 MODALITIES: tuple[Modality, Modality] = ("image", "text")
@@ -59,7 +61,7 @@ def check_modality(modality: str) -> Modality:
 
 
 @dataclass(frozen=True)
-class MemoryManifest:
+class MemoryManifest(JsonConfig):
     """What a memory folder holds: ``pairs`` pairs embedded by ``encoder`` into ``dim``."""
 
     encoder: str
@@ -70,13 +72,6 @@ class MemoryManifest:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     mmret_version: str = __version__
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MemoryManifest:
-        return cls(**data)
 
 
 def memory_identity(encoder: str, ids: Sequence[str], image: np.ndarray, text: np.ndarray) -> str:
@@ -103,7 +98,7 @@ class Neighbours:
         return found
 
 
-class Memory:
+class Memory(Closing):
     """An opened memory folder (read-only). Close it, or use it as a context manager."""
 
     def __init__(self, folder: Path, manifest: MemoryManifest) -> None:
@@ -114,10 +109,10 @@ class Memory:
             m: np.load(folder / f"{m}.npy", mmap_mode="r") for m in MODALITIES
         }
         self._row = {id_: row for row, id_ in enumerate(self.ids)}
-        self.indexes: dict[Modality, Retriever] = {}
+        self.indexes: dict[Modality, IndexFolder] = {}
         try:
             for modality in MODALITIES:
-                self.indexes[modality] = Retriever.open(
+                self.indexes[modality] = IndexFolder.open(
                     folder / INDEX_FOLDERS[modality], readonly=True
                 )
         except BaseException:
@@ -148,17 +143,6 @@ class Memory:
         for index in self.indexes.values():
             index.close()
         self.indexes = {}
-
-    def __enter__(self) -> Memory:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -208,11 +192,11 @@ class Memory:
         todo = np.arange(len(queries))
         fetch = k + SEARCH_MARGIN
         while len(todo):
-            hits = self.indexes[searched].search_vectors(queries[todo], k=min(fetch, len(self)))
+            hits = self.indexes[searched].search(queries[todo], min(fetch, len(self)), None)[0]
             short = []
             for query, found in zip(todo.tolist(), hits, strict=True):
-                found_rows = self.rows_of([hit.id for hit in found])
-                found_scores = np.asarray([hit.score for hit in found], dtype=np.float32)
+                found_rows = self.rows_of([hit.id for _, hit in found])
+                found_scores = np.asarray([hit.score for _, hit in found], dtype=np.float32)
                 same = found_scores if search == "uni" else own[found_rows] @ queries[query]
                 keep = (same < threshold) & (found_rows != excluded[query])
                 kept_rows, kept_scores = found_rows[keep][:k], found_scores[keep][:k]
@@ -303,11 +287,14 @@ def write_memory(
     with build_folder(out) as scratch:
         for modality in MODALITIES:
             np.save(scratch / f"{modality}.npy", unit[modality])
-            with Retriever.create(
-                scratch / INDEX_FOLDERS[modality], encoder=encoder, backend=backend
-            ) as index:
+            index_folder = scratch / INDEX_FOLDERS[modality]
+            IndexFolder.create(
+                index_folder,
+                IndexManifest(encoder.spec, encoder.dim, backend, token_dim=encoder.token_dim),
+            )
+            with IndexFolder.open(index_folder) as index:
                 for start in range(0, len(items), _ADD_CHUNK):
                     end = start + _ADD_CHUNK
-                    index.add_vectors(items[start:end], unit[modality][start:end])
+                    index.add_new(items[start:end], unit[modality][start:end])
         (scratch / IDS_FILE).write_text(json.dumps(ids))
         (scratch / MEMORY_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")

@@ -1,7 +1,7 @@
 """Distributed encoding on Ray Data: ``mmret index SRC --out DIR --ray [ADDRESS]``.
 
 The source is read on the driver with mmret's own readers and cut into shards
-(:mod:`mmret.ingest.shards`). Ray Data runs the unfinished shards through a pool of actors,
+(:mod:`mmret.scaleout.shards`). Ray Data runs the unfinished shards through a pool of actors,
 each holding one instance of the index's encoder (loaded once per worker, not per shard); a
 worker returns its shard's Parquet bytes and the driver writes them into the staging folder,
 aside and renamed into place. Only then are the shards loaded into the index, in order, through
@@ -31,10 +31,10 @@ import numpy as np
 
 from mmret._files import write_atomic
 from mmret._progress import progress
+from mmret.adding import ADD_CHUNK, AddReport
 from mmret.encoders import load_encoder
-from mmret.engine import ADD_CHUNK, AddReport
 from mmret.errors import InputError
-from mmret.ingest.shards import (
+from mmret.scaleout.shards import (
     DEFAULT_SHARD_SIZE,
     encode_shard,
     finished_shards,
@@ -151,7 +151,7 @@ def encode_shards(
     """Encode ``source`` into Parquet shards in ``staging`` on a Ray cluster, skipping the
     shards an earlier run finished. ``workers`` actors (default: one per CPU of the cluster)
     each load ``model`` once; ``on_shard`` is called with each shard's number once its file is
-    written. See :func:`mmret.ingest.shards.plan_shards` for ``present``."""
+    written. See :func:`mmret.scaleout.shards.plan_shards` for ``present``."""
     if workers is not None and workers < 1:
         raise InputError(f"workers must be at least 1, got {workers}")
     with _cluster(address) as ray:
@@ -235,11 +235,11 @@ def add_with_ray(
         items, vectors, skipped = read_shard(shard_path(folder, number), retriever.manifest.dim)
         report.skipped.merge(skipped)
         for start in range(0, len(items), ADD_CHUNK):
-            report.added += retriever.add_encoded(
+            report.added += retriever.add(
                 items[start : start + ADD_CHUNK],
-                vectors[start : start + ADD_CHUNK],
-                report.skipped,
-            )
+                vectors=vectors[start : start + ADD_CHUNK],
+                report=report.skipped,
+            ).added
     if not keep_shards:
         shutil.rmtree(folder, ignore_errors=True)
     return report

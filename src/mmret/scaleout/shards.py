@@ -1,5 +1,5 @@
 """A source cut into shards of items, each encoded into a Parquet file: the unit of work of
-distributed encoding (:mod:`mmret.ingest.ray_encode`), and of resuming it.
+distributed encoding (:mod:`mmret.scaleout.ray_encode`), and of resuming it.
 
 A staging folder holds:
 
@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from mmret._files import write_atomic
+from mmret.adding import ADD_CHUNK, encode_items
 from mmret.encoders.base import Encoder, batched
-from mmret.engine import ADD_CHUNK, encode_items
 from mmret.errors import IndexFormatError, InputError
 from mmret.index.store import StoredItem
 from mmret.ingest.report import SkipReport

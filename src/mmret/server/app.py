@@ -23,7 +23,6 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from mmret._version import __version__
-from mmret.engine import query_modality
 from mmret.errors import (
     IndexBusyError,
     IndexFormatError,
@@ -32,6 +31,7 @@ from mmret.errors import (
     UnknownItemError,
 )
 from mmret.items import Query as SearchQuery
+from mmret.search_steps import query_modality
 from mmret.server.config import ServerConfig
 from mmret.server.guard import RequestGuard
 from mmret.server.images import UploadTooLargeError, decode_base64

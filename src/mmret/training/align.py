@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from mmret._config import JsonConfig
+from mmret.cache.tower_features import PairFeatures
 from mmret.encoders.towers import TOWERS
-from mmret.evaluation.retrieval import RetrievalReport, retrieval_metrics
+from mmret.evaluation.retrieval import retrieval_metrics
 from mmret.heads.alignment import AlignmentConfig, AlignmentHead
-from mmret.training.features import PairFeatures
 from mmret.training.knowledge import ClassKnowledge
+from mmret.training.loop import EpochLog, Judged, Run, seeded
 from mmret.training.losses import class_distillation, symmetric_info_nce
 
 
 @dataclass(frozen=True)
-class AlignTrainingConfig:
+class AlignTrainingConfig(JsonConfig):
     """Hyper-parameters of :func:`train_alignment` (defaults chosen on Flickr8k dev)."""
 
     embed_dim: int = 512
@@ -36,16 +37,6 @@ class AlignTrainingConfig:
     imagenet_weight: float = 0.0
     #: Temperature softening the ImageNet classifier's distribution before distilling it.
     imagenet_temperature: float = 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class EpochLog:
-    epoch: int
-    loss: float
-    dev: RetrievalReport | None
 
 
 def embed_pairs(head: AlignmentHead, features: PairFeatures) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +66,9 @@ def train_alignment(
     config: AlignTrainingConfig | None = None,
     *,
     knowledge: ClassKnowledge | None = None,
+    checkpoint_dir: Path | None = None,
     on_epoch: Callable[[EpochLog], None] | None = None,
+    show_progress: bool = False,
 ) -> tuple[AlignmentHead, list[EpochLog]]:
     """Train projections with symmetric InfoNCE; with ``dev``, keep the epoch of best RSUM.
 
@@ -83,11 +76,11 @@ def train_alignment(
     each other's negatives. With ``knowledge`` and ``config.imagenet_weight > 0``, each step
     also distils the ImageNet classifier: the batch images' similarities to the projected class
     prompts should rank the classes as the classifier does (see :func:`imagenet_distillation`).
-    Seeded: the same inputs and config give the same head.
+    Seeded: the same inputs and config give the same head. With ``checkpoint_dir``, a later
+    call with the same arguments resumes after the last finished epoch.
     """
     config = config or AlignTrainingConfig()
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
+    generator = seeded(config)
     head = AlignmentHead(
         AlignmentConfig(
             image_dim=train.image.shape[1],
@@ -104,49 +97,40 @@ def train_alignment(
     owner = torch.from_numpy(np.array(train.text_image, dtype=np.int64))
     head.image.set_statistics(image)
     head.text.set_statistics(text)
-    distil = knowledge is not None and config.imagenet_weight > 0
-    if distil:
-        assert knowledge is not None
+    distil = None
+    if knowledge is not None and config.imagenet_weight > 0:
         class_text = torch.from_numpy(np.asarray(knowledge.class_text, dtype=np.float32))
-        teacher = torch.from_numpy(np.asarray(knowledge.image_logits, dtype=np.float32))
-        teacher = (teacher / config.imagenet_temperature).softmax(dim=-1)
+        logits = torch.from_numpy(np.asarray(knowledge.image_logits, dtype=np.float32))
+        distil = class_text, (logits / config.imagenet_temperature).softmax(dim=-1)
     optimiser = torch.optim.AdamW(
         head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    steps_per_epoch = max(1, len(text) // config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser,
-        max_lr=config.learning_rate,
-        total_steps=config.epochs * steps_per_epoch,
-        pct_start=0.1,
-    )
-    best_state, best_rsum, logs = None, -1.0, []
-    for epoch in range(1, config.epochs + 1):
-        head.train()
+    steps = max(1, len(text) // config.batch_size)
+
+    def losses(epoch: int) -> Iterator[torch.Tensor]:
         order = torch.randperm(len(text), generator=generator)
-        total = 0.0
-        for step in range(steps_per_epoch):
+        for step in range(steps):
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
             image_emb, text_emb = head(image[owner[batch]], text[batch])
             loss = symmetric_info_nce(image_emb, text_emb, owner[batch], head.logit_scale)
-            if distil:
+            if distil is not None:
                 loss = loss + config.imagenet_weight * imagenet_distillation(
-                    head, image_emb, class_text, teacher[owner[batch]]
+                    head, image_emb, distil[0], distil[1][owner[batch]]
                 )
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            total += float(loss.detach())
+            yield loss
+
+    logs: list[EpochLog] = []  # this call's epochs, with their raw ranks
+
+    def judge(epoch: int, loss: float) -> Judged[EpochLog]:
         metrics = None
         if dev is not None:
             metrics = retrieval_metrics(*embed_pairs(head, dev), np.asarray(dev.text_image))
-            if metrics.rsum > best_rsum:
-                best_rsum, best_state = metrics.rsum, copy.deepcopy(head.state_dict())
-        log = EpochLog(epoch, total / steps_per_epoch, metrics)
-        logs.append(log)
-        if on_epoch is not None:
-            on_epoch(log)
-    if best_state is not None:
-        head.load_state_dict(best_state)
-    return head.eval(), logs
+        logs.append(EpochLog(epoch, loss, metrics))
+        return Judged.by_rsum(logs[-1], logs[-1].to_dict(), metrics)
+
+    run = Run(head, optimiser, generator, config, losses, judge, steps, "Alignment epoch {epoch}")
+    records = replace(run, schedule="one-cycle").fit(
+        checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
+    )
+    resumed = [EpochLog.from_dict(record) for record in records[: len(records) - len(logs)]]
+    return head, resumed + logs

@@ -17,9 +17,8 @@ epoch of best dev CIDEr is kept.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812 - the universal torch idiom
 
-from mmret._progress import progress
+from mmret._config import JsonConfig
 from mmret.engine import Retriever
 from mmret.errors import InputError
 from mmret.evaluation.captioning import caption_metrics
@@ -40,22 +39,15 @@ from mmret.heads.captioner import (
     CaptionDecoderConfig,
     DecoderInput,
 )
-from mmret.training.checkpoint import (
-    TrainingState,
-    descend,
-    has_checkpoint,
-    resume_checkpoint,
-    save_checkpoint,
-    warmup_cosine,
-)
-from mmret.training.features import PairSet
+from mmret.ingest.pairs import PairSet
+from mmret.training.loop import Judged, Run, seeded
 
 _DEV_BATCH = 100
 _BLOCK = 1024
 
 
 @dataclass(frozen=True)
-class CaptionTrainingConfig:
+class CaptionTrainingConfig(JsonConfig):
     """Hyper-parameters of :func:`train_captioner` (defaults chosen on Flickr8k dev);
     ``documents=0`` trains the same decoder without retrieval."""
 
@@ -86,13 +78,6 @@ class CaptionTrainingConfig:
             )
         if self.drop_vector + self.drop_text >= 1.0:
             raise InputError("drop_vector + drop_text must stay below 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CaptionTrainingConfig:
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -263,8 +248,7 @@ def train_captioner(
     """
     if config.documents and memory is None:
         raise InputError("a decoder with retrieval (documents > 0) trains with a memory")
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = seeded(config)
     model = CaptionDecoder(
         CaptionDecoderConfig(
             encoder=encoder,
@@ -286,45 +270,31 @@ def train_captioner(
     samples = _Samples(train, memory, vocabulary, config)
     held_out = dev_samples(dev, memory, config.documents, config.duplicate_threshold) if dev else []
     steps = max(1, len(train.ids) // config.batch_size)
-    state = TrainingState(copy.deepcopy(model.state_dict()), -1.0, 0, [])
-    if has_checkpoint(checkpoint_dir):
-        assert checkpoint_dir is not None
-        state = resume_checkpoint(checkpoint_dir, config.to_dict(), model, optimiser, generator)
-    for epoch in range(state.epoch + 1, config.epochs + 1):
-        model.train()
+
+    def losses(epoch: int) -> Iterator[torch.Tensor]:
         seed = int(torch.randint(2**31, (1,), generator=generator))
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(train.ids))
-        total = 0.0
-        for step in progress(
-            range(steps), total=steps, description=f"Decoder epoch {epoch}", enabled=show_progress
-        ):
-            rate = warmup_cosine(
-                config.learning_rate, (epoch - 1) * steps + step, config.epochs * steps
-            )
+        for step in range(steps):
             rows = order[step * config.batch_size : (step + 1) * config.batch_size]
             batch = assemble(
                 [samples.draw(int(i), rng) for i in rows], config.prefix, left_pad=False
             )
-            total += descend(
-                optimiser, caption_loss(model, batch, config.alpha), rate, (model, 1.0)
-            )
-        log: dict[str, Any] = {"epoch": epoch, "loss": total / steps}
-        score = float(epoch)  # without dev, the last epoch is kept
-        if dev is not None:
-            log["dev"] = dev_scores(model, vocabulary, dev, held_out)
-            score = log["dev"]["CIDEr"]
-        if score > state.best_score:
-            state.best, state.best_score = copy.deepcopy(model.state_dict()), score
-        state.epoch = epoch
-        state.logs.append(log)
-        if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, config.to_dict(), model, optimiser, generator, state)
-        if on_epoch is not None:
-            on_epoch(log)
-    model.load_state_dict(state.best)
-    model.eval()
-    return model, state.logs
+            yield caption_loss(model, batch, config.alpha)
+
+    def judge(epoch: int, loss: float) -> Judged[dict[str, Any]]:
+        log: dict[str, Any] = {"epoch": epoch, "loss": loss}
+        if dev is None:
+            return Judged(log, log, None)
+        log["dev"] = dev_scores(model, vocabulary, dev, held_out)
+        return Judged(log, log, log["dev"]["CIDEr"])
+
+    run = Run(
+        model, optimiser, generator, config, losses, judge, steps, "Decoder epoch {epoch}", clip=1.0
+    )
+    return model, run.fit(
+        checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
+    )
 
 
 def captioned_images(pairs: PairSet, vectors: np.ndarray, decoded: np.ndarray) -> CaptionedImages:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,16 +51,48 @@ def warmup_cosine(base_rate: float, step: int, total: int) -> float:
     return base_rate * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
+def one_cycle(base_rate: float, step: int, total: int) -> tuple[float, float]:
+    """The learning rate and Adam's beta1 at ``step`` of ``total`` under PyTorch's
+    ``OneCycleLR`` with its defaults and ``pct_start=0.1``: the rate rises from
+    ``base_rate / 25`` to ``base_rate`` over the first 10 % of steps along a cosine, then falls
+    to ``base_rate / 250,000``, while beta1 falls from 0.95 to 0.85 and rises back.
+
+    >>> [round(one_cycle(1.0, s, 20)[0], 3) for s in (0, 1, 10, 19)]
+    [0.04, 1.0, 0.5, 0.0]
+    """
+    initial, peak = base_rate / 25.0, base_rate
+    phases = (
+        (float(0.1 * total) - 1, (initial, peak), (0.95, 0.85)),
+        (total - 1, (peak, initial / 1e4), (0.85, 0.95)),
+    )
+    start = 0.0
+    for number, (end, rates, betas) in enumerate(phases):
+        if step <= end or number == len(phases) - 1:
+            done = (step - start) / (end - start)
+            return _cosine(*rates, done), _cosine(*betas, done)
+        start = end
+    raise AssertionError("unreachable: the last phase takes every step")
+
+
+def _cosine(start: float, end: float, done: float) -> float:
+    return end + (start - end) / 2.0 * (math.cos(math.pi * done) + 1)
+
+
 def descend(
     optimiser: torch.optim.Optimizer,
     loss: torch.Tensor,
-    rate: float,
+    rate: float | Sequence[float],
     clip: tuple[torch.nn.Module, float] | None = None,
+    beta1: float | None = None,
 ) -> float:
     """One step of ``optimiser`` on ``loss`` with every group's learning rate set to ``rate``
-    (gradients first clipped to norm ``clip[1]`` over ``clip[0]``'s parameters); the loss."""
-    for group in optimiser.param_groups:
-        group["lr"] = rate
+    (or each group's to its own of ``rate``) and, if given, Adam's ``beta1``; gradients are
+    first clipped to norm ``clip[1]`` over ``clip[0]``'s parameters. Returns the loss."""
+    rates = [rate] * len(optimiser.param_groups) if isinstance(rate, float | int) else rate
+    for group, group_rate in zip(optimiser.param_groups, rates, strict=True):
+        group["lr"] = group_rate
+        if beta1 is not None:
+            group["betas"] = (beta1, *group["betas"][1:])
     optimiser.zero_grad()
     loss.backward()  # type: ignore[no-untyped-call]
     if clip is not None:

@@ -17,10 +17,9 @@ fixed sample of queries; the epoch with the best sum of those recalls is kept. C
 
 from __future__ import annotations
 
-import copy
 import json
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812 - the universal torch idiom
 
-from mmret._progress import progress
+from mmret._config import JsonConfig
+from mmret.cache.layer_features import LayerFeatureSet
 from mmret.errors import InputError
-from mmret.evaluation.rerank import (
+from mmret.evaluation.reranked import (
     RerankedReport,
     StoredSides,
     first_stage_top,
@@ -38,17 +38,11 @@ from mmret.evaluation.rerank import (
     reranked_retrieval,
 )
 from mmret.evaluation.retrieval import RetrievalReport, retrieval_metrics
-from mmret.heads.rerank import CrossEncoder, RerankConfig, SideTokens, image_grid
-from mmret.training.checkpoint import (
-    TrainingState,
-    has_checkpoint,
-    resume_checkpoint,
-    save_checkpoint,
-    warmup_cosine,
-)
-from mmret.training.feature_store import LayerFeatureSet
+from mmret.heads.cross_encoder import CrossEncoder, RerankConfig, SideTokens, image_grid
 from mmret.training.hat import set_statistics
+from mmret.training.loop import Judged, Run, seeded
 from mmret.training.losses import symmetric_info_nce
+from mmret.training.record import TRAINING_RECORD
 
 _CHUNK = 2048
 _SCALE_RATE = 10.0
@@ -58,7 +52,7 @@ INTERPOLATION_WEIGHTS = (0.0, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0)
 
 
 @dataclass(frozen=True)
-class RerankTrainingConfig:
+class RerankTrainingConfig(JsonConfig):
     """Hyper-parameters of :func:`train_rerank` (defaults chosen on Flickr8k dev)."""
 
     image_layer: int = 8
@@ -88,13 +82,6 @@ class RerankTrainingConfig:
     dev_queries: int = 500
     rerank_n: int = 20
     seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RerankTrainingConfig:
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -267,8 +254,7 @@ def train_rerank(
     Returns the model of the best epoch (by the dev sample's reranked recalls; without ``dev``
     the last) and every epoch's :meth:`RerankEpochLog.to_dict`.
     """
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = seeded(config)
     model = build_model(train, config, backbone, layer_source)
     data = RerankData(train, config)
     dev_data = RerankData(dev, config) if dev is not None else None
@@ -291,57 +277,43 @@ def train_rerank(
     )
     warm_steps = max(1, len(data.owner) // config.contrastive_batch)
     joint_steps = max(1, config.queries_per_epoch // config.query_batch)
-    total_steps = config.warmup_epochs * warm_steps + config.epochs * joint_steps
-    state = TrainingState(copy.deepcopy(model.state_dict()), -1.0, 0, [])
-    if has_checkpoint(checkpoint_dir):
-        assert checkpoint_dir is not None
-        state = resume_checkpoint(checkpoint_dir, config.to_dict(), model, optimiser, generator)
-    for epoch in range(state.epoch + 1, config.warmup_epochs + config.epochs + 1):
-        warm = epoch <= config.warmup_epochs
-        done = (
-            (epoch - 1) * warm_steps
-            if warm
-            else config.warmup_epochs * warm_steps
-            + (epoch - 1 - config.warmup_epochs) * joint_steps
-        )
-        steps = warm_steps if warm else joint_steps
-        epoch_loop = _warmup_steps if warm else _joint_steps
-        total = 0.0
-        label = f"Rerank epoch {epoch} ({'bi-encoder' if warm else 'joint'})"
-        batches = progress(
-            epoch_loop(model, data, config, generator),
-            total=steps,
-            description=label,
-            enabled=show_progress,
-        )
-        model.train()
-        for step, loss in enumerate(batches):
-            rate = warmup_cosine(config.learning_rate, done + step, total_steps)
-            optimiser.param_groups[0]["lr"] = rate * (1.0 if warm else config.joint_projection_rate)
-            optimiser.param_groups[1]["lr"] = rate
-            optimiser.param_groups[2]["lr"] = rate * _SCALE_RATE
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            total += float(loss.detach())
-        log = _evaluate(model, dev_data, config, epoch, total / steps, warm)
-        state.logs.append(log.to_dict())
-        score = log.reranked.report.rsum if log.reranked else -1.0
-        if log.reranked is None or score > state.best_score or dev_data is None:
-            state.best_score = score
-            state.best = copy.deepcopy(model.state_dict())
-        state.epoch = epoch
-        if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, config.to_dict(), model, optimiser, generator, state)
-        if on_epoch is not None:
-            on_epoch(log)
-    model.load_state_dict(state.best)
-    return model.eval(), state.logs
+
+    def warm(epoch: int) -> bool:
+        return epoch <= config.warmup_epochs
+
+    def losses(epoch: int) -> Iterator[torch.Tensor]:
+        epoch_loop = _warmup_steps if warm(epoch) else _joint_steps
+        return epoch_loop(model, data, config, generator)
+
+    def group_rates(epoch: int, rate: float) -> list[float]:
+        projection = 1.0 if warm(epoch) else config.joint_projection_rate
+        return [rate * projection, rate, rate * _SCALE_RATE]
+
+    def judge(epoch: int, loss: float) -> Judged[RerankEpochLog]:
+        log = _evaluate(model, dev_data, config, epoch, loss, warm(epoch))
+        score = None if log.reranked is None or dev_data is None else log.reranked.report.rsum
+        return Judged(log, log.to_dict(), score)
+
+    run = Run(
+        model,
+        optimiser,
+        generator,
+        config,
+        losses,
+        judge,
+        steps=lambda epoch: warm_steps if warm(epoch) else joint_steps,
+        label=lambda e: f"Rerank epoch {e} ({'bi-encoder' if warm(e) else 'joint'})",
+        epochs=config.warmup_epochs + config.epochs,
+        group_rates=group_rates,
+    )
+    return model, run.fit(
+        checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
+    )
 
 
 def _warmup_steps(
     model: CrossEncoder, data: RerankData, config: RerankTrainingConfig, generator: torch.Generator
-) -> Any:
+) -> Iterator[torch.Tensor]:
     """Bi-encoder losses over every caption once, in a random order."""
     order = torch.randperm(len(data.owner), generator=generator).numpy()
     for step in range(max(1, len(order) // config.contrastive_batch)):
@@ -358,7 +330,7 @@ def _contrastive(model: CrossEncoder, data: RerankData, captions: np.ndarray) ->
 
 def _joint_steps(
     model: CrossEncoder, data: RerankData, config: RerankTrainingConfig, generator: torch.Generator
-) -> Any:
+) -> Iterator[torch.Tensor]:
     """Mine hard negatives with the current bi-encoder, then yield the joint losses."""
     half = config.queries_per_epoch // 2
     captions = torch.randperm(len(data.owner), generator=generator)[:half].numpy()
@@ -449,7 +421,7 @@ def _evaluate(
 
 def training_config(folder: Path) -> RerankTrainingConfig | None:
     """The config a reranker in ``folder`` was trained with (``training.json``), if recorded."""
-    log = folder / "training.json"
+    log = folder / TRAINING_RECORD
     if not log.is_file():
         return None
     return RerankTrainingConfig.from_dict(json.loads(log.read_text())["config"])

@@ -32,20 +32,20 @@ from pathlib import Path
 import numpy as np
 
 from mmret._progress import progress
+from mmret.cache.embeddings import PairEmbeddings
+from mmret.cache.tower_features import PairFeatures, pair_features
 from mmret.encoders.base import Encoder
 from mmret.encoders.ensemble import EnsembleEncoder
 from mmret.encoders.starter import StarterEncoder
 from mmret.encoders.towers import StarterTowers
 from mmret.errors import InputError
-from mmret.evaluation.embeddings import PairEmbeddings
+from mmret.ingest.pairs import PairSet
 from mmret.items import Item
 from mmret.memory.store import Memory, Modality, write_memory
 from mmret.training.align import AlignTrainingConfig, embed_pairs, train_alignment
-from mmret.training.features import PairFeatures, PairSet, pair_features
 from mmret.training.knowledge import ClassKnowledge, imagenet_knowledge
 from mmret.training.reco import RecoFold, RecoTrainingConfig, reco_data
-
-TRAINING_RECORD = "training.json"
+from mmret.training.record import TRAINING_RECORD
 
 
 def retrainable(encoder: Encoder) -> bool:

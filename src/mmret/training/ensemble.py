@@ -8,9 +8,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from mmret.cache.embeddings import PairEmbeddings
 from mmret.encoders.ensemble import EnsembleConfig
 from mmret.errors import InputError
-from mmret.evaluation.embeddings import PairEmbeddings
 from mmret.evaluation.retrieval import retrieval_metrics
 
 

@@ -10,37 +10,29 @@ finished epoch and ends with the same head as an uninterrupted run.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mmret._progress import progress
+from mmret._config import JsonConfig
+from mmret.cache.layer_features import LayerFeatureSet, StoredLayer
 from mmret.errors import InputError
 from mmret.evaluation.retrieval import RetrievalReport, retrieval_metrics
 from mmret.heads.alignment import Projection
 from mmret.heads.hat import HatConfig, HierarchicalAlignmentHead
-from mmret.training.checkpoint import (
-    TrainingState,
-    descend,
-    has_checkpoint,
-    resume_checkpoint,
-    save_checkpoint,
-    warmup_cosine,
-)
-from mmret.training.feature_store import LayerFeatureSet, StoredLayer
 from mmret.training.knowledge import LevelKnowledge
+from mmret.training.loop import Judged, Run, seeded
 from mmret.training.losses import class_distillation, symmetric_info_nce
 
 _CHUNK = 4096
 
 
 @dataclass(frozen=True)
-class HatTrainingConfig:
+class HatTrainingConfig(JsonConfig):
     """Hyper-parameters of :func:`train_hat` (defaults chosen on Flickr8k dev)."""
 
     image_layers: tuple[int, ...] = (7, 8)
@@ -59,17 +51,6 @@ class HatTrainingConfig:
     imagenet_weight: float = 0.0
     #: Temperature softening the classifier's distribution before distilling it.
     imagenet_temperature: float = 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> HatTrainingConfig:
-        layers = ("image_layers", "text_layers")
-        values = dict(data)
-        for key in layers:
-            values[key] = tuple(values[key])
-        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -212,8 +193,7 @@ def train_hat(
     With ``checkpoint_dir``, each finished epoch is saved there and a later call with the same
     arguments resumes after it (a different config is refused rather than mixed in).
     """
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = seeded(config)
     head = build_head(train, config, backbone, layer_source)
     distil = _distillation(config, knowledge)
     trainable = [p for p in head.parameters() if p.requires_grad]
@@ -222,24 +202,15 @@ def train_hat(
     )
     owner = np.asarray(train.text_image, dtype=np.int64)
     steps = max(1, len(owner) // config.batch_size)
-    state = TrainingState(head.state_dict(), -1.0, 0, [])
-    if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
-        state = resume_checkpoint(checkpoint_dir, config.to_dict(), head, optimiser, generator)
-    for epoch in range(state.epoch + 1, config.epochs + 1):
-        head.train()
+
+    def losses(epoch: int) -> Iterator[torch.Tensor]:
         order = torch.randperm(len(owner), generator=generator).numpy()
-        total = 0.0
-        batches = progress(
-            range(steps), total=steps, description=f"HAT epoch {epoch}", enabled=show_progress
-        )
-        for step in batches:
-            rate = warmup_cosine(
-                config.learning_rate, (epoch - 1) * steps + step, config.epochs * steps
-            )
+        for step in range(steps):
             captions = order[step * config.batch_size : (step + 1) * config.batch_size]
             images = owner[captions]
-            image_pooled = pooled_levels(train.image, config.image_layers, images)
-            image_levels = head.image_levels(image_pooled)
+            image_levels = head.image_levels(
+                pooled_levels(train.image, config.image_layers, images)
+            )
             loss = hat_loss(
                 head,
                 image_levels,
@@ -256,22 +227,19 @@ def train_hat(
                     head.logit_scales[-1],
                     teacher[images],
                 )
-            total += descend(optimiser, loss, rate)
+            yield loss
+
+    def judge(epoch: int, loss: float) -> Judged[HatEpochLog]:
         metrics = None
         if dev is not None:
             metrics = retrieval_metrics(*embed_set(head, dev), np.asarray(dev.text_image))
-        log = HatEpochLog(epoch, total / steps, head.weights.tolist(), metrics)
-        state.logs.append(log.to_dict())
-        if metrics is None or metrics.rsum > state.best_score:
-            state.best_score = metrics.rsum if metrics else -1.0
-            state.best = copy.deepcopy(head.state_dict())
-        state.epoch = epoch
-        if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, config.to_dict(), head, optimiser, generator, state)
-        if on_epoch is not None:
-            on_epoch(log)
-    head.load_state_dict(state.best)
-    return head.eval(), state.logs
+        log = HatEpochLog(epoch, loss, head.weights.tolist(), metrics)
+        return Judged.by_rsum(log, log.to_dict(), metrics)
+
+    run = Run(head, optimiser, generator, config, losses, judge, steps, "HAT epoch {epoch}")
+    return head, run.fit(
+        checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
+    )
 
 
 def _distillation(

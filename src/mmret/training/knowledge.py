@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from mmret._progress import progress
-from mmret.encoders.base import Encoder, batched, l2_normalise
+from mmret.cache.layer_features import LayerFeatureSet
+from mmret.cache.tower_features import PairFeatures, text_features
+from mmret.encoders.base import Encoder, batched
 from mmret.encoders.towers import StarterTowers
 from mmret.errors import InputError
 from mmret.evaluation.classification import DEFAULT_TEMPLATES, class_prompts
-from mmret.training.feature_store import LayerFeatureSet
-from mmret.training.features import PairFeatures, text_features
+from mmret.late_interaction import l2_normalise
 
 N_CLASSES = 1000
 _CHUNK = 4096

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mmret.cache.embeddings import PairEmbeddings, encode_image_files
 from mmret.encoders import Encoder
-from mmret.evaluation.embeddings import PairEmbeddings, encode_image_files
 from mmret.evaluation.retrieval import retrieval_metrics
+from mmret.ingest.pairs import PairSet
 from mmret.ingest.report import SkipReport
 from mmret.query_bank import QueryBank
-from mmret.training.features import PairSet
 
 BETAS = (10.0, 20.0, 30.0)
 #: Discount weights tried; 0 (no discount) wins where normalising does not help.

@@ -4,34 +4,34 @@ The encoder stays frozen: training images and captions are embedded once (cached
 memory neighbours are searched once (the memory never returns a training item's own pair nor
 its near-duplicates), and only the fusion learns, with RECO's loss
 ``NCE(refined V, refined T) + NCE(refined V, T) + NCE(V, refined T)``. Every epoch writes a
-checkpoint (weights, optimiser, random state, best dev state) to resume from.
+checkpoint (weights, optimiser, random states, best dev state) that a later run with the same
+config resumes from (:func:`mmret.training.loop.fit`).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from mmret._progress import progress
+from mmret._config import JsonConfig
+from mmret.cache.embeddings import PairEmbeddings
 from mmret.errors import InputError
-from mmret.evaluation.embeddings import PairEmbeddings
-from mmret.evaluation.retrieval import RetrievalReport, retrieval_metrics
+from mmret.evaluation.retrieval import retrieval_metrics
 from mmret.heads.reco import FusionConfig, TransformerFusion
 from mmret.memory.store import Memory
+from mmret.training.loop import EpochLog, Judged, Run, seeded
 from mmret.training.losses import symmetric_info_nce
 
 CHECKPOINT = "checkpoint"
 
 
 @dataclass(frozen=True)
-class RecoTrainingConfig:
+class RecoTrainingConfig(JsonConfig):
     """Hyper-parameters of :func:`train_reco`: the shipped fusion's recipe (see its card)."""
 
     k: int = 10
@@ -48,13 +48,6 @@ class RecoTrainingConfig:
     #: Train on ``cross_fit`` cross-fitted folds (:mod:`mmret.training.crossfit`); 0: on the
     #: frozen model's own embeddings of the training pairs.
     cross_fit: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RecoTrainingConfig:
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -152,13 +145,6 @@ def refine_all(
     return out[0], out[1]
 
 
-@dataclass(frozen=True)
-class RecoEpochLog:
-    epoch: int
-    loss: float
-    dev: RetrievalReport | None
-
-
 def train_reco(
     train: RecoData | Sequence[RecoFold],
     memory: Memory,
@@ -166,10 +152,9 @@ def train_reco(
     config: RecoTrainingConfig | None = None,
     *,
     checkpoint_dir: Path | None = None,
-    resume: bool = False,
-    on_epoch: Callable[[RecoEpochLog], None] | None = None,
+    on_epoch: Callable[[EpochLog], None] | None = None,
     show_progress: bool = False,
-) -> tuple[TransformerFusion, list[RecoEpochLog]]:
+) -> tuple[TransformerFusion, list[EpochLog]]:
     """Train a fusion with RECO's three-term loss; with ``dev``, keep the epoch of best RSUM
     (refined images against refined captions). Seeded: the same inputs give the same fusion,
     resumed or not.
@@ -179,8 +164,7 @@ def train_reco(
     one fold's pairs, since folds embed with different models.
     """
     config = config or RecoTrainingConfig()
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = seeded(config)
     folds = [
         _FoldTensors(f)
         for f in ([RecoFold(train, memory)] if isinstance(train, RecoData) else train)
@@ -200,65 +184,40 @@ def train_reco(
         fusion.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     steps_per_epoch = sum(fold.steps(config.batch_size) for fold in folds)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser,
-        max_lr=config.learning_rate,
-        total_steps=config.epochs * steps_per_epoch,
-        pct_start=0.1,
-    )
-    state = _TrainingState(config)
-    if resume:
-        if checkpoint_dir is None:
-            raise InputError("resuming needs the checkpoint folder")
-        state = _TrainingState.load(checkpoint_dir, config, fusion, optimiser, schedule, generator)
     dev_partners = folds[0].partners if isinstance(train, RecoData) else _Partners(memory)
-    for epoch in range(state.epoch + 1, config.epochs + 1):
-        fusion.train()
+
+    def losses(epoch: int) -> Iterator[torch.Tensor]:
         batches = [
             (fold, batch) for fold in folds for batch in fold.batches(config.batch_size, generator)
         ]
         if len(folds) > 1:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
-        total = 0.0
-        steps = progress(
-            batches,
-            total=steps_per_epoch,
-            description=f"Epoch {epoch}/{config.epochs}",
-            enabled=show_progress,
-        )
-        for fold, (images, captions) in steps:
+        for fold, (images, captions) in batches:
             plain_v, plain_t = fold.image[images], fold.text[captions]
             texts_of_v, valid_v = fold.partners.gather(fold.image_rows[images], "text")
             images_of_t, valid_t = fold.partners.gather(fold.text_rows[captions], "image")
             refined_v = fusion.fuse(plain_v, texts_of_v, valid_v, "image")
             refined_t = fusion.fuse(plain_t, images_of_t, valid_t, "text")
             scale = fusion.logit_scale
-            loss = (
+            yield (
                 symmetric_info_nce(refined_v, refined_t, images, scale)
                 + symmetric_info_nce(refined_v, plain_t, images, scale)
                 + symmetric_info_nce(plain_v, refined_t, images, scale)
             )
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            total += float(loss.detach())
+
+    def judge(epoch: int, loss: float) -> Judged[EpochLog]:
         metrics = None
         if dev is not None:
             metrics = retrieval_metrics(*refine_all(fusion, dev, dev_partners), dev.text_image)
-            if metrics.rsum > state.best_rsum:
-                state.best_rsum = metrics.rsum
-                state.best = {k: v.detach().clone() for k, v in fusion.state_dict().items()}
-        log = RecoEpochLog(epoch, total / steps_per_epoch, metrics)
-        state.epoch = epoch
-        state.history.append(_log_dict(log))
-        if checkpoint_dir is not None:
-            state.save(checkpoint_dir, fusion, optimiser, schedule, generator)
-        if on_epoch is not None:
-            on_epoch(log)
-    if state.best is not None:
-        fusion.load_state_dict(state.best)
-    return fusion.eval(), [_log_from_dict(entry) for entry in state.history]
+        log = EpochLog(epoch, loss, metrics)
+        return Judged.by_rsum(log, log.to_dict(), metrics)
+
+    label = f"Epoch {{epoch}}/{config.epochs}"
+    run = Run(fusion, optimiser, generator, config, losses, judge, steps_per_epoch, label)
+    records = replace(run, schedule="one-cycle").fit(
+        checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
+    )
+    return fusion, [EpochLog.from_dict(record) for record in records]
 
 
 class _FoldTensors:
@@ -298,108 +257,3 @@ class _FoldTensors:
                 for step in range(self.steps(batch_size))
             )
         ]
-
-
-def _log_dict(log: RecoEpochLog) -> dict[str, Any]:
-    return {"epoch": log.epoch, "loss": log.loss, "dev": log.dev.to_dict() if log.dev else None}
-
-
-def _log_from_dict(entry: dict[str, Any]) -> RecoEpochLog:
-    dev = entry["dev"]
-    report = None
-    if dev is not None:
-        empty = np.zeros(0, dtype=np.int64)
-        report = RetrievalReport(
-            dev["text_to_image"],
-            dev["image_to_text"],
-            dev["median_rank"]["text_to_image"],
-            dev["median_rank"]["image_to_text"],
-            dev["n_images"],
-            dev["n_texts"],
-            empty,
-            empty,
-        )
-    return RecoEpochLog(entry["epoch"], entry["loss"], report)
-
-
-class _TrainingState:
-    """Everything needed to continue a run after its last finished epoch, saved as
-    ``state.json`` + ``tensors.safetensors`` (no pickle)."""
-
-    def __init__(self, config: RecoTrainingConfig) -> None:
-        self.config = config
-        self.epoch = 0
-        self.best_rsum = -1.0
-        self.best: dict[str, torch.Tensor] | None = None
-        self.history: list[dict[str, Any]] = []
-
-    def save(
-        self,
-        folder: Path,
-        fusion: TransformerFusion,
-        optimiser: torch.optim.Optimizer,
-        schedule: torch.optim.lr_scheduler.LRScheduler,
-        generator: torch.Generator,
-    ) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"model.{k}": v.detach().contiguous() for k, v in fusion.state_dict().items()}
-        if self.best is not None:
-            tensors |= {f"best.{k}": v.contiguous() for k, v in self.best.items()}
-        optimiser_state = optimiser.state_dict()
-        for slot, values in optimiser_state["state"].items():
-            for name, value in values.items():
-                tensors[f"optimiser.{slot}.{name}"] = torch.as_tensor(value).contiguous()
-        tensors["generator"] = generator.get_state()
-        tensors["torch_rng"] = torch.get_rng_state()
-        save_file(tensors, str(folder / "tensors.safetensors.tmp"))
-        (folder / "tensors.safetensors.tmp").replace(folder / "tensors.safetensors")
-        document = {
-            "config": self.config.to_dict(),
-            "epoch": self.epoch,
-            "best_rsum": self.best_rsum,
-            "history": self.history,
-            "schedule": schedule.state_dict(),
-            "param_groups": optimiser_state["param_groups"],
-        }
-        (folder / "state.json.tmp").write_text(json.dumps(document, indent=2))
-        (folder / "state.json.tmp").replace(folder / "state.json")
-
-    @classmethod
-    def load(
-        cls,
-        folder: Path,
-        config: RecoTrainingConfig,
-        fusion: TransformerFusion,
-        optimiser: torch.optim.Optimizer,
-        schedule: torch.optim.lr_scheduler.LRScheduler,
-        generator: torch.Generator,
-    ) -> _TrainingState:
-        if not (folder / "state.json").is_file():
-            raise InputError(f"{folder}: no checkpoint to resume from")
-        document = json.loads((folder / "state.json").read_text())
-        if document["config"] != config.to_dict():
-            raise InputError(
-                f"{folder}: the checkpoint was made with other settings "
-                f"({document['config']}); resume with the same ones"
-            )
-        tensors = load_file(str(folder / "tensors.safetensors"))
-        fusion.load_state_dict(_prefixed(tensors, "model."))
-        slots: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in _prefixed(tensors, "optimiser.").items():
-            slot, name = key.split(".", 1)
-            slots.setdefault(int(slot), {})[name] = value
-        optimiser.load_state_dict({"state": slots, "param_groups": document["param_groups"]})
-        schedule.load_state_dict(document["schedule"])
-        generator.set_state(tensors["generator"])
-        torch.set_rng_state(tensors["torch_rng"])
-        state = cls(config)
-        state.epoch = document["epoch"]
-        state.best_rsum = document["best_rsum"]
-        state.history = document["history"]
-        best = _prefixed(tensors, "best.")
-        state.best = best or None
-        return state
-
-
-def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -17,9 +17,8 @@ set the epoch of best dev RSUM is kept.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812 - the universal torch idiom
 
-from mmret._progress import progress
+from mmret._config import JsonConfig
+from mmret.cache.layer_features import LayerFeatureSet
+from mmret.cache.tower_features import PairFeatures
 from mmret.encoders.base import Encoder
 from mmret.errors import InputError
 from mmret.evaluation.documents import (
@@ -39,17 +40,8 @@ from mmret.evaluation.retrieval import RetrievalReport, retrieval_metrics
 from mmret.heads.alignment import AlignmentHead
 from mmret.heads.ret import RetConfig, RetModel, RetTower
 from mmret.late_interaction import maxsim_tensors
-from mmret.training.checkpoint import (
-    TrainingState,
-    descend,
-    has_checkpoint,
-    resume_checkpoint,
-    save_checkpoint,
-    warmup_cosine,
-)
 from mmret.training.crossfit import out_of_fold_embeddings
-from mmret.training.feature_store import LayerFeatureSet
-from mmret.training.features import PairFeatures
+from mmret.training.loop import Judged, Run, seeded
 from mmret.training.losses import symmetric_info_nce_scores
 
 TASKS = ("text>image", "image>text", "text>image+text")
@@ -60,7 +52,7 @@ _PCA_ROWS = 8192
 
 
 @dataclass(frozen=True)
-class RetTrainingConfig:
+class RetTrainingConfig(JsonConfig):
     """Hyper-parameters of :func:`train_ret` (defaults chosen on Flickr8k dev).
 
     ``task_weights`` are the relative frequencies of :data:`TASKS` among the steps.
@@ -106,16 +98,6 @@ class RetTrainingConfig:
                 "hard batches group images by their cross-fitted head vectors: they need "
                 "--cross-fit"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RetTrainingConfig:
-        values = dict(data)
-        for key in ("image_layers", "text_layers", "task_weights"):
-            values[key] = tuple(values[key])
-        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -432,8 +414,7 @@ def train_ret(
             "cross-fitting replaces the global path's head vectors in training: it needs the "
             "global path and the backbone's alignment head"
         )
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = seeded(config)
     model = build_model(train, config, backbone, layer_source, global_head)
     optimiser = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -445,43 +426,29 @@ def train_ret(
     # paraphrases of one picture, and a pass over images costs a fifth of one over captions.
     steps = max(1, batches.images // config.batch_size)
     weights = torch.tensor(config.task_weights, dtype=torch.float64)
-    state = TrainingState(copy.deepcopy(model.state_dict()), -1.0, 0, [])
-    if has_checkpoint(checkpoint_dir):
-        assert checkpoint_dir is not None
-        state = resume_checkpoint(checkpoint_dir, config.to_dict(), model, optimiser, generator)
-    for epoch in range(state.epoch + 1, config.epochs + 1):
-        model.train()
+
+    def losses(epoch: int) -> Iterator[torch.Tensor]:
         order = torch.randperm(batches.images, generator=generator).numpy()
         if config.hard_batches:
             assert head_vectors is not None  # hard batches need cross_fit: checked above
             order = neighbourhood_order(head_vectors.image, order, config.batch_size)
         tasks = torch.multinomial(weights, steps, replacement=True, generator=generator).numpy()
         draws = torch.rand(batches.images, 2, generator=generator, dtype=torch.float64).numpy()
-        total = 0.0
-        for step in progress(
-            range(steps), total=steps, description=f"ReT epoch {epoch}", enabled=show_progress
-        ):
-            rate = warmup_cosine(
-                config.learning_rate, (epoch - 1) * steps + step, config.epochs * steps
-            )
+        for step in range(steps):
             images = order[step * config.batch_size : (step + 1) * config.batch_size]
             captions, partners = batches.pick(images, draws[images])
-            loss = task_loss(
+            yield task_loss(
                 model, train, TASKS[tasks[step]], captions, images, partners, head_vectors
             )
-            total += descend(optimiser, loss, rate)
+
+    def judge(epoch: int, loss: float) -> Judged[RetEpochLog]:
         retrieval = documents = None
         if dev is not None:
             retrieval, documents = evaluate_stored(model, dev, full=False)
-        log = RetEpochLog(epoch, total / steps, retrieval, documents)
-        state.logs.append(log.to_dict())
-        if retrieval is None or retrieval.rsum > state.best_score:
-            state.best_score = retrieval.rsum if retrieval else -1.0
-            state.best = copy.deepcopy(model.state_dict())
-        state.epoch = epoch
-        if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, config.to_dict(), model, optimiser, generator, state)
-        if on_epoch is not None:
-            on_epoch(log)
-    model.load_state_dict(state.best)
-    return model.eval(), state.logs
+        log = RetEpochLog(epoch, loss, retrieval, documents)
+        return Judged.by_rsum(log, log.to_dict(), retrieval)
+
+    run = Run(model, optimiser, generator, config, losses, judge, steps, "ReT epoch {epoch}")
+    return model, run.fit(
+        checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
+    )
