@@ -50,7 +50,8 @@ import token_sets
 from _common import CONSOLE, RESULTS, folder_bytes, interleaved_medians, report
 from mmret.index.base import VectorIndex
 from mmret.index.maxsim import MaxSimIndex
-from mmret.index.plaid import PlaidIndex, _Trained, new_codec, resolved_codec
+from mmret.index.plaid import PlaidIndex
+from mmret.index.plaid_codebook import Codebook, new_codec, resolved_codec
 from mmret.index.store import ItemStore, StoredItem
 
 TOKEN_DIM = 128
@@ -250,7 +251,7 @@ def with_codec(base: PlaidIndex, vectors: np.ndarray, codec: str) -> tuple[Plaid
     if base._stored is not None:
         index.use_stored_vectors(base._stored)
     start = time.perf_counter()
-    trained = _Trained(trained_base.centroids, new_codec(codec, TOKEN_DIM))
+    trained = Codebook(trained_base.centroids, new_codec(codec, TOKEN_DIM))
     rng = np.random.default_rng(0)
     sample = vectors[rng.permutation(len(vectors))[:2048]].reshape(-1, TOKEN_DIM)
     trained.codec.train(sample - trained.centroids[trained.assign(sample)])

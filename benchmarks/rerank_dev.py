@@ -48,7 +48,8 @@ from mmret.evaluation.retrieval import RetrievalReport, recalls, retrieval_metri
 from mmret.ingest.pairs import PairSet, read_pairs
 from mmret.query_bank import shipped_query_bank
 from mmret.reranker import SHIPPED_RERANKER, first_stage_name, load_reranker
-from mmret.training.cross_encoder import dev_sample, embed_stored, training_config
+from mmret.training.cross_encoder import dev_sample, training_config
+from mmret.training.cross_encoder_data import embed_stored
 
 #: A first stage: its name, ``(image, text)`` vectors, the query bank's offsets (or None),
 #: the rerank depths and the first-stage weights to rerank with.

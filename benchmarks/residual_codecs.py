@@ -26,7 +26,7 @@ import numpy as np
 
 import token_sets
 from _common import CONSOLE, RESULTS, report
-from mmret.index.plaid import new_codec
+from mmret.index.plaid_codebook import new_codec
 
 TOKEN_DIM = 128
 TRAIN, TEST = 12_288, 1_024

@@ -13,7 +13,8 @@ from mmret import InputError, Item, Retriever
 from mmret.cli.main import app
 from mmret.encoders.hashing import TokenHashEncoder
 from mmret.index.maxsim import MaxSimIndex
-from mmret.index.plaid import PlaidIndex, default_centroids
+from mmret.index.plaid import PlaidIndex
+from mmret.index.plaid_codebook import default_centroids
 from mmret.late_interaction import maxsim, normalise_tokens
 from mmret.maintenance.integrity import check_index, repair_index
 from mmret.maintenance.recluster import recluster_index

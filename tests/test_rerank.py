@@ -26,7 +26,7 @@ from mmret.reranker import (
     read_first_stage_weights,
     write_first_stage_weight,
 )
-from mmret.training.cross_encoder import INTERPOLATION_WEIGHTS, best_weight
+from mmret.training.calibration import INTERPOLATION_WEIGHTS, best_weight
 
 from .conftest import COLOURS, solid
 from .rerank_fixtures import LayerHashEncoder, tiny_config, tiny_reranker, tiny_spec

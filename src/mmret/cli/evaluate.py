@@ -15,15 +15,13 @@ from typing import Any
 import numpy as np
 import typer
 
-from mmret.cache.embeddings import embed_images, embed_items, embed_pairs
-from mmret.cache.layer_features import layer_feature_set
+from mmret.cache.embeddings import embed_items
 from mmret.cli.memory import (
     FUSION_HELP,
     MEMORY_HELP,
     MEMORY_K_HELP,
     SEARCH_HELP,
     open_refiner,
-    refine_pairs,
     refined_label,
 )
 from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_skips, status
@@ -33,9 +31,7 @@ from mmret.errors import InputError
 from mmret.evaluation import reports
 from mmret.evaluation.classification import (
     DEFAULT_TEMPLATES,
-    class_scores,
     read_class_folders,
-    zero_shot_metrics,
 )
 from mmret.evaluation.datasets import load_pairs
 from mmret.evaluation.documents import (
@@ -48,18 +44,14 @@ from mmret.evaluation.ir import ir_metrics, read_qrels
 from mmret.evaluation.reports import MetricTable, percent
 from mmret.evaluation.reranked import (
     RerankedReport,
-    StoredSides,
-    reranked_retrieval,
     reranking_order,
 )
 from mmret.evaluation.retrieval import (
     RetrievalReport,
-    folded_metrics,
     recall_curve,
-    retrieval_metrics,
 )
+from mmret.evaluation.runs import evaluate_retrieval, evaluate_zeroshot, rounded_percentages
 from mmret.heads.cross_encoder import SideTokens
-from mmret.ingest.pairs import PairSet
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import read_items
 from mmret.items import Item
@@ -131,12 +123,6 @@ def check_outputs(plot: Path | None) -> None:
         reports.check_plot_path(plot)
 
 
-def rounded(values: dict[str, float]) -> dict[str, float]:
-    """Percentages to 4 decimals for JSON (float noise such as 71.89999999999999 hides the
-    number)."""
-    return {name: round(value, 4) for name, value in values.items()}
-
-
 def timings(**seconds: float) -> str:
     """``time: encoder 0.1 s, ...``; model weights load lazily, within "embeddings"."""
     return "time: " + ", ".join(f"{name} {value:.1f} s" for name, value in seconds.items())
@@ -189,77 +175,24 @@ def retrieval(
     spec = resolve_model(model, head)
     report = SkipReport()
     pairs = load_pairs(manifest, split=split, images=images, report=report)
-    if folds > len(pairs.images):
-        raise InputError(f"--folds {folds}: more folds than the {len(pairs.images)} images")
-    if folds > 1 and rerank:
-        raise InputError("--rerank scores the whole set: it cannot be combined with --folds")
     refiner = open_refiner(memory, fusion, memory_k, memory_search)
     encoder, load_s = load(spec)
-    if refiner is not None:
-        refiner.check_encoder(encoder.spec)
-    encoding = time.perf_counter()
-    embeddings = embed_pairs(encoder, pairs, cache_dir=cache_dir, report=report, show_progress=True)
-    embeddings = refine_pairs(refiner, embeddings)
-    queries = embeddings
-    if encoder.for_queries() is not encoder:  # separate query and document sides (ReT)
-        queries = embed_pairs(
-            encoder.for_queries(), pairs, cache_dir=cache_dir, report=report, show_progress=True
-        )
-    encode_s = time.perf_counter() - encoding
-    bank = resolve_query_bank(query_bank, encoder.spec, refined=refiner is not None)
-    label = refined_label(encoder.spec, refiner) + (" + query bank" if bank else "")
-    scoring = time.perf_counter()
-    arrays = (embeddings.image, embeddings.text, embeddings.text_image)
-    offsets = bank.offsets(embeddings.image, embeddings.text) if bank else None
-    metrics = (
-        folded_metrics(
-            *arrays,
-            folds,
-            token_dim=encoder.token_dim,
-            image_queries=queries.image,
-            text_queries=queries.text,
-            offsets=offsets,
-        )
-        if folds > 1
-        else retrieval_metrics(
-            *arrays,
-            token_dim=encoder.token_dim,
-            image_queries=queries.image,
-            text_queries=queries.text,
-            offsets=offsets,
-        )
-    )
-    score_s = time.perf_counter() - scoring
-    reranked = (
-        rerank_pairs(
-            pairs,
-            arrays,
-            offsets,
-            first_stage_name(
-                encoder.spec, refined=refiner is not None, query_bank=bank is not None
-            ),
-            rerank,
-            reranker,
-            cache_dir,
-            report,
-        )
-        if rerank
-        else []
+    run = evaluate_retrieval(
+        pairs,
+        encoder,
+        refiner=refiner,
+        bank=resolve_query_bank(query_bank, encoder.spec, refined=refiner is not None),
+        folds=folds,
+        rerank=rerank,
+        reranker=reranker,
+        cache_dir=cache_dir,
+        report=report,
+        show_progress=True,
     )
     print_skips(report)
     seconds = time.perf_counter() - started
-    record = {
-        "text_to_image": rounded(metrics.text_to_image),
-        "image_to_text": rounded(metrics.image_to_text),
-        "rsum": round(metrics.rsum, 4),
-        **({"reranked": [reranked_record(r) for r in reranked]} if reranked else {}),
-        "n_images": metrics.n_images,
-        "n_texts": metrics.n_texts,
-        "model": label,
-        **({"memory": refiner.record()} if refiner else {}),
-        **({"query_bank": {"beta": bank.beta, "weight": bank.weight}} if bank else {}),
-        "seconds": round(seconds, 3),
-    }
+    metrics, reranked, label = run.metrics, run.reranked, run.model
+    record = {**run.record(), "seconds": round(seconds, 3)}
     per_fold = f" per fold, mean of {folds} folds" if folds > 1 else ""
     title = f"{manifest.name}: {metrics.n_images} images, {metrics.n_texts} texts{per_fold}"
     rows = (
@@ -272,7 +205,7 @@ def retrieval(
         tuple((name, *(percent(v) for v in r.values()), f"{m:g}") for name, r, m in rows),
         (
             f"RSUM {metrics.rsum:.1f}",
-            timings(encoder=load_s, embeddings=encode_s, metrics=score_s, total=seconds),
+            timings(encoder=load_s, **run.seconds, total=seconds),
         ),
     )
     tables = [table, reranked_table(metrics, reranked)] if reranked else [table]
@@ -321,30 +254,20 @@ def zeroshot(
     data = read_class_folders(folder, report)
     refiner = open_refiner(memory, fusion, memory_k, memory_search)
     encoder, load_s = load(spec)
-    encoding = time.perf_counter()
-    image, ok = embed_images(
-        encoder.for_queries(), data.paths, cache_dir=cache_dir, report=report, show_progress=True
+    run = evaluate_zeroshot(
+        data,
+        encoder,
+        refiner=refiner,
+        templates=templates,
+        cache_dir=cache_dir,
+        report=report,
+        show_progress=True,
+        source=str(folder),
     )
-    if not ok.any():
-        raise InputError(f"{folder}: no image could be decoded")
-    prompts = tuple(templates) or DEFAULT_TEMPLATES
-    label = refined_label(encoder.spec, refiner)
-    if refiner is not None:  # each prompt is refined before the ensemble mean, as RECO does
-        image[ok] = refiner.refine(image[ok], "image")
-        encoder = refiner.wrap(encoder)
-    scores = class_scores(encoder, image[ok], data.classes, prompts)
-    encode_s = time.perf_counter() - encoding
-    metrics = zero_shot_metrics(scores, data.labels[ok], data.classes)
     print_skips(report)
     seconds = time.perf_counter() - started
-    record = {
-        "top1": round(metrics.top1, 4),
-        "top5": round(metrics.top5, 4),
-        "n": metrics.n,
-        "classes": len(data.classes),
-        "model": label,
-        **({"memory": refiner.record()} if refiner else {}),
-    }
+    metrics, label, prompts = run.metrics, run.model, run.templates
+    record = run.record()
     top_k = min(5, len(data.classes))
     summary = MetricTable(
         f"{folder.name}: {metrics.n} images, {len(data.classes)} classes ({label})",
@@ -359,7 +282,7 @@ def zeroshot(
         ),
         (
             f"{len(prompts)} template(s): " + " | ".join(prompts),
-            timings(encoder=load_s, embeddings=encode_s, total=seconds),
+            timings(encoder=load_s, **run.seconds, total=seconds),
         ),
     )
     counts = metrics.confusion.sum(axis=1)
@@ -499,7 +422,7 @@ def ir(
     seconds = time.perf_counter() - started
     scores = {**metrics.recall, "MRR@10": metrics.mrr, "nDCG@10": metrics.ndcg}
     record = {
-        **rounded(scores),
+        **rounded_percentages(scores),
         "n_queries": metrics.n_queries,
         "n_docs": metrics.n_docs,
         "model": label,
@@ -550,58 +473,6 @@ def doc_task(
             markup=False,
             soft_wrap=True,
         )
-
-
-def rerank_pairs(
-    pairs: PairSet,
-    arrays: tuple[np.ndarray, np.ndarray, np.ndarray],
-    offsets: tuple[np.ndarray, np.ndarray] | None,
-    first_stage_model: str,
-    sizes: Sequence[int],
-    folder: Path | None,
-    cache_dir: Path | None,
-    report: SkipReport,
-) -> list[RerankedReport]:
-    """Recalls after reranking the top N for each N in ``sizes``, from stored token features
-    (extracted once into the layer feature store), with the weight of the first stage's
-    scores that the reranker was calibrated with for ``first_stage_model`` (if any); the first
-    stage's scores are the cosines minus ``offsets`` (a query bank's discounts) if given."""
-    model = load_reranker(folder)
-    config = model.model.config
-    features = layer_feature_set(
-        pairs,
-        model.backbone,
-        [config.image_layer],
-        [config.text_layer],
-        cache_dir=cache_dir / "layers" if cache_dir else None,
-        report=report,
-        show_progress=True,
-    )
-    if len(features.image_ids) != len(arrays[0]):
-        raise InputError("the first stage and the token features kept different images")
-    sides = StoredSides(features, config.image_layer, config.text_layer)
-    weight = model.first_stage_weight(first_stage_model)
-    return [
-        reranked_retrieval(
-            model.model, *arrays, sides, n, first_stage_weight=weight, offsets=offsets
-        )
-        for n in sorted(set(sizes))
-    ]
-
-
-def reranked_record(reranked: RerankedReport) -> dict[str, Any]:
-    metrics = reranked.report
-    return {
-        "n": reranked.n,
-        "first_stage_weight": reranked.first_stage_weight,
-        "text_to_image": rounded(metrics.text_to_image),
-        "image_to_text": rounded(metrics.image_to_text),
-        "rsum": round(metrics.rsum, 4),
-        "ms_per_query": {
-            "text_to_image": round(reranked.ms_per_query_text_to_image, 3),
-            "image_to_text": round(reranked.ms_per_query_image_to_text, 3),
-        },
-    }
 
 
 def reranked_table(first: RetrievalReport, reranked: Sequence[RerankedReport]) -> MetricTable:

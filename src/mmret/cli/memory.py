@@ -11,7 +11,6 @@ import numpy as np
 import torch
 import typer
 
-from mmret.cache.embeddings import PairEmbeddings
 from mmret.cli.output import console, friendly_errors, print_json, print_saved, print_skips, status
 from mmret.cli.train import show_epoch
 from mmret.encoders import DEFAULT_MODEL, load_encoder
@@ -254,24 +253,6 @@ def train(
     print_saved("RECO fusion", out, f"--memory DIR --fusion {out}")
 
 
-def refine_pairs(refiner: Refiner | None, embeddings: PairEmbeddings) -> PairEmbeddings:
-    """Both sides of an evaluation set refined (RECO refines queries and collection alike)."""
-    if refiner is None:
-        return embeddings
-    with status(f"Refining with memory {refiner.memory.folder}..."):
-        return PairEmbeddings(
-            refiner.refine(embeddings.image, "image"),
-            refiner.refine(embeddings.text, "text"),
-            embeddings.text_image,
-        )
-
-
 def refined_label(spec: str, refiner: Refiner | None) -> str:
     """The model column of a report: the encoder, and the memory with its options if any."""
-    if refiner is None:
-        return spec
-    options = refiner.options
-    return (
-        f"{spec} + memory {refiner.memory.folder.name} ({refiner.fusion.identity()['kind']}, "
-        f"k={options.k}, {options.search}-modal search)"
-    )
+    return spec if refiner is None else f"{spec} + {refiner.label()}"

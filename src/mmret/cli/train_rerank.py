@@ -25,15 +25,15 @@ from mmret.reranker import (
     load_reranker,
     write_first_stage_weight,
 )
+from mmret.training.calibration import calibrate_first_stage_weight
 from mmret.training.cross_encoder import (
-    RerankData,
     RerankEpochLog,
     RerankTrainingConfig,
-    calibrate_first_stage_weight,
     dev_sample,
     train_rerank,
     training_config,
 )
+from mmret.training.cross_encoder_data import RerankData
 from mmret.training.record import write_training_record
 
 DEFAULTS = RerankTrainingConfig()

@@ -114,6 +114,14 @@ class Refiner:
             )
         return l2_normalise(refined.float().numpy())
 
+    def label(self) -> str:
+        """How a report names the refinement: the memory, its fusion and options."""
+        options = self.options
+        return (
+            f"memory {self.memory.folder.name} ({self.fusion.identity()['kind']}, "
+            f"k={options.k}, {options.search}-modal search)"
+        )
+
     def record(self) -> dict[str, Any]:
         """What an index built with this refiner stores in its manifest."""
         return {

@@ -29,26 +29,21 @@ from torch.nn import functional as F  # noqa: N812 - the universal torch idiom
 
 from mmret._config import JsonConfig
 from mmret.cache.layer_features import LayerFeatureSet
-from mmret.errors import InputError
 from mmret.evaluation.reranked import (
     RerankedReport,
-    StoredSides,
-    first_stage_top,
     repeat_side,
     reranked_retrieval,
 )
 from mmret.evaluation.retrieval import RetrievalReport, retrieval_metrics
-from mmret.heads.cross_encoder import CrossEncoder, RerankConfig, SideTokens, image_grid
+from mmret.heads.cross_encoder import CrossEncoder, RerankConfig, SideTokens
+from mmret.training.calibration import calibrate_cosine_weight
+from mmret.training.cross_encoder_data import CHUNK, RerankData
 from mmret.training.hat import set_statistics
 from mmret.training.loop import Judged, Run, seeded
 from mmret.training.losses import symmetric_info_nce
 from mmret.training.record import TRAINING_RECORD
 
-_CHUNK = 2048
 _SCALE_RATE = 10.0
-#: The interpolation weights (of the bi-encoder's cosine, or of another first stage's score)
-#: that dev calibration chooses from; the first best wins.
-INTERPOLATION_WEIGHTS = (0.0, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0)
 
 
 @dataclass(frozen=True)
@@ -115,69 +110,6 @@ class RerankEpochLog:
         }
 
 
-class RerankData:
-    """A stored feature set as the training loop reads it: image grids by image row, texts by
-    caption row, and the bi-encoder inputs (mean tokens) of all of them."""
-
-    def __init__(
-        self, features: LayerFeatureSet, config: RerankTrainingConfig | RerankConfig
-    ) -> None:
-        for name, stored, layer in (
-            ("image", features.image, config.image_layer),
-            ("text", features.text, config.text_layer),
-        ):
-            if layer not in stored:
-                raise InputError(f"the feature store has no {name} layer {layer}")
-        self.features = features
-        self.images = features.image[config.image_layer]
-        self.texts = features.text[config.text_layer]
-        self.grid = config.image_grid
-        self.owner = np.asarray(features.text_image, dtype=np.int64)
-        self.sides = StoredSides(features, config.image_layer, config.text_layer)
-        # The bi-encoder reads the mean of the pooled grid (what a stored grid gives too).
-        self.image_means = torch.cat(
-            [
-                image_grid(
-                    self.images.read(np.arange(s, min(s + _CHUNK, len(self.images))))[0], self.grid
-                ).mean(dim=1)
-                for s in range(0, len(self.images), _CHUNK)
-            ]
-        )
-        self.captions_of = [np.flatnonzero(self.owner == i) for i in range(len(self.images))]
-
-    def image_side(self, rows: np.ndarray) -> SideTokens:
-        return self.sides.images(rows)
-
-    def text_side(self, rows: np.ndarray) -> SideTokens:
-        return self.sides.texts(rows)
-
-    def embed(self, model: CrossEncoder) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(N, E)`` image and ``(T, E)`` caption unit vectors of the bi-encoder."""
-        model.eval()
-        with torch.inference_mode():
-            image = torch.cat(
-                [model.embed_pooled(chunk, None) for chunk in torch.split(self.image_means, _CHUNK)]
-            )
-            text = torch.cat(
-                [
-                    model.embed_pooled(None, self.texts.read_pooled(np.arange(s, e)))
-                    for s, e in _spans(len(self.texts))
-                ]
-            )
-        return image, text
-
-
-def embed_stored(model: CrossEncoder, features: LayerFeatureSet) -> tuple[np.ndarray, np.ndarray]:
-    """The bi-encoder's ``(N, E)`` image and ``(T, E)`` caption unit vectors of a stored set
-    (the first stage of the joint model)."""
-    image, text = RerankData(features, model.config).embed(model)
-    return image.numpy(), text.numpy()
-
-
-def _spans(count: int, chunk: int = _CHUNK) -> list[tuple[int, int]]:
-    return [(s, min(s + chunk, count)) for s in range(0, count, chunk)]
-
-
 def build_model(
     train: LayerFeatureSet, config: RerankTrainingConfig, backbone: str, layer_source: str
 ) -> CrossEncoder:
@@ -216,8 +148,8 @@ def mine(
     """``(Q, top)`` rows of ``(N, E)`` ``collection`` that ``(Q, E)`` ``query`` ranks highest,
     leaving out each query's own (``own(q)``: its true matches)."""
     pools = np.empty((len(query), top), dtype=np.int64)
-    for start in range(0, len(query), _CHUNK):
-        scores = (query[start : start + _CHUNK] @ collection.T).numpy()
+    for start in range(0, len(query), CHUNK):
+        scores = (query[start : start + CHUNK] @ collection.T).numpy()
         for offset, row in enumerate(scores):
             row[own(start + offset)] = -np.inf
         best = np.argpartition(-scores, top, axis=1)[:, :top]
@@ -438,108 +370,3 @@ def dev_sample(
     caption_rows = sample.choice(captions, min(config.dev_queries, captions), replace=False)
     image_rows = sample.choice(images, min(config.dev_queries // 5, images), replace=False)
     return np.sort(caption_rows), np.sort(image_rows)
-
-
-#: One direction's top candidates per query: ``(Q, n)`` reranker scores, ``(Q, n)`` first-stage
-#: scores and ``(Q, n)`` whether each candidate is a hit.
-CandidateScores = tuple[np.ndarray, np.ndarray, np.ndarray]
-
-
-def calibrate_cosine_weight(
-    model: CrossEncoder,
-    dev: RerankData,
-    image: np.ndarray,
-    text: np.ndarray,
-    captions: np.ndarray,
-    images: np.ndarray,
-    n: int,
-) -> float:
-    """The weight of :data:`INTERPOLATION_WEIGHTS` whose reranked top ``n`` scores best on the
-    dev sample (the sum of R@1, R@5 and R@10 both ways for the query rows ``captions`` and
-    ``images``), the bi-encoder's ``(N, E)`` ``image`` and ``(T, E)`` ``text`` vectors being
-    the first stage. The cross-encoder scores each query's ``n`` candidates once; only the
-    interpolation ``cross + weight * cosine`` changes with the weight."""
-    first_stage = (text[captions] @ image.T, image[images] @ text.T)
-    directions = candidate_scores(model.cross_score, dev, *first_stage, captions, images, n)
-    return best_weight(directions)
-
-
-def best_weight(directions: list[CandidateScores]) -> float:
-    """The weight of :data:`INTERPOLATION_WEIGHTS` with the best :func:`interpolation_quality`."""
-    return max(INTERPOLATION_WEIGHTS, key=lambda weight: interpolation_quality(directions, weight))
-
-
-def calibrate_first_stage_weight(
-    model: CrossEncoder,
-    dev: RerankData,
-    text_to_image: np.ndarray,
-    image_to_text: np.ndarray,
-    captions: np.ndarray,
-    images: np.ndarray,
-    n: int,
-) -> tuple[float, dict[float, float]]:
-    """The weight of :data:`INTERPOLATION_WEIGHTS` for another first stage's scores
-    (``(len(captions), N)`` ``text_to_image`` and ``(len(images), T)`` ``image_to_text``, the
-    first stage of an index built with another model) in ``match score + weight * first-stage
-    score`` whose reranked top ``n`` scores best on the dev sample, and the sum of R@1/5/10
-    both ways (in percent) that each weight gives."""
-    directions = candidate_scores(model, dev, text_to_image, image_to_text, captions, images, n)
-    quality = {w: interpolation_quality(directions, w) for w in INTERPOLATION_WEIGHTS}
-    best = max(quality, key=quality.__getitem__)  # the first best, as best_weight
-    return best, {w: 100 * recall_sum for w, (recall_sum, _) in quality.items()}
-
-
-def candidate_scores(
-    score: Callable[[SideTokens, SideTokens], torch.Tensor],
-    dev: RerankData,
-    text_to_image: np.ndarray,
-    image_to_text: np.ndarray,
-    captions: np.ndarray,
-    images: np.ndarray,
-    n: int,
-) -> list[CandidateScores]:
-    """Both directions' top ``n`` candidates by the first-stage scores (``text_to_image`` for
-    caption rows ``captions``, ``image_to_text`` for image rows ``images``), each scored once
-    by ``score(queries, candidates)``."""
-    directions = [
-        (text_to_image, dev.text_side(captions), dev.image_side, dev.owner[captions]),
-        (image_to_text, dev.image_side(images), dev.text_side, None),
-    ]
-    parts = []
-    for first_stage, queries, candidates, owners in directions:
-        top = first_stage_top(first_stage, n)
-        hits = (
-            top == owners[:, None]
-            if owners is not None
-            else np.stack(
-                [np.isin(r, dev.captions_of[i]) for r, i in zip(top, images, strict=True)]
-            )
-        )
-        with torch.inference_mode():
-            scored = torch.cat(
-                [
-                    score(
-                        repeat_side(queries.take(list(range(s, e))), top.shape[1]),
-                        candidates(top[s:e].reshape(-1)),
-                    )
-                    for s, e in _spans(len(top), 16)
-                ]
-            ).view(top.shape)
-        parts.append((scored.numpy(), np.take_along_axis(first_stage, top, axis=1), hits))
-    return parts
-
-
-def interpolation_quality(directions: list[CandidateScores], weight: float) -> tuple[float, float]:
-    """The sum of R@1, R@5 and R@10 (fractions) over ``directions`` when candidates are
-    ranked by ``score + weight * first-stage score``, and the sum of mean reciprocal ranks
-    (the tie-breaker). A hit tied with a miss counts below it, so a weight that makes scores
-    tie (a constant reranker with weight 0) never wins for its ties."""
-    recall_sum, reciprocal = 0.0, 0.0
-    for score, first_stage, hits in directions:
-        scores = score + weight * first_stage
-        best_hit = np.where(hits, scores, -np.inf).max(axis=1, keepdims=True)
-        beaten_by = (np.where(hits, -np.inf, scores) >= best_hit).sum(axis=1)
-        ranks = np.where(hits.any(axis=1), beaten_by + 1, np.inf)
-        recall_sum += sum(float((ranks <= k).mean()) for k in (1, 5, 10))
-        reciprocal += float((1.0 / ranks).mean())
-    return recall_sum, reciprocal
