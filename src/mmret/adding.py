@@ -26,6 +26,7 @@ from mmret.index.store import StoredItem
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import ItemSource
 from mmret.items import Item, Query
+from mmret.reranker import token_features
 
 if TYPE_CHECKING:
     from mmret.heads.cross_encoder import SideTokens
@@ -131,8 +132,6 @@ class ItemWriter:
         spec = self.index.token_spec
         if spec is None:
             return None
-        from mmret.reranker import token_features
-
         if self._token_backend is None:
             encoder = self._encoder()
             own = encoder if encoder.layer_source == spec.source else None

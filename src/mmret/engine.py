@@ -113,7 +113,7 @@ class Retriever(Closing):
         owns_refiner = refiner is None and manifest.refiner is not None
         refiner = refiner_for_index(folder, manifest.refiner, refiner)
         try:
-            index = IndexFolder.open(folder, readonly=readonly, wait=wait)
+            index = IndexFolder.open(folder, readonly=readonly, wait=wait, manifest=manifest)
         except BaseException:
             if owns_refiner and refiner is not None:
                 refiner.close()

@@ -22,10 +22,10 @@ from mmret.index.filters import Filter
 from mmret.index.folder import IndexFolder, KeyedHit
 from mmret.items import Item, Query, SearchResult
 from mmret.query_bank import POOL, QueryBank, select_query_bank
+from mmret.reranker import FirstStage, Reranker, first_stage_name, load_reranker
 
 if TYPE_CHECKING:
     from mmret.heads.cross_encoder import SideTokens
-    from mmret.reranker import FirstStage, Reranker
 
 MODALITIES = (None, "text", "image")
 
@@ -98,22 +98,17 @@ def rerank_hits(
     model: Reranker,
     query: SideTokens,
     hits: list[KeyedHit],
-    first_stage_name: str,
+    ranker: str,
 ) -> list[SearchResult]:
     """``hits`` reordered by the reranker's scores (the cross-encoder's, plus the first
-    stage's as calibrated for the ranker ``first_stage_name``), which they then carry."""
+    stage's as calibrated for the first stage named ``ranker``), which they then carry."""
     if not hits:
         return []
     documents = index.token_features([key for key, _ in hits])
-    scores = model.score(query, documents, _first_stage(first_stage_name, hits))
+    first_stage = FirstStage(ranker, np.array([hit.score for _, hit in hits]))
+    scores = model.score(query, documents, first_stage)
     order = np.argsort(-scores, kind="stable")
     return [replace(hits[i][1], score=float(scores[i])) for i in order]
-
-
-def _first_stage(name: str, hits: list[KeyedHit]) -> FirstStage:
-    from mmret.reranker import FirstStage
-
-    return FirstStage(name, np.array([hit.score for _, hit in hits]))
 
 
 class QueryPath:
@@ -165,8 +160,6 @@ class QueryPath:
             return [[hit for _, hit in hits] for hits in first]
         model = self._reranker_for(reranker)
         sides = model.features(normalised)
-        from mmret.reranker import first_stage_name
-
         spec = self.index.manifest.encoder
         ranker = first_stage_name(spec, refined=self.refined, query_bank=bank is not None)
         return [
@@ -208,8 +201,6 @@ class QueryPath:
         ]
 
     def _reranker_for(self, reranker: Reranker | None) -> Reranker:
-        from mmret.reranker import load_reranker
-
         spec = self.index.token_spec
         if reranker is None:
             if self._reranker is None:

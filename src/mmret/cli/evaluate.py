@@ -22,13 +22,12 @@ from mmret.cli.memory import (
     MEMORY_K_HELP,
     SEARCH_HELP,
     open_refiner,
-    refined_label,
 )
 from mmret.cli.output import ReflowedHelp, console, friendly_errors, print_skips, status
 from mmret.cli.query_bank import QUERY_BANK_HELP, resolve_query_bank
 from mmret.encoders import DEFAULT_MODEL, Encoder, load_encoder
 from mmret.errors import InputError
-from mmret.evaluation import reports
+from mmret.evaluation import reports, runs
 from mmret.evaluation.classification import (
     DEFAULT_TEMPLATES,
     read_class_folders,
@@ -50,7 +49,6 @@ from mmret.evaluation.retrieval import (
     RetrievalReport,
     recall_curve,
 )
-from mmret.evaluation.runs import evaluate_retrieval, evaluate_zeroshot, rounded_percentages
 from mmret.heads.cross_encoder import SideTokens
 from mmret.ingest.report import SkipReport
 from mmret.ingest.sources import read_items
@@ -177,7 +175,7 @@ def retrieval(
     pairs = load_pairs(manifest, split=split, images=images, report=report)
     refiner = open_refiner(memory, fusion, memory_k, memory_search)
     encoder, load_s = load(spec)
-    run = evaluate_retrieval(
+    run = runs.evaluate_retrieval(
         pairs,
         encoder,
         refiner=refiner,
@@ -254,7 +252,7 @@ def zeroshot(
     data = read_class_folders(folder, report)
     refiner = open_refiner(memory, fusion, memory_k, memory_search)
     encoder, load_s = load(spec)
-    run = evaluate_zeroshot(
+    run = runs.evaluate_zeroshot(
         data,
         encoder,
         refiner=refiner,
@@ -356,7 +354,7 @@ def ir(
         raise InputError("need at least one query and one document")
     refiner = open_refiner(memory, fusion, memory_k, memory_search)
     encoder, load_s = load(spec)
-    label = refined_label(encoder.spec, refiner)
+    label = runs.model_label(encoder.spec, refiner)
     encoding = time.perf_counter()
     if refiner is not None:  # refined per modality, then combined: not from the plain cache
         encoder = refiner.wrap(encoder)
@@ -422,7 +420,7 @@ def ir(
     seconds = time.perf_counter() - started
     scores = {**metrics.recall, "MRR@10": metrics.mrr, "nDCG@10": metrics.ndcg}
     record = {
-        **rounded_percentages(scores),
+        **runs.rounded_percentages(scores),
         "n_queries": metrics.n_queries,
         "n_docs": metrics.n_docs,
         "model": label,

@@ -251,8 +251,3 @@ def train(
         history=[log.to_dict() for log in logs],
     )
     print_saved("RECO fusion", out, f"--memory DIR --fusion {out}")
-
-
-def refined_label(spec: str, refiner: Refiner | None) -> str:
-    """The model column of a report: the encoder, and the memory with its options if any."""
-    return spec if refiner is None else f"{spec} + {refiner.label()}"

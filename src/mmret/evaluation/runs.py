@@ -135,8 +135,7 @@ def evaluate_retrieval(
         if rerank
         else []
     )
-    label = encoder.spec if refiner is None else f"{encoder.spec} + {refiner.label()}"
-    label += " + query bank" if bank else ""
+    label = model_label(encoder.spec, refiner) + (" + query bank" if bank else "")
     memory = refiner.record() if refiner is not None else None
     seconds = {"embeddings": encode_s, "metrics": score_s}
     return RetrievalRun(metrics, reranked, label, bank, memory, seconds)
@@ -193,7 +192,7 @@ def evaluate_zeroshot(
     if not ok.any():
         raise InputError(f"{source}: no image could be decoded")
     prompts = tuple(templates) or DEFAULT_TEMPLATES
-    label = encoder.spec if refiner is None else f"{encoder.spec} + {refiner.label()}"
+    label = model_label(encoder.spec, refiner)
     if refiner is not None:  # each prompt is refined before the ensemble mean, as RECO does
         image[ok] = refiner.refine(image[ok], "image")
         encoder = refiner.wrap(encoder)
@@ -203,6 +202,11 @@ def evaluate_zeroshot(
     memory = refiner.record() if refiner is not None else None
     seconds = {"embeddings": encode_s}
     return ZeroShotRun(metrics, tuple(data.classes), label, prompts, memory, seconds)
+
+
+def model_label(spec: str, refiner: Refiner | None) -> str:
+    """The model column of a report: the encoder, and the memory with its options if any."""
+    return spec if refiner is None else f"{spec} + {refiner.label()}"
 
 
 def refined(refiner: Refiner | None, embeddings: PairEmbeddings) -> PairEmbeddings:

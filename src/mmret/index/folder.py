@@ -36,10 +36,10 @@ from mmret.index.store import ItemStore, StoredItem
 from mmret.index.token_store import TokenFiles
 from mmret.items import Item, SearchResult
 from mmret.late_interaction import normalise_tokens
+from mmret.reranker import TokenFeatureSpec
 
 if TYPE_CHECKING:
     from mmret.heads.cross_encoder import SideTokens
-    from mmret.reranker import TokenFeatureSpec
 
 #: A hit with the item's store key: ``(key, result)``.
 KeyedHit = tuple[int, SearchResult]
@@ -70,6 +70,9 @@ class IndexFolder(Closing):
         # One connection serves every thread: calls take turns so transactions never mix.
         self.mutex = threading.RLock()
         self._columns = MetadataColumns()
+        stored = manifest.token_features
+        #: The token features stored beside the items for reranking, if any.
+        self.token_spec = None if stored is None else TokenFeatureSpec.from_dict(stored)
         self.tokens = None if self.token_spec is None else TokenFiles(folder, self.token_spec)
         self.backend, self._generation = self._load_backend()
 
@@ -94,9 +97,17 @@ class IndexFolder(Closing):
             write_manifest(scratch, manifest)
 
     @classmethod
-    def open(cls, folder: Path, *, readonly: bool = False, wait: float = 10.0) -> IndexFolder:
-        """Open an existing folder; a writer waits up to ``wait`` seconds for another."""
-        manifest = read_manifest(folder)
+    def open(
+        cls,
+        folder: Path,
+        *,
+        readonly: bool = False,
+        wait: float = 10.0,
+        manifest: IndexManifest | None = None,
+    ) -> IndexFolder:
+        """Open an existing folder; a writer waits up to ``wait`` seconds for another.
+        ``manifest``: the folder's, if the caller has read it already."""
+        manifest = manifest or read_manifest(folder)
         lock = None
         if not readonly:
             lock = WriterLock(folder)
@@ -128,14 +139,6 @@ class IndexFolder(Closing):
     def __len__(self) -> int:
         with self.mutex:
             return len(self.store)
-
-    @property
-    def token_spec(self) -> TokenFeatureSpec | None:
-        """The token features stored beside the items, if any."""
-        from mmret.reranker import TokenFeatureSpec
-
-        stored = self.manifest.token_features
-        return None if stored is None else TokenFeatureSpec.from_dict(stored)
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[None]:

@@ -29,7 +29,7 @@ from mmret._files import build_folder
 from mmret._version import __version__
 from mmret.encoders import DEFAULT_MODEL, Encoder, load_encoder
 from mmret.errors import IndexFormatError, InputError
-from mmret.index.folder import IndexFolder
+from mmret.index.folder import IndexFolder, refuse_existing
 from mmret.index.manifest import IndexManifest
 from mmret.ingest.pairs import read_pairs
 from mmret.ingest.report import SkipReport
@@ -240,9 +240,7 @@ def build_memory(
     was already embedded for training or evaluation costs no encoding. ``max_captions`` keeps
     only the first captions of each entry (None: all).
     """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out}: already exists and is not empty")
+    out = refuse_existing(Path(out))
     report = report if report is not None else SkipReport()
     pairs = first_captions(read_pairs(source, report), max_captions)
     encoder = encoder or load_encoder(model)

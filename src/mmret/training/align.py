@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from mmret.encoders.towers import TOWERS
 from mmret.evaluation.retrieval import retrieval_metrics
 from mmret.heads.alignment import AlignmentConfig, AlignmentHead
 from mmret.training.knowledge import ClassKnowledge
-from mmret.training.loop import EpochLog, Judged, Run, seeded
+from mmret.training.loop import EpochLog, Judged, Run, fit, seeded
 from mmret.training.losses import class_distillation, symmetric_info_nce
 
 
@@ -128,9 +128,10 @@ def train_alignment(
         logs.append(EpochLog(epoch, loss, metrics))
         return Judged.by_rsum(logs[-1], logs[-1].to_dict(), metrics)
 
-    run = Run(head, optimiser, generator, config, losses, judge, steps, "Alignment epoch {epoch}")
-    records = replace(run, schedule="one-cycle").fit(
-        checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
+    label = "Alignment epoch {epoch}"
+    run = Run(head, optimiser, generator, config, losses, judge, steps, label, schedule="one-cycle")
+    records = fit(
+        run, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
     )
     resumed = [EpochLog.from_dict(record) for record in records[: len(records) - len(logs)]]
     return head, resumed + logs

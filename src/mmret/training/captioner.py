@@ -40,7 +40,7 @@ from mmret.heads.captioner import (
     DecoderInput,
 )
 from mmret.ingest.pairs import PairSet
-from mmret.training.loop import Judged, Run, seeded
+from mmret.training.loop import Judged, Run, fit, seeded
 
 _DEV_BATCH = 100
 _BLOCK = 1024
@@ -292,8 +292,8 @@ def train_captioner(
     run = Run(
         model, optimiser, generator, config, losses, judge, steps, "Decoder epoch {epoch}", clip=1.0
     )
-    return model, run.fit(
-        checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
+    return model, fit(
+        run, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
     )
 
 

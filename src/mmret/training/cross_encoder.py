@@ -39,7 +39,7 @@ from mmret.heads.cross_encoder import CrossEncoder, RerankConfig, SideTokens
 from mmret.training.calibration import calibrate_cosine_weight
 from mmret.training.cross_encoder_data import CHUNK, RerankData
 from mmret.training.hat import set_statistics
-from mmret.training.loop import Judged, Run, seeded
+from mmret.training.loop import Judged, Run, fit, seeded
 from mmret.training.losses import symmetric_info_nce
 from mmret.training.record import TRAINING_RECORD
 
@@ -238,8 +238,8 @@ def train_rerank(
         epochs=config.warmup_epochs + config.epochs,
         group_rates=group_rates,
     )
-    return model, run.fit(
-        checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
+    return model, fit(
+        run, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
     )
 
 

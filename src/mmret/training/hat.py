@@ -25,7 +25,7 @@ from mmret.evaluation.retrieval import RetrievalReport, retrieval_metrics
 from mmret.heads.alignment import Projection
 from mmret.heads.hat import HatConfig, HierarchicalAlignmentHead
 from mmret.training.knowledge import LevelKnowledge
-from mmret.training.loop import Judged, Run, seeded
+from mmret.training.loop import Judged, Run, fit, seeded
 from mmret.training.losses import class_distillation, symmetric_info_nce
 
 _CHUNK = 4096
@@ -237,8 +237,8 @@ def train_hat(
         return Judged.by_rsum(log, log.to_dict(), metrics)
 
     run = Run(head, optimiser, generator, config, losses, judge, steps, "HAT epoch {epoch}")
-    return head, run.fit(
-        checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
+    return head, fit(
+        run, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
     )
 
 

@@ -112,18 +112,6 @@ class Run(Generic[Log]):
     def steps_in(self, epoch: int) -> int:
         return self.steps if isinstance(self.steps, int) else self.steps(epoch)
 
-    def fit(
-        self,
-        *,
-        checkpoint_dir: Path | None = None,
-        on_epoch: Callable[[Log], None] | None = None,
-        show_progress: bool = False,
-    ) -> list[dict[str, Any]]:
-        """:func:`fit` this run."""
-        return fit(
-            self, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
-        )
-
 
 def fit(
     run: Run[Log],
@@ -140,7 +128,7 @@ def fit(
     uninterrupted run; a checkpoint of another config is refused.
     """
     model, optimiser, generator = run.model, run.optimiser, run.generator
-    config, rate_at = run.settings.to_dict(), run.settings.learning_rate
+    config, base_rate = run.settings.to_dict(), run.settings.learning_rate
     epochs = run.settings.epochs if run.epochs is None else run.epochs
     done_before = [0]
     for epoch in range(1, epochs + 1):
@@ -159,9 +147,9 @@ def fit(
             at = done_before[epoch - 1] + step
             beta1 = None
             if run.schedule == "one-cycle":
-                rate, beta1 = one_cycle(rate_at, at, done_before[-1])
+                rate, beta1 = one_cycle(base_rate, at, done_before[-1])
             else:
-                rate = warmup_cosine(rate_at, at, done_before[-1])
+                rate = warmup_cosine(base_rate, at, done_before[-1])
             rates = rate if run.group_rates is None else run.group_rates(epoch, rate)
             total += descend(optimiser, loss, rates, clip, beta1)
         judged = run.judge(epoch, total / steps)

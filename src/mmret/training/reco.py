@@ -11,7 +11,7 @@ config resumes from (:func:`mmret.training.loop.fit`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +24,7 @@ from mmret.errors import InputError
 from mmret.evaluation.retrieval import retrieval_metrics
 from mmret.heads.reco import FusionConfig, TransformerFusion
 from mmret.memory.store import Memory
-from mmret.training.loop import EpochLog, Judged, Run, seeded
+from mmret.training.loop import EpochLog, Judged, Run, fit, seeded
 from mmret.training.losses import symmetric_info_nce
 
 CHECKPOINT = "checkpoint"
@@ -213,9 +213,19 @@ def train_reco(
         return Judged.by_rsum(log, log.to_dict(), metrics)
 
     label = f"Epoch {{epoch}}/{config.epochs}"
-    run = Run(fusion, optimiser, generator, config, losses, judge, steps_per_epoch, label)
-    records = replace(run, schedule="one-cycle").fit(
-        checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
+    run = Run(
+        fusion,
+        optimiser,
+        generator,
+        config,
+        losses,
+        judge,
+        steps_per_epoch,
+        label,
+        schedule="one-cycle",
+    )
+    records = fit(
+        run, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
     )
     return fusion, [EpochLog.from_dict(record) for record in records]
 

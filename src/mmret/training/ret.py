@@ -41,7 +41,7 @@ from mmret.heads.alignment import AlignmentHead
 from mmret.heads.ret import RetConfig, RetModel, RetTower
 from mmret.late_interaction import maxsim_tensors
 from mmret.training.crossfit import out_of_fold_embeddings
-from mmret.training.loop import Judged, Run, seeded
+from mmret.training.loop import Judged, Run, fit, seeded
 from mmret.training.losses import symmetric_info_nce_scores
 
 TASKS = ("text>image", "image>text", "text>image+text")
@@ -449,6 +449,6 @@ def train_ret(
         return Judged.by_rsum(log, log.to_dict(), retrieval)
 
     run = Run(model, optimiser, generator, config, losses, judge, steps, "ReT epoch {epoch}")
-    return model, run.fit(
-        checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
+    return model, fit(
+        run, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, show_progress=show_progress
     )
